@@ -1,0 +1,175 @@
+"""A night's work: job specs, their validation, and the template catalogue they come from."""
+
+from __future__ import annotations
+
+import math
+import re
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+from t2v.errors import CatalogueError, InvalidInput
+from t2v.media import Watermark
+from t2v.models.wan22 import DEFAULT_NEGATIVE_PROMPT, ModelRules
+
+MAX_SEED = 2**63 - 1
+MAX_STEPS = 200
+MAX_FPS = 60
+TEMPLATE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+"""Template names become file names under data/outputs: no dots, slashes or upper case."""
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """One clip to make. Every field below, and the model, decides the output."""
+
+    template: str
+    """Catalogue name; also the clip's file name."""
+    prompt: str
+    negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
+    seed: int = 0
+    height: int = 480
+    width: int = 832
+    frames: int = 81
+    """`4k + 1` frames; 81 is 3.4 s at 24 fps."""
+    steps: int = 50
+    guidance: float = 5.0
+    """Classifier-free guidance scale; <= 1 turns guidance off (one transformer pass a step)."""
+    fps: int = 24
+    watermark: Watermark = field(default_factory=Watermark)
+
+    @property
+    def cfg(self) -> bool:
+        return self.guidance > 1.0
+
+    def validate(self, rules: ModelRules) -> None:
+        """Raise InvalidInput naming the first field that breaks a rule; nothing else is checked later."""
+        if not TEMPLATE_NAME.match(self.template):
+            _bad("template", self.template, "must be 1-64 of a-z, 0-9, '-' or '_', starting with a letter or digit")
+        for name in ("prompt", "negative_prompt"):
+            value = getattr(self, name)
+            if not isinstance(value, str):
+                _bad(name, value, "must be text")
+        if not self.prompt.strip():
+            _bad("prompt", self.prompt, "must not be empty")
+        for name in ("seed", "height", "width", "frames", "steps", "fps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                _bad(name, value, "must be a whole number")
+        m = rules.spatial_multiple
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if value <= 0 or value % m or value > rules.max_side:
+                _bad(name, value, f"must be a positive multiple of {m} up to {rules.max_side}")
+        t = rules.temporal_factor
+        if self.frames < 1 or (self.frames - 1) % t or self.frames > rules.max_frames:
+            _bad("frames", self.frames, f"must be {t}k+1 (e.g. 49, 81, 121) and at most {rules.max_frames}")
+        if not 1 <= self.steps <= MAX_STEPS:
+            _bad("steps", self.steps, f"must be between 1 and {MAX_STEPS}")
+        if not isinstance(self.guidance, int | float) or isinstance(self.guidance, bool):
+            _bad("guidance", self.guidance, "must be a number")
+        if not math.isfinite(self.guidance) or self.guidance < 0:
+            _bad("guidance", self.guidance, "must be a finite number >= 0")
+        if not 1 <= self.fps <= MAX_FPS:
+            _bad("fps", self.fps, f"must be between 1 and {MAX_FPS}")
+        if not 0 <= self.seed <= MAX_SEED:
+            _bad("seed", self.seed, f"must be between 0 and {MAX_SEED}")
+        try:
+            self.watermark.validate()
+        except ValueError as exc:
+            raise InvalidInput(str(exc)) from exc
+
+    def check_prompt_length(self, tokenizer, rules: ModelRules) -> None:
+        """Reject prompts the text encoder would truncate: a silently cut prompt makes a different clip."""
+        for name in ("prompt", "negative_prompt"):
+            n = len(tokenizer(getattr(self, name), add_special_tokens=True).input_ids)
+            if n > rules.max_sequence_length:
+                _bad(name, f"{getattr(self, name)[:40]}...", f"is {n} tokens; the limit is {rules.max_sequence_length}")
+
+
+def _bad(name: str, value: object, rule: str) -> None:
+    raise InvalidInput(f"`{name}` {rule} but is {value!r}.")
+
+
+# --- the catalogue -------------------------------------------------------------------------------
+
+_JOB_FIELDS = {f.name for f in fields(JobSpec)} - {"template", "watermark"}
+_TEMPLATE_KEYS = _JOB_FIELDS | {"name", "watermark"}
+_DEFAULT_KEYS = _JOB_FIELDS - {"prompt"} | {"watermark"}
+_WATERMARK_KEYS = {f.name for f in fields(Watermark)}
+
+
+@dataclass(frozen=True)
+class Catalogue:
+    """The templates of `data/templates.toml` as validated jobs."""
+
+    path: Path
+    jobs: tuple[JobSpec, ...]
+
+    @classmethod
+    def from_file(cls, path: str | Path, rules: ModelRules) -> Catalogue:
+        path = Path(path)
+        if not path.is_file():
+            raise CatalogueError(f"{path}: catalogue not found; pass `--catalogue PATH` to a TOML file.")
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise CatalogueError(f"{path}: not UTF-8 text (byte {exc.start}).") from exc
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise CatalogueError(f"{path}: TOML syntax error: {exc}.") from exc
+        return cls(path=path, jobs=tuple(_jobs_from_toml(data, path, text, rules)))
+
+
+def _jobs_from_toml(data: dict, path: Path, text: str, rules: ModelRules) -> list[JobSpec]:
+    unknown = set(data) - {"defaults", "template"}
+    if unknown:
+        raise CatalogueError(f"{path}: unknown top-level key(s) {sorted(unknown)}; use [defaults] and [[template]].")
+    defaults = data.get("defaults", {})
+    templates = data.get("template", [])
+    if not isinstance(defaults, dict) or not isinstance(templates, list) or not templates:
+        raise CatalogueError(f"{path}: needs at least one [[template]] table.")
+    _check_keys(defaults, _DEFAULT_KEYS, f"{path}: [defaults]")
+    seen: set[str] = set()
+    jobs = []
+    for i, raw in enumerate(templates, start=1):
+        name = raw.get("name")
+        where = f"{path}:{_line_of(text, name)}: template {name!r}" if name else f"{path}: template #{i}"
+        if not isinstance(name, str):
+            raise CatalogueError(f"{where}: `name` is required and must be text.")
+        _check_keys(raw, _TEMPLATE_KEYS, where)
+        if name in seen:
+            raise CatalogueError(f"{where}: duplicate template name {name!r}.")
+        seen.add(name)
+        merged = {**defaults, **{k: v for k, v in raw.items() if k != "name"}}
+        if "prompt" not in merged:
+            raise CatalogueError(f"{where}: `prompt` is required.")
+        watermark_raw = {**defaults.get("watermark", {}), **raw.get("watermark", {})}
+        _check_keys(watermark_raw, _WATERMARK_KEYS, f"{where}: watermark")
+        if watermark_raw.get("image"):
+            # Relative image paths are relative to the catalogue, so a catalogue folder can move as a whole.
+            watermark_raw["image"] = (path.parent / watermark_raw["image"]).resolve()
+        merged["watermark"] = replace(Watermark(), **watermark_raw)
+        job = JobSpec(template=name, **merged)
+        try:
+            job.validate(rules)
+        except InvalidInput as exc:
+            raise CatalogueError(f"{where}: {exc}") from exc
+        jobs.append(job)
+    return jobs
+
+
+def _check_keys(table: dict, allowed: set[str], where: str) -> None:
+    if not isinstance(table, dict):
+        raise CatalogueError(f"{where}: must be a table.")
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        raise CatalogueError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(allowed)}.")
+
+
+def _line_of(text: str, name: object) -> int:
+    """Line of `name = "<name>"` in the file, for messages (tomllib keeps no positions)."""
+    pattern = re.compile(rf"^\s*name\s*=\s*[\"']{re.escape(str(name))}[\"']", re.MULTILINE)
+    match = pattern.search(text)
+    return text.count("\n", 0, match.start()) + 1 if match else 0

@@ -1,0 +1,127 @@
+"""Which model a `--model` value means, and loading its components one at a time.
+
+Stage-major batching loads one component per stage, so each loader here returns a single component.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from t2v.errors import ModelNotFound
+from t2v.models import tiny
+from t2v.models.wan22 import WAN22_RULES, ModelRules
+
+BUILTIN = "tiny"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+_SUBFOLDERS = ("text_encoder", "tokenizer", "transformer", "vae", "scheduler")
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A resolved `--model` value: what to load and the identity that goes into every store key."""
+
+    spec: str
+    """What the user typed."""
+    source: str | None
+    """Folder or hub id for `from_pretrained`; None for the built-in model."""
+    identity: str
+    """Changes whenever the weights or configs can differ."""
+    rules: ModelRules = WAN22_RULES
+
+    @property
+    def builtin(self) -> bool:
+        return self.source is None
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        """Storage dtype of the transformer and text encoder: bf16 as published, fp32 for the tiny CPU model."""
+        return torch.float32 if self.builtin else torch.bfloat16
+
+
+def _folder_identity(folder: Path) -> str:
+    # Configs by content, weights by name and size: hashing 25 GB of weights per run would cost minutes.
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            rel = path.relative_to(folder).as_posix()
+            if path.suffix == ".json":
+                digest.update(rel.encode() + path.read_bytes())
+            else:
+                digest.update(f"{rel}:{path.stat().st_size}".encode())
+    return f"folder:{digest.hexdigest()[:16]}"
+
+
+def resolve_model(spec: str) -> ModelRef:
+    """Check a `--model` value without loading weights: `tiny`, a Wan2.2 diffusers folder, or a hub id."""
+    if spec == BUILTIN:
+        return ModelRef(spec=spec, source=None, identity=tiny.IDENTITY)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        index = path / "model_index.json"
+        if not index.is_file():
+            raise ModelNotFound(f"`--model` folder {spec!r} has no model_index.json: not a diffusers folder.")
+        try:
+            pipeline_class = json.loads(index.read_text()).get("_class_name")
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ModelNotFound(f"`--model` folder {spec!r} has a broken model_index.json ({exc}).") from exc
+        missing = [name for name in _SUBFOLDERS if not (path / name).is_dir()]
+        if pipeline_class != "WanPipeline" or missing:
+            raise ModelNotFound(
+                f"`--model` folder {spec!r} is not a Wan2.2 TI2V diffusers folder "
+                f"(pipeline {pipeline_class!r}, missing {missing or 'nothing'})."
+            )
+        return ModelRef(spec=spec, source=str(path.resolve()), identity=_folder_identity(path))
+    if _HUB_ID.match(spec) and not path.exists() and not spec.startswith("."):
+        return ModelRef(spec=spec, source=spec, identity=f"hub:{spec}")
+    raise ModelNotFound(
+        f"`--model` {spec!r} is not a folder here, nor a hub id like 'Wan-AI/Wan2.2-TI2V-5B-Diffusers'; "
+        f"use '{BUILTIN}' for the built-in model."
+    )
+
+
+def load_tokenizer(ref: ModelRef):
+    if ref.builtin:
+        return tiny.build_tokenizer()
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(ref.source, subfolder="tokenizer")
+
+
+def load_text_encoder(ref: ModelRef) -> torch.nn.Module:
+    if ref.builtin:
+        return tiny.build_text_encoder()
+    from transformers import UMT5EncoderModel
+
+    return UMT5EncoderModel.from_pretrained(ref.source, subfolder="text_encoder", dtype=ref.weight_dtype).eval()
+
+
+def load_transformer(ref: ModelRef) -> torch.nn.Module:
+    if ref.builtin:
+        return tiny.build_transformer()
+    from diffusers import WanTransformer3DModel
+
+    return WanTransformer3DModel.from_pretrained(
+        ref.source, subfolder="transformer", torch_dtype=ref.weight_dtype
+    ).eval()
+
+
+def load_vae(ref: ModelRef, *, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    if ref.builtin:
+        return tiny.build_vae().to(dtype)
+    from diffusers import AutoencoderKLWan
+
+    return AutoencoderKLWan.from_pretrained(ref.source, subfolder="vae", torch_dtype=dtype).eval()
+
+
+def load_scheduler(ref: ModelRef):
+    if ref.builtin:
+        return tiny.build_scheduler()
+    from diffusers import UniPCMultistepScheduler
+
+    return UniPCMultistepScheduler.from_pretrained(ref.source, subfolder="scheduler")

@@ -1,0 +1,45 @@
+"""Settings read from the environment, in one place."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def _float_or_none(value: str | None) -> float | None:
+    return float(value) if value not in (None, "") else None
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where t2v keeps its files and how it may use the GPU."""
+
+    data_dir: Path = field(default_factory=lambda: Path(os.environ.get("T2V_DATA_DIR", "data")))
+    """Root of the store, the outputs and the default run log."""
+    database_url: str | None = field(default_factory=lambda: os.environ.get("T2V_DATABASE_URL") or None)
+    """Any SQLAlchemy URL; default is SQLite at `<data_dir>/runlog.sqlite`."""
+    vram_budget_gib: float | None = field(
+        default_factory=lambda: _float_or_none(os.environ.get("T2V_VRAM_BUDGET_GB"))
+    )
+    """Caps the free VRAM that NVML reports: plans are chosen to fit this."""
+    inject_oom: str = field(default_factory=lambda: os.environ.get("T2V_INJECT_OOM", ""))
+    """Fault injection for tests and drills: `stage:plan` pairs (`*` matches any), comma separated;
+    a matching stage attempt raises `torch.OutOfMemoryError` before it computes."""
+
+    @property
+    def store_dir(self) -> Path:
+        return self.data_dir / "store"
+
+    @property
+    def outputs_dir(self) -> Path:
+        return self.data_dir / "outputs"
+
+    @property
+    def runlog_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'runlog.sqlite').as_posix()}"
+
+
+def get_settings() -> Settings:
+    """Read the environment now (tests change it between calls)."""
+    return Settings()

@@ -1,0 +1,89 @@
+"""Content-addressed store: each stage's output is a file named by a hash of everything that made it.
+
+A file appears under its final name only when it is complete (written to a temporary name in the
+same folder, flushed, then renamed), so a crash at any point leaves either nothing or a whole file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+SUFFIX = {"encode": ".safetensors", "diffuse": ".safetensors", "decode": ".mkv", "watermark": ".mp4"}
+_TEMP_MARK = ".partial-"
+
+
+def make_key(stage: str, **parts: object) -> str:
+    """Hash of a stage name and its inputs (JSON-able values, other keys among them)."""
+    blob = json.dumps({"stage": stage, **parts}, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+class Store:
+    """Files under `root/<stage>/<key[:2]>/<key><suffix>`."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def path(self, stage: str, key: str) -> Path:
+        return self.root / stage / key[:2] / f"{key}{SUFFIX[stage]}"
+
+    def has(self, stage: str, key: str) -> bool:
+        return self.path(stage, key).is_file()
+
+    @contextmanager
+    def writing(self, stage: str, key: str) -> Iterator[Path]:
+        """Yield a temporary path to write; it becomes the stored file only if the block succeeds."""
+        final = self.path(stage, key)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        temp = final.with_name(f"{_TEMP_MARK}{os.getpid()}-{final.name}")
+        try:
+            yield temp
+            _fsync(temp)
+            os.replace(temp, final)
+        finally:
+            temp.unlink(missing_ok=True)
+
+    def save_tensors(self, stage: str, key: str, tensors: dict[str, torch.Tensor]) -> Path:
+        with self.writing(stage, key) as temp:
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(temp))
+        return self.path(stage, key)
+
+    def load_tensors(self, stage: str, key: str) -> dict[str, torch.Tensor]:
+        return load_file(str(self.path(stage, key)))
+
+    def sweep_partials(self) -> int:
+        """Delete temporary files left by a killed process; returns how many."""
+        count = 0
+        if self.root.is_dir():
+            for temp in self.root.rglob(f"{_TEMP_MARK}*"):
+                temp.unlink(missing_ok=True)
+                count += 1
+        return count
+
+
+def publish(source: Path, dest: Path) -> Path:
+    """Put a stored clip at a user-facing path atomically (hard link where possible, else a copy)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    temp = dest.with_name(f"{_TEMP_MARK}{os.getpid()}-{dest.name}")
+    temp.unlink(missing_ok=True)
+    try:
+        os.link(source, temp)
+    except OSError:
+        import shutil
+
+        shutil.copyfile(source, temp)
+    os.replace(temp, dest)
+    return dest
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
