@@ -39,14 +39,10 @@ def encode_texts(
     return embeds
 
 
-def latent_shape(transformer_config, vae_config, *, height: int, width: int, frames: int) -> tuple[int, ...]:
-    return (
-        1,
-        transformer_config.in_channels,
-        (frames - 1) // vae_config.scale_factor_temporal + 1,
-        height // vae_config.scale_factor_spatial,
-        width // vae_config.scale_factor_spatial,
-    )
+def latent_shape(channels: int, *, temporal: int, spatial: int, height: int, width: int,
+                 frames: int) -> tuple[int, ...]:
+    """Shape of one clip's latents, as WanPipeline.prepare_latents computes it."""
+    return (1, channels, (frames - 1) // temporal + 1, height // spatial, width // spatial)
 
 
 def initial_noise(shape: tuple[int, ...], *, seed: int, device: torch.device | str) -> torch.Tensor:

@@ -1,0 +1,286 @@
+"""Memory plans: where each stage's weights live and how they move, chosen from the VRAM there is.
+
+`ladder(stage, sizes, job, device)` lists the plans for a stage fastest first, each with an estimate
+of its peak; `choose(ladder, budget)` takes the first that fits and keeps the leaner ones behind it
+for the out-of-memory fallback; `apply(plan, module)` puts a loaded component in place with diffusers'
+own hooks (group offloading, layerwise casting, VAE tiling).
+
+The estimates are weights on the card plus activations, with per-token coefficients measured on an
+H100 with the full-size model (docs/benchmarks.md); each is a little above what was measured, and a
+plan must fit in `HEADROOM` of the budget, the rest being left to the allocator's fragmentation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from enum import Enum
+
+import torch
+
+from t2v.jobs import JobSpec
+
+GiB = 2**30
+HEADROOM = 0.75
+"""Share of the budget a plan's estimate may use."""
+
+
+class Placement(str, Enum):
+    GPU = "gpu"
+    """Weights resident on the card: fastest, needs the whole component."""
+    GROUP = "group"
+    """diffusers group offloading, one block at a time, the next prefetched on a CUDA stream from pinned
+    host memory: about two blocks on the card."""
+    LEAF = "leaf"
+    """Group offloading per leaf module without prefetch: the smallest footprint, the slowest."""
+    CPU = "cpu"
+    """No GPU at all (CPU machine, or the last resort)."""
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """How one stage runs. Serialised as `name` into the run log."""
+
+    stage: str
+    placement: Placement
+    device: str = "cuda"
+    cfg_batch: int = 2
+    """diffuse: conditional and unconditional passes as one batch of 2 (half the weight traffic when
+    offloading) or as two batches of 1 (half the activations)."""
+    shared_timestep: bool = True
+    """diffuse: one timestep per sample instead of one per token (same values in text-to-video)."""
+    ffn_chunks: int = 1
+    """diffuse: the feed-forward run over this many slices of the sequence (its N x 14336 intermediate
+    is the largest activation)."""
+    fp8_storage: bool = False
+    """diffuse: weights stored in float8_e4m3fn and cast to bf16 per layer; loses fidelity, opt-in."""
+    vae_dtype: str = "float32"
+    vae_tile: int | None = None
+    """decode: tile side in pixels for tiled decoding; None decodes whole frames."""
+    estimate_bytes: int = 0
+
+    @property
+    def name(self) -> str:
+        parts = [self.placement.value]
+        if self.stage == "diffuse":
+            parts.append(f"cfg{self.cfg_batch}")
+            if not self.shared_timestep:
+                parts.append("token-ts")
+            if self.ffn_chunks > 1:
+                parts.append(f"ffn/{self.ffn_chunks}")
+            if self.fp8_storage:
+                parts.append("fp8")
+        if self.stage == "decode":
+            parts.append("bf16" if self.vae_dtype == "bfloat16" else "fp32")
+            parts.append(f"tile{self.vae_tile}" if self.vae_tile else "whole")
+        return f"{self.stage}:{'-'.join(parts)}"
+
+    @property
+    def estimate_gib(self) -> float:
+        return self.estimate_bytes / GiB
+
+
+@dataclass(frozen=True)
+class ComponentSizes:
+    """What the estimates need to know of a model, read from its loaded components."""
+
+    text_encoder_bytes: int
+    text_embedding_bytes: int
+    text_block_bytes: int
+    text_dim: int
+    text_ff_dim: int
+    transformer_bytes: int
+    transformer_block_bytes: int
+    transformer_dim: int
+    transformer_ffn_dim: int
+    transformer_largest_leaf_bytes: int
+    vae_params: int
+
+    @classmethod
+    def from_modules(cls, *, text_encoder=None, transformer=None, vae=None) -> ComponentSizes:
+        te = _bytes(text_encoder)
+        tr = _bytes(transformer)
+        return cls(
+            text_encoder_bytes=te,
+            text_embedding_bytes=_bytes(text_encoder.get_input_embeddings()) if text_encoder else 0,
+            text_block_bytes=_bytes(text_encoder.encoder.block[0]) if text_encoder else 0,
+            text_dim=text_encoder.config.d_model if text_encoder else 0,
+            text_ff_dim=text_encoder.config.d_ff if text_encoder else 0,
+            transformer_bytes=tr,
+            transformer_block_bytes=_bytes(transformer.blocks[0]) if transformer else 0,
+            transformer_dim=transformer.config.num_attention_heads * transformer.config.attention_head_dim
+            if transformer
+            else 0,
+            transformer_ffn_dim=transformer.config.ffn_dim if transformer else 0,
+            transformer_largest_leaf_bytes=max((_bytes(m) for m in transformer.modules() if not list(m.children())),
+                                               default=0) if transformer else 0,
+            vae_params=sum(p.numel() for p in vae.parameters()) if vae else 0,
+        )
+
+
+def _bytes(module) -> int:
+    if module is None:
+        return 0
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def ladder(stage: str, sizes: ComponentSizes, job: JobSpec, *, device: str, texts: int = 2,
+           fp8: bool = False) -> list[StagePlan]:
+    """Every plan for `stage`, fastest first, with estimates. On a CPU device the only plan is CPU."""
+    if not device.startswith("cuda"):
+        return _cpu_plans(stage, job)
+    plans = {"encode": _encode_plans, "diffuse": _diffuse_plans, "decode": _decode_plans}[stage](
+        sizes, job, texts=texts, fp8=fp8
+    )
+    return [replace(p, device=device) for p in plans]
+
+
+def choose(plans: list[StagePlan], budget_bytes: int) -> list[StagePlan]:
+    """The first plan whose estimate fits the budget, followed by the leaner ones (the fallback order).
+
+    When none fits, all of the GPU's plans are still tried, leanest first, before the CPU."""
+    limit = budget_bytes * HEADROOM
+    for i, plan in enumerate(plans):
+        if plan.estimate_bytes <= limit:
+            return plans[i:]
+    return plans[-1:]
+
+
+def _cpu_plans(stage: str, job: JobSpec) -> list[StagePlan]:
+    # No card: RAM is the budget and it is ample for one component, but the same options exist, so
+    # the out-of-memory fallback has somewhere to go (and is tested on this path).
+    cpu = StagePlan(stage, Placement.CPU, device="cpu")
+    if stage == "diffuse":
+        return [cpu] + ([replace(cpu, cfg_batch=1)] if job.cfg else [])
+    if stage == "decode" and max(job.height, job.width) > 64:
+        return [cpu, replace(cpu, vae_tile=64)]
+    return [cpu]
+
+
+def _encode_plans(s: ComponentSizes, job: JobSpec, *, texts: int, fp8: bool) -> list[StagePlan]:
+    tokens = texts * 512
+    act = tokens * (s.text_dim * 4 * 8 + s.text_ff_dim * 4 * 3)
+    return [
+        StagePlan("encode", Placement.GPU, estimate_bytes=s.text_encoder_bytes + act),
+        # The embedding table (2.1 GB at full size) is the largest piece that must come on at once.
+        StagePlan("encode", Placement.GROUP, estimate_bytes=s.text_embedding_bytes + 2 * s.text_block_bytes + act),
+        StagePlan("encode", Placement.LEAF, estimate_bytes=s.text_embedding_bytes + act),
+    ]
+
+
+def diffusion_tokens(job: JobSpec) -> int:
+    return ((job.frames - 1) // 4 + 1) * (job.height // 32) * (job.width // 32)
+
+
+def _diffuse_activation(s: ComponentSizes, job: JobSpec, *, batch: int, shared: bool, ffn_chunks: int) -> int:
+    n = diffusion_tokens(job)
+    # Per token and sample: the FFN intermediate and its GELU (bf16, 2 x ffn_dim x 2 bytes) and about
+    # eight dim-wide fp32/bf16 tensors (residual, norms, q/k/v, attention output).
+    per_token = 4 * s.transformer_ffn_dim / ffn_chunks + 8 * s.transformer_dim
+    if not shared:
+        per_token += 6 * s.transformer_dim * 4 * 1.5  # the per-token fp32 timestep projection
+    return int(batch * n * per_token)
+
+
+def _diffuse_plans(s: ComponentSizes, job: JobSpec, *, texts: int, fp8: bool) -> list[StagePlan]:
+    batches = (2, 1) if job.cfg else (1,)
+    weights = s.transformer_bytes // (2 if fp8 else 1)
+    block = s.transformer_block_bytes // (2 if fp8 else 1)
+    resident_group = (s.transformer_bytes - 30 * s.transformer_block_bytes) + 2 * block  # non-block + 2 blocks
+    resident_group = max(resident_group, 2 * block)
+    plans = []
+    for placement, resident in ((Placement.GPU, weights), (Placement.GROUP, resident_group)):
+        for b in batches:
+            act = _diffuse_activation(s, job, batch=b, shared=True, ffn_chunks=1)
+            plans.append(StagePlan("diffuse", placement, cfg_batch=b, fp8_storage=fp8,
+                                   estimate_bytes=resident + act))
+    act = _diffuse_activation(s, job, batch=1, shared=True, ffn_chunks=8)
+    plans.append(StagePlan("diffuse", Placement.GROUP, cfg_batch=1, ffn_chunks=8, fp8_storage=fp8,
+                           estimate_bytes=resident_group + act))
+    plans.append(StagePlan("diffuse", Placement.LEAF, cfg_batch=1, ffn_chunks=8, fp8_storage=fp8,
+                           estimate_bytes=s.transformer_largest_leaf_bytes * 2 + act))
+    return plans
+
+
+def _decode_plans(s: ComponentSizes, job: JobSpec, *, texts: int, fp8: bool) -> list[StagePlan]:
+    pixels = job.height * job.width
+    plans = []
+    for dtype, size in (("float32", 4), ("bfloat16", 2)):
+        weights = s.vae_params * size
+        out = 3 * job.frames * pixels * size
+        # Whole-frame decoding: ~12k activation values per output pixel (one latent frame at a time,
+        # the causal cache carrying the rest); tiled: the same per tile pixel, plus the decoded tiles
+        # and the blended video held at once (~2.5 copies of the output).
+        plans.append(StagePlan("decode", Placement.GPU, vae_dtype=dtype,
+                               estimate_bytes=weights + 12_000 * size * pixels + 2 * out))
+        for tile in (256, 128):
+            if tile < max(job.height, job.width):
+                plans.append(StagePlan("decode", Placement.GPU, vae_dtype=dtype, vae_tile=tile,
+                                       estimate_bytes=weights + 12_000 * size * tile * tile + int(2.5 * out)))
+    # fp32 whole-frame first, then every tiled fp32, then bf16: fidelity before speed in the decoder,
+    # which costs seconds, not minutes.
+    fp32 = [p for p in plans if p.vae_dtype == "float32"]
+    bf16 = [p for p in plans if p.vae_dtype == "bfloat16" and p.vae_tile]
+    return fp32 + bf16
+
+
+# --- putting a plan in place ---------------------------------------------------------------------
+
+
+def apply(plan: StagePlan, module: torch.nn.Module) -> torch.nn.Module:
+    """Place a freshly loaded (CPU) component as the plan says; returns it."""
+    device = torch.device(plan.device)
+    if plan.stage == "decode":
+        dtype = getattr(torch, plan.vae_dtype)
+        module = module.to(device=device, dtype=dtype) if module.dtype != dtype else module.to(device)
+        if plan.vae_tile:
+            module.enable_tiling(
+                tile_sample_min_height=plan.vae_tile,
+                tile_sample_min_width=plan.vae_tile,
+                tile_sample_stride_height=plan.vae_tile * 3 // 4,
+                tile_sample_stride_width=plan.vae_tile * 3 // 4,
+            )
+        else:
+            module.disable_tiling()
+        return module
+    if plan.stage == "diffuse":
+        if plan.ffn_chunks > 1:
+            chunk_feed_forward(module, plan.ffn_chunks)
+        if plan.fp8_storage:
+            module.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
+    if plan.placement in (Placement.GPU, Placement.CPU):
+        return module.to(device)
+    from diffusers.hooks import apply_group_offloading
+
+    leaf = plan.placement is Placement.LEAF
+    apply_group_offloading(
+        module,
+        onload_device=device,
+        offload_device=torch.device("cpu"),
+        offload_type="leaf_level" if leaf else "block_level",
+        num_blocks_per_group=None if leaf else 1,
+        use_stream=not leaf,
+        record_stream=not leaf,
+        # UMT5EncoderModel keeps its blocks one level down (encoder.block); without naming `encoder`
+        # block-level offloading sees no ModuleList and moves the whole 11 GB encoder as one group.
+        block_modules=["encoder"] if plan.stage == "encode" and not leaf else None,
+    )
+    return module
+
+
+class ChunkedFeedForward(torch.nn.Module):
+    """Runs a token-wise feed-forward over slices of the sequence: same result, 1/n of its peak."""
+
+    def __init__(self, ff: torch.nn.Module, chunks: int) -> None:
+        super().__init__()
+        self.ff = ff
+        self.chunks = chunks
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        pieces = hidden_states.chunk(self.chunks, dim=1)
+        return torch.cat([self.ff(piece, *args, **kwargs) for piece in pieces], dim=1)
+
+
+def chunk_feed_forward(transformer: torch.nn.Module, chunks: int) -> None:
+    for block in transformer.blocks:
+        if not isinstance(block.ffn, ChunkedFeedForward):
+            block.ffn = ChunkedFeedForward(block.ffn, chunks)

@@ -1,0 +1,265 @@
+"""Runs one stage of one job: skip it if its output is stored, else pick a memory plan, compute, store,
+and log every attempt; on CUDA out-of-memory, free the card and try the next leaner plan.
+
+This is what a Prefect task wraps; it knows the store, the run log and the models, not Prefect.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import gc
+import hashlib
+import logging
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from t2v import media, stages
+from t2v.errors import NoPlanFits
+from t2v.jobs import JobSpec
+from t2v.models import registry
+from t2v.models.registry import ModelRef
+from t2v.plans import ComponentSizes, StagePlan, apply, choose, ladder
+from t2v.runlog import RunLog
+from t2v.settings import Settings
+from t2v.store import Store, make_key, publish
+from t2v.vram import DeviceMemory, PeakMemory
+
+log = logging.getLogger("t2v")
+MAX_CLIP_BYTES = 20_000_000
+
+
+@dataclass(frozen=True)
+class JobKeys:
+    """Store keys of a job's four outputs; each hashes its inputs' keys, so a change flows downstream."""
+
+    embeddings: str
+    latents: str
+    frames: str
+    clip: str
+
+    @classmethod
+    def of(cls, job: JobSpec, model: ModelRef, *, fp8: bool = False) -> JobKeys:
+        embeddings = make_key("encode", model=model.identity, prompt=job.prompt,
+                              negative_prompt=job.negative_prompt if job.cfg else None,
+                              max_sequence_length=model.rules.max_sequence_length)
+        latents = make_key("diffuse", model=model.identity, embeddings=embeddings, seed=job.seed,
+                           height=job.height, width=job.width, frames=job.frames, steps=job.steps,
+                           guidance=job.guidance, fp8=fp8)
+        frames = make_key("decode", model=model.identity, latents=latents)
+        watermark = asdict(job.watermark)
+        if job.watermark.image:
+            watermark["image"] = hashlib.sha256(Path(job.watermark.image).read_bytes()).hexdigest()
+        clip = make_key("watermark", frames=frames, fps=job.fps, watermark=watermark, max_bytes=MAX_CLIP_BYTES)
+        return cls(embeddings, latents, frames, clip)
+
+
+class Residency:
+    """Components loaded in this process, kept between tasks of a stage; one GPU component at a time."""
+
+    def __init__(self) -> None:
+        self._held: dict[str, tuple[str, torch.nn.Module]] = {}
+
+    def get(self, name: str, tag: str, load: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+        held = self._held.get(name)
+        if held and held[0] == tag:
+            return held[1]
+        # Stage-major order: the previous stage's component leaves the card before this one comes.
+        self.drop()
+        module = load()
+        self._held[name] = (tag, module)
+        return module
+
+    def drop(self, name: str | None = None) -> None:
+        for key in [name] if name else list(self._held):
+            self._held.pop(key, None)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+_RESIDENCY = Residency()
+"""One per process: Prefect runs a flow's tasks in threads of one process, so they share it."""
+
+
+class StageRunner:
+    """The four stages of jobs in one run, against one model, store and run log."""
+
+    def __init__(self, *, model: ModelRef, store: Store, runlog: RunLog, run_id: str, settings: Settings,
+                 memory: DeviceMemory, outputs_dir: Path, fp8: bool = False,
+                 residency: Residency = _RESIDENCY) -> None:
+        self.model = model
+        self.store = store
+        self.runlog = runlog
+        self.run_id = run_id
+        self.settings = settings
+        self.memory = memory
+        self.outputs_dir = outputs_dir
+        self.fp8 = fp8
+        self.residency = residency
+        self._tokenizer = None
+        self._scheduler = None
+        self._sizes: dict[str, ComponentSizes] = {}
+
+    @property
+    def device(self) -> str:
+        return self.memory.device
+
+    # --- the stages ------------------------------------------------------------------------------
+
+    def encode(self, job: JobSpec) -> str:
+        keys = JobKeys.of(job, self.model, fp8=self.fp8)
+
+        def compute(plan: StagePlan) -> None:
+            texts = [job.prompt, job.negative_prompt] if job.cfg else [job.prompt]
+            encoder = self._component("text_encoder", plan, registry.load_text_encoder)
+            embeds = stages.encode_texts(encoder, self.tokenizer, texts, device=self._compute_device(plan),
+                                         max_sequence_length=self.model.rules.max_sequence_length)
+            tensors = {"cond": embeds[:1]}
+            if job.cfg:
+                tensors["uncond"] = embeds[1:]
+            self.store.save_tensors("encode", keys.embeddings, tensors)
+
+        return self._run("encode", job, keys.embeddings, compute, sizes_of="text_encoder")
+
+    def diffuse(self, job: JobSpec) -> str:
+        keys = JobKeys.of(job, self.model, fp8=self.fp8)
+
+        def compute(plan: StagePlan) -> None:
+            embeds = self.store.load_tensors("encode", keys.embeddings)
+            transformer = self._component("transformer", plan, registry.load_transformer)
+            device = self._compute_device(plan)
+            temporal, spatial = self._vae_factors()
+            shape = stages.latent_shape(transformer.config.in_channels, temporal=temporal, spatial=spatial,
+                                        height=job.height, width=job.width, frames=job.frames)
+            noise = stages.initial_noise(shape, seed=job.seed, device=device)
+            with tqdm(total=job.steps, desc=f"{job.template} denoise", unit="step", leave=False) as bar:
+                latents = stages.denoise(
+                    transformer, self.scheduler(), noise, embeds["cond"], embeds.get("uncond"),
+                    steps=job.steps, guidance=job.guidance, compute_dtype=self.model.weight_dtype,
+                    shared_timestep=plan.shared_timestep, cfg_batch=plan.cfg_batch,
+                    on_step=lambda i, n: bar.update(1),
+                )
+            self.store.save_tensors("diffuse", keys.latents, {"latents": latents})
+
+        self._require("encode", keys.embeddings, job)
+        return self._run("diffuse", job, keys.latents, compute, sizes_of="transformer")
+
+    def decode(self, job: JobSpec) -> str:
+        keys = JobKeys.of(job, self.model, fp8=self.fp8)
+
+        def compute(plan: StagePlan) -> None:
+            latents = self.store.load_tensors("diffuse", keys.latents)["latents"]
+            vae = self._component("vae", plan, registry.load_vae)
+            frames = stages.decode_latents(vae, latents, device=self._compute_device(plan))
+            with self.store.writing("decode", keys.frames) as temp:
+                media.write_frames_lossless(frames, temp, fps=job.fps)
+
+        self._require("diffuse", keys.latents, job)
+        return self._run("decode", job, keys.frames, compute, sizes_of="vae")
+
+    def watermark(self, job: JobSpec) -> Path:
+        """Encode the clip into the store and publish it as `<outputs_dir>/<template>.mp4`."""
+        keys = JobKeys.of(job, self.model, fp8=self.fp8)
+
+        def compute(plan: StagePlan | None) -> None:
+            with self.store.writing("watermark", keys.clip) as temp:
+                media.encode_mp4(self.store.path("decode", keys.frames), temp, fps=job.fps,
+                                 watermark=job.watermark, max_bytes=MAX_CLIP_BYTES)
+
+        self._require("decode", keys.frames, job)
+        self._run("watermark", job, keys.clip, compute, sizes_of=None)
+        return publish(self.store.path("watermark", keys.clip), self.outputs_dir / f"{job.template}.mp4")
+
+    # --- shared machinery ------------------------------------------------------------------------
+
+    def _run(self, stage: str, job: JobSpec, key: str, compute: Callable, *, sizes_of: str | None) -> str:
+        keys = JobKeys.of(job, self.model, fp8=self.fp8)
+        row = dict(run_id=self.run_id, job_key=keys.clip, template=job.template, stage=stage,
+                   model=self.model.identity)
+        if self.store.has(stage, key):
+            self.runlog.record_skip(**row, output_key=key)
+            return key
+        plans: list[StagePlan | None] = [None]
+        if sizes_of:
+            plans = choose(self._ladder(stage, job, sizes_of), self.memory.budget_bytes)
+        last_error: BaseException | None = None
+        for plan in plans:
+            try:
+                with self.runlog.stage(**row, plan=plan.name if plan else None) as record:
+                    peak = PeakMemory(self.device)
+                    try:
+                        with peak:
+                            self._maybe_inject_oom(plan)
+                            compute(plan)
+                    finally:  # a failed attempt's peaks are what the next plan must beat
+                        record.peak_allocated_gib = peak.allocated_gib
+                        record.peak_reserved_gib = peak.reserved_gib
+                        record.peak_nvml_gib = peak.nvml_gib
+                        record.peak_rss_gib = peak.rss_gib
+                    record.output_key = key
+                return key
+            except torch.OutOfMemoryError as exc:
+                last_error = exc
+                log.warning("%s of %s ran out of memory on plan %s; trying a leaner plan", stage,
+                            job.template, plan.name if plan else "-")
+                # The component may hold hooks and half-moved weights: drop it and load it afresh.
+                self.residency.drop()
+        raise NoPlanFits(f"{stage} of {job.template!r} ran out of memory on every plan "
+                         f"({', '.join(p.name for p in plans if p)}): {last_error}")
+
+    def _ladder(self, stage: str, job: JobSpec, component: str) -> list[StagePlan]:
+        if component not in self._sizes:
+            # Sizes come from the component itself, loaded once on the CPU, so they hold for any model.
+            loader = {"text_encoder": registry.load_text_encoder, "transformer": registry.load_transformer,
+                      "vae": registry.load_vae}[component]
+            module = loader(self.model)
+            self._sizes[component] = ComponentSizes.from_modules(**{component: module})
+            del module
+        return ladder(stage, self._sizes[component], job, device=self.device, fp8=self.fp8)
+
+    def _component(self, name: str, plan: StagePlan, load: Callable) -> torch.nn.Module:
+        return self.residency.get(name, f"{self.model.identity}|{plan.name}|{plan.device}",
+                                  lambda: apply(plan, load(self.model)))
+
+    def _compute_device(self, plan: StagePlan) -> torch.device:
+        return torch.device(plan.device)
+
+    def _require(self, stage: str, key: str, job: JobSpec) -> None:
+        if not self.store.has(stage, key):
+            raise FileNotFoundError(f"{job.template}: the {stage} output {key} is not in the store; "
+                                    f"run the {stage} stage first")
+
+    def _maybe_inject_oom(self, plan: StagePlan | None) -> None:
+        if plan is None or not self.settings.inject_oom:
+            return
+        for pattern in self.settings.inject_oom.split(","):
+            if pattern.strip() and fnmatch.fnmatch(plan.name, pattern.strip()):
+                raise torch.OutOfMemoryError(f"injected by T2V_INJECT_OOM={self.settings.inject_oom!r}")
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = registry.load_tokenizer(self.model)
+        return self._tokenizer
+
+    def scheduler(self):
+        if self._scheduler is None:
+            self._scheduler = registry.load_scheduler(self.model)
+        return copy.deepcopy(self._scheduler)  # schedulers keep per-run state
+
+    def _vae_factors(self) -> tuple[int, int]:
+        """(temporal, spatial) compression of the VAE, read from its config without loading weights."""
+        if self.model.builtin:
+            from t2v.models import tiny
+
+            config = dict(tiny.build_vae().config)
+        else:
+            from diffusers import AutoencoderKLWan
+
+            config = AutoencoderKLWan.load_config(self.model.source, subfolder="vae")
+        return config["scale_factor_temporal"], config["scale_factor_spatial"]
