@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Literal, get_args
 
 import ffmpeg
-import imageio_ffmpeg
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
@@ -72,6 +71,9 @@ class Watermark:
 
 
 def ffmpeg_exe() -> str:
+    # Imported here so that GPU machines without imageio-ffmpeg can still import the library.
+    import imageio_ffmpeg
+
     return imageio_ffmpeg.get_ffmpeg_exe()
 
 

@@ -1,0 +1,298 @@
+"""GPU memory and speed of Wan2.2 TI2V-5B: stock diffusers beside t2v's plans, one process, one card.
+
+Builds the full-size architecture from its public config with random weights (t2v.models.fullsize),
+then for each resolution runs, from the same master weights and the same seed:
+  stock-gpu            WanPipeline, everything on the card (`pipe.to("cuda")`)
+  stock-model-offload  WanPipeline with `enable_model_cpu_offload()`
+  stock-group-offload  group offloading as diffusers' docs show it (leaf level + CUDA streams for the
+                       transformer and text encoder, VAE on the card with `enable_tiling()`)
+  ours                 t2v's planner with the card's free memory as budget
+  ours-cap8 / -cap6    t2v's planner under an 8 / 6 GiB cap (`set_per_process_memory_fraction`)
+Each case: encode (prompt + negative, 512 tokens), `--steps` denoising steps with CFG 5.0, VAE decode.
+The 50-step total is extrapolated: encode + first step + 49 x median of the later steps + decode.
+
+    python bench/gpu_memory.py --out bench/results            # on a GPU (the device tool)
+    python bench/gpu_memory.py --tiny --out /tmp/bench        # CPU smoke run of the same code paths
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from t2v import stages  # noqa: E402
+from t2v.jobs import JobSpec  # noqa: E402
+from t2v.models import fullsize, tiny  # noqa: E402
+from t2v.plans import ComponentSizes, apply, choose, ladder  # noqa: E402
+
+GiB = 2**30
+PROMPT = "A corgi in a red scarf runs through fresh snow at golden hour, slow motion, shallow depth of field"
+NEGATIVE = "blurry, low quality, static"
+RESOLUTIONS = {"1280x704x121": (704, 1280, 121), "832x480x81": (480, 832, 81), "96x64x9": (64, 96, 9)}
+
+
+class Clock:
+    """Wall time of a region with the device synchronised at both ends; peak memory per phase."""
+
+    def __init__(self, device: str) -> None:
+        self.cuda = device.startswith("cuda")
+        self.phase_peaks: dict[str, float] = {}
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def phase(self, name: str, fn):
+        self.sync()
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        out = fn()
+        self.sync()
+        elapsed = time.perf_counter() - start
+        if self.cuda:
+            self.phase_peaks[name] = torch.cuda.max_memory_allocated() / GiB
+            self.phase_peaks[name + "_reserved"] = torch.cuda.max_memory_reserved() / GiB
+        return out, elapsed
+
+
+def free_cuda() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+def step_timer(clock: Clock, times: list[float]):
+    last = [time.perf_counter()]
+
+    def on_step(*_args):
+        clock.sync()
+        now = time.perf_counter()
+        times.append(now - last[0])
+        last[0] = now
+
+    return on_step, last
+
+
+def total_50(encode_s: float, steps: list[float], decode_s: float) -> float:
+    later = steps[1:] or steps
+    return encode_s + steps[0] + 49 * statistics.median(later) + decode_s
+
+
+# --- stock diffusers ---------------------------------------------------------------------------
+
+
+def run_stock(case: str, masters: dict, tokenizer, job: JobSpec, device: str, steps: int) -> dict:
+    from diffusers import WanPipeline
+    from diffusers.hooks import apply_group_offloading
+
+    te, tr, vae = (fullsize.clone(masters[k]) for k in ("text_encoder", "transformer", "vae"))
+    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=te, transformer=tr, vae=vae,
+                       scheduler=tiny.build_scheduler(), expand_timesteps=True)
+    clock = Clock(device)
+    setup_start = time.perf_counter()
+    if case == "stock-gpu":
+        pipe.to(device)
+    elif case == "stock-model-offload":
+        pipe.enable_model_cpu_offload(device=device)
+    elif case == "stock-group-offload":
+        onload = torch.device(device)
+        pipe.transformer.enable_group_offload(onload_device=onload, offload_device=torch.device("cpu"),
+                                              offload_type="leaf_level", use_stream=True)
+        apply_group_offloading(pipe.text_encoder, onload_device=onload, offload_type="leaf_level",
+                               use_stream=True)
+        pipe.vae.to(device)
+        pipe.vae.enable_tiling()
+    clock.sync()
+    setup_s = time.perf_counter() - setup_start
+    if clock.cuda:
+        torch.cuda.reset_peak_memory_stats()
+
+    (pe, ne), encode_s = clock.phase("encode", lambda: pipe.encode_prompt(
+        PROMPT, NEGATIVE, do_classifier_free_guidance=True, max_sequence_length=512, device=torch.device(device)))
+    times: list[float] = []
+    on_step, last = step_timer(clock, times)
+
+    def callback(pipeline, i, t, kwargs):
+        on_step()
+        return {}
+
+    def denoise():
+        last[0] = time.perf_counter()
+        return pipe(prompt_embeds=pe, negative_prompt_embeds=ne, height=job.height, width=job.width,
+                    num_frames=job.frames, num_inference_steps=steps, guidance_scale=job.guidance,
+                    generator=torch.Generator("cpu").manual_seed(job.seed), output_type="latent",
+                    callback_on_step_end=callback).frames
+
+    latents, _ = clock.phase("denoise", denoise)
+    frames, decode_s = clock.phase("decode", lambda: stages.decode_latents(pipe.vae, latents, device=device))
+    result = dict(setup_s=setup_s, encode_s=encode_s, step_times=times, decode_s=decode_s,
+                  peaks=clock.phase_peaks, plans=None)
+    del pipe, te, tr, vae
+    free_cuda()
+    return result, latents.float().cpu(), frames
+
+
+# --- ours: the planner, then the same stage functions the runner calls --------------------------
+
+
+def run_ours(case: str, masters: dict, sizes: dict, tokenizer, job: JobSpec, device: str, steps: int,
+             budget: int) -> dict:
+    clock = Clock(device)
+    plans_used: dict[str, str] = {}
+    attempts: list[str] = []
+    if clock.cuda:
+        torch.cuda.reset_peak_memory_stats()
+
+    def with_plans(stage: str, component: str, body):
+        for plan in choose(ladder(stage, sizes[component], job, device=device), budget):
+            module = None
+            try:
+                module = apply(plan, fullsize.clone(masters[component]))
+                out = body(plan, module)
+                plans_used[stage] = plan.name
+                return out
+            except torch.OutOfMemoryError as exc:
+                attempts.append(f"{plan.name}: OOM ({str(exc).splitlines()[0][:80]})")
+            finally:
+                del module
+                free_cuda()
+        raise RuntimeError(f"{stage}: no plan fits")
+
+    def encode():
+        return with_plans("encode", "text_encoder", lambda plan, te: stages.encode_texts(
+            te, tokenizer, [PROMPT, NEGATIVE], device=device, max_sequence_length=512))
+
+    embeds, encode_s = clock.phase("encode", encode)
+    times: list[float] = []
+    on_step, last = step_timer(clock, times)
+
+    def denoise():
+        def body(plan, tr):
+            shape = stages.latent_shape(tr.config.in_channels, temporal=4, spatial=16, height=job.height,
+                                        width=job.width, frames=job.frames)
+            noise = stages.initial_noise(shape, seed=job.seed, device=device)
+            times.clear()
+            last[0] = time.perf_counter()
+            return stages.denoise(tr, tiny.build_scheduler(), noise, embeds[:1], embeds[1:], steps=steps,
+                                  guidance=job.guidance, compute_dtype=tr.dtype if device != "cpu" else
+                                  torch.float32, shared_timestep=plan.shared_timestep,
+                                  cfg_batch=plan.cfg_batch, on_step=on_step)
+        return with_plans("diffuse", "transformer", body)
+
+    latents, _ = clock.phase("denoise", denoise)
+    frames, decode_s = clock.phase("decode", lambda: with_plans(
+        "decode", "vae", lambda plan, vae: stages.decode_latents(vae, latents, device=device)))
+    return dict(encode_s=encode_s, step_times=times, decode_s=decode_s, peaks=clock.phase_peaks,
+                plans=plans_used, oom_attempts=attempts), latents.float().cpu(), frames
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--tiny", action="store_true", help="CPU smoke run with the built-in tiny model")
+    parser.add_argument("--resolutions", default="832x480x81,1280x704x121")
+    parser.add_argument("--cases", default="stock-gpu,stock-model-offload,stock-group-offload,ours,ours-cap8,ours-cap6")
+    parser.add_argument("--steps", type=int, default=3)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    device = "cpu" if args.tiny else "cuda"
+    gpu = torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
+    total_mem = torch.cuda.get_device_properties(0).total_memory if device == "cuda" else 0
+
+    t0 = time.perf_counter()
+    if args.tiny:
+        masters = {"text_encoder": tiny.build_text_encoder(), "transformer": tiny.build_transformer(),
+                   "vae": tiny.build_vae()}
+    else:
+        masters = {c: fullsize.build(c, dtype=torch.float32 if c == "vae" else torch.bfloat16)
+                   for c in ("text_encoder", "transformer", "vae")}
+    build_s = time.perf_counter() - t0
+    print(f"built masters in {build_s:.1f} s on {gpu}", flush=True)
+    tokenizer = tiny.build_tokenizer()  # byte-level ids: the encoder's compute does not depend on them
+    sizes = {c: ComponentSizes.from_modules(**{c: m}) for c, m in masters.items()}
+
+    records = []
+    for res in args.resolutions.split(","):
+        height, width, frames = RESOLUTIONS[res]
+        job = JobSpec(template="bench", prompt=PROMPT, negative_prompt=NEGATIVE, seed=42, height=height,
+                      width=width, frames=frames, steps=args.steps, guidance=5.0)
+        reference = None
+        for case in args.cases.split(","):
+            cap = {"ours-cap8": 8, "ours-cap6": 6}.get(case)
+            if device == "cuda":
+                torch.cuda.set_per_process_memory_fraction((cap * GiB / total_mem) if cap else 1.0)
+                free_cuda()
+            print(f"--- {res} {case}", flush=True)
+            try:
+                if case.startswith("stock"):
+                    result, latents, video = run_stock(case, masters, tokenizer, job, device, args.steps)
+                else:
+                    budget = cap * GiB if cap else (torch.cuda.mem_get_info()[0] if device == "cuda" else 0)
+                    result, latents, video = run_ours(case, masters, sizes, tokenizer, job, device, args.steps,
+                                                      budget)
+            except Exception as exc:  # one failed case must not lose the others' numbers
+                traceback.print_exc()
+                records.append(dict(config=case, resolution=res, cap_gib=cap, error=f"{type(exc).__name__}: {exc}",
+                                    gpu=gpu))
+                free_cuda()
+                continue
+            peaks = result["peaks"]
+            record = dict(
+                config=case, resolution=res, cap_gib=cap,
+                peak_allocated_gib=max((v for k, v in peaks.items() if not k.endswith("_reserved")), default=None),
+                peak_reserved_gib=max((v for k, v in peaks.items() if k.endswith("_reserved")), default=None),
+                encode_s=result["encode_s"], step_s=statistics.median(result["step_times"][1:] or
+                                                                      result["step_times"]),
+                decode_s=result["decode_s"],
+                total_50_steps_s=total_50(result["encode_s"], result["step_times"], result["decode_s"]),
+                total_note=f"extrapolated from {args.steps} measured steps",
+                gpu=gpu, phase_peaks_gib=peaks, step_times_s=result["step_times"], plans=result["plans"],
+                oom_attempts=result.get("oom_attempts"), setup_s=result.get("setup_s"),
+            )
+            if reference is None and case == "stock-gpu":
+                reference = (latents, video)
+            elif reference is not None:
+                record["latents_rel_diff_vs_stock_gpu"] = rel(latents, reference[0])
+                record["frames_mean_abs_diff_vs_stock_gpu"] = float(
+                    np.abs(video.astype(np.int16) - reference[1].astype(np.int16)).mean())
+            records.append(record)
+            (args.out / "gpu_memory.json").write_text(json.dumps(records, indent=1))
+            print(json.dumps({k: record[k] for k in ("config", "resolution", "peak_allocated_gib",
+                                                     "peak_reserved_gib", "encode_s", "step_s", "decode_s",
+                                                     "total_50_steps_s", "plans")}), flush=True)
+            del latents, video
+            free_cuda()
+
+    print(f"\n{'resolution':<14}{'config':<22}{'alloc GiB':>10}{'resv GiB':>10}{'enc s':>8}{'s/step':>8}"
+          f"{'dec s':>8}{'50-step s':>10}  plans")
+    for r in records:
+        if "error" in r:
+            print(f"{r['resolution']:<14}{r['config']:<22}  ERROR {r['error'][:80]}")
+            continue
+        print(f"{r['resolution']:<14}{r['config']:<22}{r['peak_allocated_gib'] or 0:>10.2f}"
+              f"{r['peak_reserved_gib'] or 0:>10.2f}{r['encode_s']:>8.2f}{r['step_s']:>8.2f}{r['decode_s']:>8.1f}"
+              f"{r['total_50_steps_s']:>10.1f}  {r['plans'] or ''}")
+
+
+if __name__ == "__main__":
+    main()
