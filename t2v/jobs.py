@@ -44,7 +44,8 @@ class JobSpec:
 
     def validate(self, rules: ModelRules) -> None:
         """Raise InvalidInput naming the first field that breaks a rule; nothing else is checked later."""
-        if not TEMPLATE_NAME.match(self.template):
+        # fullmatch: `$` alone would also accept a trailing newline, which then lands in a file name.
+        if not isinstance(self.template, str) or not TEMPLATE_NAME.fullmatch(self.template):
             _bad("template", self.template, "must be 1-64 of a-z, 0-9, '-' or '_', starting with a letter or digit")
         for name in ("prompt", "negative_prompt"):
             value = getattr(self, name)
@@ -128,16 +129,21 @@ def _jobs_from_toml(data: dict, path: Path, text: str, rules: ModelRules) -> lis
         raise CatalogueError(f"{path}: unknown top-level key(s) {sorted(unknown)}; use [defaults] and [[template]].")
     defaults = data.get("defaults", {})
     templates = data.get("template", [])
-    if not isinstance(defaults, dict) or not isinstance(templates, list) or not templates:
-        raise CatalogueError(f"{path}: needs at least one [[template]] table.")
     _check_keys(defaults, _DEFAULT_KEYS, f"{path}: [defaults]")
+    _check_watermark(defaults.get("watermark", {}), f"{path}: [defaults] watermark")
+    if not isinstance(templates, list) or not templates:
+        raise CatalogueError(f"{path}: needs at least one [[template]] table.")
     seen: set[str] = set()
     jobs = []
     for i, raw in enumerate(templates, start=1):
+        if not isinstance(raw, dict):
+            raise CatalogueError(f"{path}: template #{i} must be a table; write it as [[template]].")
         name = raw.get("name")
-        where = f"{path}:{_line_of(text, name)}: template {name!r}" if name else f"{path}: template #{i}"
         if not isinstance(name, str):
-            raise CatalogueError(f"{where}: `name` is required and must be text.")
+            raise CatalogueError(f"{path}: template #{i}: `name` is required and must be text.")
+        # A duplicate is the second `name = ...` line of that name: point at it, not at the first.
+        line = _line_of(text, name, nth=1 if name in seen else 0)
+        where = f"{path}:{line}: template {name!r}" if name else f"{path}: template #{i}"
         _check_keys(raw, _TEMPLATE_KEYS, where)
         if name in seen:
             raise CatalogueError(f"{where}: duplicate template name {name!r}.")
@@ -145,8 +151,8 @@ def _jobs_from_toml(data: dict, path: Path, text: str, rules: ModelRules) -> lis
         merged = {**defaults, **{k: v for k, v in raw.items() if k != "name"}}
         if "prompt" not in merged:
             raise CatalogueError(f"{where}: `prompt` is required.")
+        _check_watermark(raw.get("watermark", {}), f"{where}: watermark")
         watermark_raw = {**defaults.get("watermark", {}), **raw.get("watermark", {})}
-        _check_keys(watermark_raw, _WATERMARK_KEYS, f"{where}: watermark")
         if watermark_raw.get("image"):
             # Relative image paths are relative to the catalogue, so a catalogue folder can move as a whole.
             watermark_raw["image"] = (path.parent / watermark_raw["image"]).resolve()
@@ -168,8 +174,21 @@ def _check_keys(table: dict, allowed: set[str], where: str) -> None:
         raise CatalogueError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(allowed)}.")
 
 
-def _line_of(text: str, name: object) -> int:
-    """Line of `name = "<name>"` in the file, for messages (tomllib keeps no positions)."""
+def _check_watermark(table: object, where: str) -> None:
+    """Keys and value types of a watermark table; Watermark.validate assumes the types are right."""
+    _check_keys(table, _WATERMARK_KEYS, where)
+    blank = Watermark()
+    for key, value in table.items():
+        # The defaults tell the type: floats are numbers, the rest (text, image path, corner) is text.
+        if isinstance(getattr(blank, key), float):
+            if not isinstance(value, int | float) or isinstance(value, bool):
+                raise CatalogueError(f"{where}: `watermark.{key}` must be a number but is {value!r}.")
+        elif not isinstance(value, str):
+            raise CatalogueError(f"{where}: `watermark.{key}` must be text but is {value!r}.")
+
+
+def _line_of(text: str, name: object, nth: int = 0) -> int:
+    """Line of the `nth` `name = "<name>"` in the file, for messages (tomllib keeps no positions)."""
     pattern = re.compile(rf"^\s*name\s*=\s*[\"']{re.escape(str(name))}[\"']", re.MULTILINE)
-    match = pattern.search(text)
-    return text.count("\n", 0, match.start()) + 1 if match else 0
+    matches = list(pattern.finditer(text))
+    return text.count("\n", 0, matches[nth].start()) + 1 if len(matches) > nth else 0

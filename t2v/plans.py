@@ -252,17 +252,19 @@ def apply(plan: StagePlan, module: torch.nn.Module) -> torch.nn.Module:
     from diffusers.hooks import apply_group_offloading
 
     leaf = plan.placement is Placement.LEAF
+    # UMT5EncoderModel keeps its blocks one level down (encoder.block): block-level offloading of the
+    # whole model sees no ModuleList and moves the 11 GB encoder as one group, and naming `encoder` in
+    # `block_modules` nests two stream prefetch hooks, which diffusers 0.42 refuses. Offloading the
+    # stack itself works: its unmatched group holds the embedding, which `shared` ties to.
+    target = module.encoder if plan.stage == "encode" and not leaf and hasattr(module, "encoder") else module
     apply_group_offloading(
-        module,
+        target,
         onload_device=device,
         offload_device=torch.device("cpu"),
         offload_type="leaf_level" if leaf else "block_level",
         num_blocks_per_group=None if leaf else 1,
         use_stream=not leaf,
         record_stream=not leaf,
-        # UMT5EncoderModel keeps its blocks one level down (encoder.block); without naming `encoder`
-        # block-level offloading sees no ModuleList and moves the whole 11 GB encoder as one group.
-        block_modules=["encoder"] if plan.stage == "encode" and not leaf else None,
     )
     return module
 

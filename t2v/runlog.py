@@ -262,8 +262,13 @@ class RunLog:
             _make_sqlite_parent(parsed.database, parsed.query, shown)
         elif parsed.get_backend_name() == "postgresql" and "connect_timeout" not in parsed.query:
             # libpq waits for the OS TCP timeout (minutes) on a host that drops packets; a run
-            # should fail fast and say so instead.
-            connect_args["connect_timeout"] = 10
+            # should fail fast and say so instead. Only libpq-based drivers take this argument.
+            try:
+                libpq = parsed.get_driver_name() in ("psycopg", "psycopg2")
+            except ArgumentError:
+                libpq = False
+            if libpq:
+                connect_args["connect_timeout"] = 10
 
         try:
             engine = create_engine(parsed, connect_args=connect_args)

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import psutil
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -60,10 +61,15 @@ class Store:
         return load_file(str(self.path(stage, key)))
 
     def sweep_partials(self) -> int:
-        """Delete temporary files left by a killed process; returns how many."""
+        """Delete temporary files left by a killed process; returns how many.
+
+        Files that a live process is still writing (a `generate` beside the nightly run) are kept.
+        """
         count = 0
         if self.root.is_dir():
             for temp in self.root.rglob(f"{_TEMP_MARK}*"):
+                if _writer_alive(temp):
+                    continue
                 temp.unlink(missing_ok=True)
                 count += 1
         return count
@@ -82,6 +88,23 @@ def publish(source: Path, dest: Path) -> Path:
         shutil.copyfile(source, temp)
     os.replace(temp, dest)
     return dest
+
+
+def _writer_alive(temp: Path) -> bool:
+    """Whether the process named in a temporary file's name may still be writing it."""
+    pid = temp.name[len(_TEMP_MARK):].split("-", 1)[0]
+    if not pid.isdigit():
+        return False
+    try:
+        started = psutil.Process(int(pid)).create_time()
+        written = temp.stat().st_mtime
+    except (psutil.NoSuchProcess, FileNotFoundError):
+        return False
+    except psutil.Error:
+        return True  # exists but cannot be inspected: leave its file alone
+    # A process cannot have written a file before it started: an older file is from an earlier
+    # process that had the same pid (containers reuse low pids every night).
+    return written + 1.0 >= started
 
 
 def _fsync(path: Path) -> None:

@@ -77,7 +77,8 @@ def resolve_model(spec: str) -> ModelRef:
                 f"(pipeline {pipeline_class!r}, missing {missing or 'nothing'})."
             )
         return ModelRef(spec=spec, source=str(path.resolve()), identity=_folder_identity(path))
-    if _HUB_ID.match(spec) and not path.exists() and not spec.startswith("."):
+    # fullmatch: `$` alone would accept a trailing newline and make it part of the identity.
+    if _HUB_ID.fullmatch(spec) and not path.exists() and not spec.startswith("."):
         return ModelRef(spec=spec, source=spec, identity=f"hub:{spec}")
     raise ModelNotFound(
         f"`--model` {spec!r} is not a folder here, nor a hub id like 'Wan-AI/Wan2.2-TI2V-5B-Diffusers'; "
