@@ -25,6 +25,7 @@ import statistics
 import sys
 import time
 import traceback
+from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
@@ -152,7 +153,7 @@ def run_stock(case: str, masters: dict, tokenizer, job: JobSpec, device: str, st
 
 
 def run_ours(case: str, masters: dict, sizes: dict, tokenizer, job: JobSpec, device: str, steps: int,
-             budget: int) -> dict:
+             budget: int, *, record_stream: bool = False) -> dict:
     clock = Clock(device)
     plans_used: dict[str, str] = {}
     attempts: list[str] = []
@@ -161,6 +162,7 @@ def run_ours(case: str, masters: dict, sizes: dict, tokenizer, job: JobSpec, dev
 
     def with_plans(stage: str, component: str, body):
         for plan in choose(ladder(stage, sizes[component], job, device=device), budget):
+            plan = replace(plan, record_stream=record_stream)
             module = None
             try:
                 module = apply(plan, fullsize.clone(masters[component]))
@@ -238,7 +240,7 @@ def main() -> None:
                       width=width, frames=frames, steps=args.steps, guidance=5.0)
         reference = None
         for case in args.cases.split(","):
-            cap = {"ours-cap8": 8, "ours-cap6": 6}.get(case)
+            cap = {"ours-cap8": 8, "ours-cap6": 6, "ours-cap8-rs": 8, "ours-cap6-rs": 6}.get(case)
             if device == "cuda":
                 torch.cuda.set_per_process_memory_fraction((cap * GiB / total_mem) if cap else 1.0)
                 free_cuda()
@@ -249,7 +251,7 @@ def main() -> None:
                 else:
                     budget = cap * GiB if cap else (torch.cuda.mem_get_info()[0] if device == "cuda" else 0)
                     result, latents, video = run_ours(case, masters, sizes, tokenizer, job, device, args.steps,
-                                                      budget)
+                                                      budget, record_stream=case.endswith("-rs"))
             except Exception as exc:  # one failed case must not lose the others' numbers
                 traceback.print_exc()
                 records.append(dict(config=case, resolution=res, cap_gib=cap, error=f"{type(exc).__name__}: {exc}",

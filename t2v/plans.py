@@ -53,6 +53,10 @@ class StagePlan:
     is the largest activation)."""
     fp8_storage: bool = False
     """diffuse: weights stored in float8_e4m3fn and cast to bf16 per layer; loses fidelity, opt-in."""
+    record_stream: bool = False
+    """group offload: let the allocator track prefetched weights per stream instead of synchronising
+    before each group is dropped. Faster queueing, but freed blocks wait for the stream and the
+    allocator reserves new ones meanwhile: reserved memory climbs to the cap (docs/benchmarks.md)."""
     vae_dtype: str = "float32"
     vae_tile: int | None = None
     """decode: tile side in pixels for tiled decoding; None decodes whole frames."""
@@ -203,24 +207,28 @@ def _diffuse_plans(s: ComponentSizes, job: JobSpec, *, texts: int, fp8: bool) ->
 
 def _decode_plans(s: ComponentSizes, job: JobSpec, *, texts: int, fp8: bool) -> list[StagePlan]:
     pixels = job.height * job.width
-    plans = []
-    for dtype, size in (("float32", 4), ("bfloat16", 2)):
-        weights = s.vae_params * size
+
+    def estimate(size: int, tile: int | None) -> int:
+        # Measured on an H100 (docs/benchmarks.md): ~6.5k activation values per pixel decoded at once
+        # (a whole frame, or one tile), one latent frame at a time with the causal cache carrying the
+        # rest; tiling also holds the decoded tiles and the blended video (~3.5 copies of the output).
         out = 3 * job.frames * pixels * size
-        # Whole-frame decoding: ~12k activation values per output pixel (one latent frame at a time,
-        # the causal cache carrying the rest); tiled: the same per tile pixel, plus the decoded tiles
-        # and the blended video held at once (~2.5 copies of the output).
-        plans.append(StagePlan("decode", Placement.GPU, vae_dtype=dtype,
-                               estimate_bytes=weights + 12_000 * size * pixels + 2 * out))
-        for tile in (256, 128):
-            if tile < max(job.height, job.width):
-                plans.append(StagePlan("decode", Placement.GPU, vae_dtype=dtype, vae_tile=tile,
-                                       estimate_bytes=weights + 12_000 * size * tile * tile + int(2.5 * out)))
-    # fp32 whole-frame first, then every tiled fp32, then bf16: fidelity before speed in the decoder,
-    # which costs seconds, not minutes.
-    fp32 = [p for p in plans if p.vae_dtype == "float32"]
-    bf16 = [p for p in plans if p.vae_dtype == "bfloat16" and p.vae_tile]
-    return fp32 + bf16
+        if tile is None:
+            return s.vae_params * size + 6_500 * size * pixels + 2 * out
+        return s.vae_params * size + 6_500 * size * tile * tile + int(3.5 * out)
+
+    # Order: speed, then fidelity. Whole frames in fp32 are the pipeline's own decode; measured on
+    # random weights, tiles of 256 px moved frames by ~5/255 on average and 128 px tiles by ~14/255,
+    # bf16 by <1/255, so bf16 comes before smaller tiles.
+    options = [("float32", None), ("bfloat16", None), ("float32", 256), ("bfloat16", 256), ("bfloat16", 128)]
+    plans = []
+    for dtype, tile in options:
+        if tile and tile >= max(job.height, job.width):
+            continue
+        size = 4 if dtype == "float32" else 2
+        plans.append(StagePlan("decode", Placement.GPU, vae_dtype=dtype, vae_tile=tile,
+                               estimate_bytes=estimate(size, tile)))
+    return plans
 
 
 # --- putting a plan in place ---------------------------------------------------------------------
@@ -264,7 +272,8 @@ def apply(plan: StagePlan, module: torch.nn.Module) -> torch.nn.Module:
         offload_type="leaf_level" if leaf else "block_level",
         num_blocks_per_group=None if leaf else 1,
         use_stream=not leaf,
-        record_stream=not leaf,
+        non_blocking=not leaf,
+        record_stream=plan.record_stream and not leaf,
     )
     return module
 
