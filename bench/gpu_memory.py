@@ -153,7 +153,7 @@ def run_stock(case: str, masters: dict, tokenizer, job: JobSpec, device: str, st
 
 
 def run_ours(case: str, masters: dict, sizes: dict, tokenizer, job: JobSpec, device: str, steps: int,
-             budget: int, *, record_stream: bool = False) -> dict:
+             budget: int, *, record_stream: bool = False, fp8: bool = False) -> dict:
     clock = Clock(device)
     plans_used: dict[str, str] = {}
     attempts: list[str] = []
@@ -161,7 +161,7 @@ def run_ours(case: str, masters: dict, sizes: dict, tokenizer, job: JobSpec, dev
         torch.cuda.reset_peak_memory_stats()
 
     def with_plans(stage: str, component: str, body):
-        for plan in choose(ladder(stage, sizes[component], job, device=device), budget):
+        for plan in choose(ladder(stage, sizes[component], job, device=device, fp8=fp8), budget):
             plan = replace(plan, record_stream=record_stream)
             module = None
             try:
@@ -229,7 +229,8 @@ def main() -> None:
         masters = {c: fullsize.build(c, dtype=torch.float32 if c == "vae" else torch.bfloat16)
                    for c in ("text_encoder", "transformer", "vae")}
     build_s = time.perf_counter() - t0
-    print(f"built masters in {build_s:.1f} s on {gpu}", flush=True)
+    print(f"built masters in {build_s:.1f} s on {gpu}; torch {torch.__version__}; "
+          f"PYTORCH_CUDA_ALLOC_CONF={os.environ.get('PYTORCH_CUDA_ALLOC_CONF')}", flush=True)
     tokenizer = tiny.build_tokenizer()  # byte-level ids: the encoder's compute does not depend on them
     sizes = {c: ComponentSizes.from_modules(**{c: m}) for c, m in masters.items()}
 
@@ -240,7 +241,7 @@ def main() -> None:
                       width=width, frames=frames, steps=args.steps, guidance=5.0)
         reference = None
         for case in args.cases.split(","):
-            cap = {"ours-cap8": 8, "ours-cap6": 6, "ours-cap8-rs": 8, "ours-cap6-rs": 6}.get(case)
+            cap = {"8": 8, "6": 6}.get(case.split("cap")[-1][:1]) if "cap" in case else None
             if device == "cuda":
                 torch.cuda.set_per_process_memory_fraction((cap * GiB / total_mem) if cap else 1.0)
                 free_cuda()
@@ -251,7 +252,8 @@ def main() -> None:
                 else:
                     budget = cap * GiB if cap else (torch.cuda.mem_get_info()[0] if device == "cuda" else 0)
                     result, latents, video = run_ours(case, masters, sizes, tokenizer, job, device, args.steps,
-                                                      budget, record_stream=case.endswith("-rs"))
+                                                      budget, record_stream=case.endswith("-rs"),
+                                                      fp8="fp8" in case)
             except Exception as exc:  # one failed case must not lose the others' numbers
                 traceback.print_exc()
                 records.append(dict(config=case, resolution=res, cap_gib=cap, error=f"{type(exc).__name__}: {exc}",
