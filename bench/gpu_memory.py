@@ -144,7 +144,7 @@ def run_stock(case: str, masters: dict, tokenizer, job: JobSpec, device: str, st
     frames, decode_s = clock.phase("decode", lambda: stages.decode_latents(pipe.vae, latents, device=device))
     result = dict(setup_s=setup_s, encode_s=encode_s, step_times=times, decode_s=decode_s,
                   peaks=clock.phase_peaks, plans=None)
-    del pipe, te, tr, vae
+    pipe = te = tr = vae = None  # drop the last references before the next case  # noqa: F841
     free_cuda()
     return result, latents.float().cpu(), frames
 

@@ -269,7 +269,10 @@ class PeakMemory:
             return
         index = torch.device(self.device).index
         self._torch_index = torch.cuda.current_device() if index is None else index
-        torch.cuda.reset_peak_memory_stats(self._torch_index)
+        # Before CUDA is initialised torch refuses the reset ("Invalid device argument"), and
+        # there is nothing to reset: the peaks then count from the body's first allocation.
+        if torch.cuda.is_initialized():
+            torch.cuda.reset_peak_memory_stats(self._torch_index)
         # Without NVML the torch peaks are still worth having.
         try:
             nvml = _import_pynvml()

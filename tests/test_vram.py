@@ -260,6 +260,7 @@ def test_peak_memory_cuda_wiring(fake_nvml: SimpleNamespace, monkeypatch: pytest
     torch = pytest.importorskip("torch")
     reset: list[int] = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", reset.append)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda i: 3 * GIB)
     monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda i: 4 * GIB)

@@ -1,0 +1,258 @@
+"""`t2v generate`, `t2v nightly` and `t2v runs`.
+
+Each command checks everything it can without weights (the job or catalogue, the model, prompt token
+counts, the run log) and only then starts a Prefect flow; a failed check is one line on stderr and
+exit status 2. The flows, and with them the stage tasks, are imported only once the checks pass.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from typer.core import TyperGroup
+
+from t2v.context import check_jobs, open_runlog, runlog_url
+from t2v.errors import InvalidInput, T2VError
+from t2v.jobs import Catalogue, JobSpec
+from t2v.media import Watermark
+from t2v.models.registry import ModelRef, resolve_model
+from t2v.models.wan22 import DEFAULT_NEGATIVE_PROMPT
+from t2v.runlog import RunLog
+from t2v.settings import Settings, get_settings
+
+USAGE_ERROR = 2
+RUN_FAILED = 1
+
+# The click that typer parses with: recent typer releases vendor their own copy, older ones use click.
+_click_errors = sys.modules[typer.BadParameter.__module__]
+ClickException: type[Exception] = _click_errors.ClickException
+UsageError: type[Exception] = _click_errors.UsageError
+# `t2v` alone: click shows the help and exits 2 (a usage error that is not a mistake to put on one line);
+# click releases before 8.2 print the help without raising.
+_no_args = getattr(_click_errors, "NoArgsIsHelpError", None)
+NoArgsIsHelp: tuple[type[Exception], ...] = (_no_args,) if _no_args else ()
+
+
+def _fail(message: object, code: int) -> NoReturn:
+    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+    typer.echo(f"error: {' '.join(lines)}", err=True)
+    raise SystemExit(code)
+
+
+class _OneLineErrors(TyperGroup):
+    """Reports bad input as `error: ...` and exit status 2, instead of a usage box or a traceback."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        try:
+            rv = super().main(*args, standalone_mode=False, **kwargs)
+        except T2VError as exc:
+            _fail(exc, USAGE_ERROR)
+        except NoArgsIsHelp as exc:
+            exc.show()
+            raise SystemExit(USAGE_ERROR) from None
+        except UsageError as exc:  # typer.BadParameter among them
+            _fail(exc.format_message(), USAGE_ERROR)
+        except ClickException as exc:
+            _fail(exc.format_message(), exc.exit_code)
+        except typer.Abort:
+            _fail("aborted", 130)
+        code = rv if isinstance(rv, int) else 0  # without standalone mode, typer.Exit comes back as its code
+        if not standalone_mode:
+            return code
+        raise SystemExit(code)
+
+
+app = typer.Typer(
+    cls=_OneLineErrors,
+    help="Text-to-video clips with Wan2.2 TI2V-5B, one at a time or a nightly batch.\n\n"
+    "Example:\n\n    t2v nightly --catalogue data/templates.toml --model tiny",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    add_completion=False,
+    # Plain tracebacks: rich ones print local variables, the run log URL and its password among them.
+    pretty_exceptions_enable=False,
+)
+
+ModelOption = Annotated[
+    str,
+    typer.Option("--model", help="'tiny' (built in, random weights), a Wan2.2-TI2V-5B diffusers folder, "
+                 "or a hub id such as Wan-AI/Wan2.2-TI2V-5B-Diffusers."),
+]
+
+
+# --- checks made before any flow starts ----------------------------------------------------------
+
+
+def _settings() -> Settings:
+    try:
+        settings = get_settings()
+    except ValueError as exc:
+        raise InvalidInput(f"`T2V_VRAM_BUDGET_GB` must be a number of GiB ({exc}).") from exc
+    if settings.vram_budget_gib is not None and settings.vram_budget_gib <= 0:
+        raise InvalidInput(f"`T2V_VRAM_BUDGET_GB` must be positive but is {settings.vram_budget_gib}.")
+    return settings
+
+
+def _runlog(settings: Settings) -> RunLog:
+    """The run log, opened (and created if new) now so that an unreachable database stops the command."""
+    return open_runlog(runlog_url(settings))
+
+
+def _check_prefect_api() -> None:
+    """With PREFECT_API_URL set, the server must answer; without it Prefect starts a temporary one."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        return
+    with get_client(sync_client=True) as client:
+        problem = client.api_healthcheck()
+    if problem is not None:
+        raise T2VError(f"the Prefect API at PREFECT_API_URL={url} does not answer ({problem}); "
+                       "start it, or unset PREFECT_API_URL to run without a server.")
+
+
+def _template_name(prompt: str) -> str:
+    """A template name for a one-off clip from the prompt's first words: 'a-red-fox-in-snow'."""
+    slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:40].rstrip("-")
+    return slug or "clip"
+
+
+# --- commands ------------------------------------------------------------------------------------
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Argument(metavar="PROMPT", help="What the clip shows.", show_default=False)],
+    model: ModelOption = "tiny",
+    height: Annotated[int, typer.Option(help="Pixels; a multiple of 32 up to 1280.")] = 480,
+    width: Annotated[int, typer.Option(help="Pixels; a multiple of 32 up to 1280.")] = 832,
+    frames: Annotated[int, typer.Option(help="4k+1 frames, at most 121.")] = 81,
+    steps: Annotated[int, typer.Option(help="Denoising steps.")] = 50,
+    seed: Annotated[int, typer.Option(help="Same seed, same clip, on any device.")] = 0,
+    guidance: Annotated[float, typer.Option(help="Classifier-free guidance; <= 1 turns it off.")] = 5.0,
+    fps: Annotated[int, typer.Option(help="Frames per second of the MP4.")] = 24,
+    negative_prompt: Annotated[
+        str, typer.Option(help="What the clip should not show.")
+    ] = DEFAULT_NEGATIVE_PROMPT,
+    watermark_text: Annotated[str, typer.Option(help="Text stamped in the bottom-right corner.")] = "t2v",
+    out: Annotated[
+        str | None,
+        typer.Option(help="Where to put the MP4 [default: <data dir>/outputs/generate/<prompt words>.mp4]."),
+    ] = None,
+) -> None:
+    """Make one clip from a prompt and print its path.
+
+    Example:
+
+    \b
+        t2v generate "a red fox running through snow" --height 64 --width 96 --frames 9 --steps 4
+    """
+    settings = _settings()
+    ref = resolve_model(model)
+    job = JobSpec(template=_template_name(prompt), prompt=prompt, negative_prompt=negative_prompt, seed=seed,
+                  height=height, width=width, frames=frames, steps=steps, guidance=guidance, fps=fps,
+                  watermark=Watermark(text=watermark_text))
+    check_jobs([job], ref)
+    if out is not None and Path(out).suffix.lower() != ".mp4":
+        raise typer.BadParameter(f"must be a file name ending in .mp4 but is {out!r}", param_hint="'--out'")
+    _runlog(settings)
+    _check_prefect_api()
+
+    from flows.generate import generate as generate_flow
+
+    try:
+        clip = generate_flow(job, model=model, out=out)
+    except Exception as exc:
+        _fail(f"generate failed: {type(exc).__name__}: {exc}", RUN_FAILED)
+    typer.echo(clip)
+
+
+@app.command()
+def nightly(
+    catalogue: Annotated[str, typer.Option(help="TOML file of [defaults] and [[template]] tables.")]
+    = "data/templates.toml",
+    model: ModelOption = "tiny",
+) -> None:
+    """Make a clip for every template in the catalogue, stage by stage; exit 1 if any job failed.
+
+    Clips go to <data dir>/outputs/<YYYY-MM-DD>/<template>.mp4; stages whose output is stored are skipped.
+
+    Example:
+
+        t2v nightly --catalogue data/templates.toml --model tiny
+    """
+    settings = _settings()
+    _check_catalogue(catalogue, resolve_model(model))
+    _runlog(settings)
+    _check_prefect_api()
+
+    from flows.nightly import nightly as nightly_flow
+
+    try:
+        summary = nightly_flow(catalogue=catalogue, model=model)
+    except Exception as exc:
+        _fail(f"nightly failed: {type(exc).__name__}: {exc}", RUN_FAILED)
+    clips, failed = summary["clips"], summary["failed"]
+    typer.echo(f"run {summary['run_id']}: {len(clips)} clip(s), {len(failed)} failed")
+    for template, path in clips.items():
+        typer.echo(f"  ok      {template}  {path}")
+    for template, error in failed.items():
+        typer.echo(f"  failed  {template}  {error}")
+    if failed:
+        raise typer.Exit(RUN_FAILED)
+
+
+def _check_catalogue(path: str, ref: ModelRef) -> None:
+    catalogue = Catalogue.from_file(path, ref.rules)
+    check_jobs(catalogue.jobs, ref, catalogue=path)
+
+
+@app.command()
+def runs(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the runs with their stage rows as JSON.")]
+    = False,
+    limit: Annotated[int, typer.Option(min=0, help="How many runs, newest first.")] = 10,
+) -> None:
+    """List the latest runs with a row per stage attempt: status, plan, wall time, peak memory.
+
+    Example:
+
+        t2v runs --limit 3
+    """
+    found = _runlog(_settings()).runs(limit=limit)
+    if as_json:
+        typer.echo(json.dumps(found, indent=2))
+        return
+    if not found:
+        typer.echo("no runs yet")
+        return
+    for run in found:
+        typer.echo(f"{run['id']}  {run['kind']}  {run['status']}  {_time(run['started'])}  {run['model']}"
+                   + (f"  {run['catalogue']}" if run["catalogue"] else ""))
+        typer.echo(f"  {'template':<24} {'stage':<9} {'status':<11} {'plan':<28} {'wall s':>8} "
+                   f"{'vram GiB':>9} {'ram GiB':>8}")
+        for row in run["stages"]:
+            typer.echo(f"  {row['template'][:24]:<24} {row['stage']:<9} {row['status']:<11} "
+                       f"{(row['plan'] or '-')[:28]:<28} {_num(row['wall_s'], 2):>8} "
+                       f"{_num(row['peak_reserved_gib'], 2):>9} {_num(row['peak_rss_gib'], 2):>8}")
+            if row["error"]:
+                typer.echo(f"    {row['error'].splitlines()[0][:200]}")
+
+
+def _time(iso: str | None) -> str:
+    return iso[:19].replace("T", " ") if iso else "-"
+
+
+def _num(value: float | None, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+if __name__ == "__main__":  # python -m t2v_cli.main
+    sys.exit(app())
