@@ -103,8 +103,14 @@ def run_stock(case: str, masters: dict, tokenizer, job: JobSpec, device: str, st
     from diffusers.hooks import apply_group_offloading
 
     te, tr, vae = (fullsize.clone(masters[k]) for k in ("text_encoder", "transformer", "vae"))
-    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=te, transformer=tr, vae=vae,
-                       scheduler=tiny.build_scheduler(), expand_timesteps=True)
+    pipe = WanPipeline(
+        tokenizer=tokenizer,
+        text_encoder=te,
+        transformer=tr,
+        vae=vae,
+        scheduler=tiny.build_scheduler(),
+        expand_timesteps=True,
+    )
     clock = Clock(device)
     setup_start = time.perf_counter()
     if case == "stock-gpu":
@@ -113,10 +119,15 @@ def run_stock(case: str, masters: dict, tokenizer, job: JobSpec, device: str, st
         pipe.enable_model_cpu_offload(device=device)
     elif case == "stock-group-offload":
         onload = torch.device(device)
-        pipe.transformer.enable_group_offload(onload_device=onload, offload_device=torch.device("cpu"),
-                                              offload_type="leaf_level", use_stream=True)
-        apply_group_offloading(pipe.text_encoder, onload_device=onload, offload_type="leaf_level",
-                               use_stream=True)
+        pipe.transformer.enable_group_offload(
+            onload_device=onload,
+            offload_device=torch.device("cpu"),
+            offload_type="leaf_level",
+            use_stream=True,
+        )
+        apply_group_offloading(
+            pipe.text_encoder, onload_device=onload, offload_type="leaf_level", use_stream=True
+        )
         pipe.vae.to(device)
         pipe.vae.enable_tiling()
     clock.sync()
@@ -124,8 +135,16 @@ def run_stock(case: str, masters: dict, tokenizer, job: JobSpec, device: str, st
     if clock.cuda:
         torch.cuda.reset_peak_memory_stats()
 
-    (pe, ne), encode_s = clock.phase("encode", lambda: pipe.encode_prompt(
-        PROMPT, NEGATIVE, do_classifier_free_guidance=True, max_sequence_length=512, device=torch.device(device)))
+    (pe, ne), encode_s = clock.phase(
+        "encode",
+        lambda: pipe.encode_prompt(
+            PROMPT,
+            NEGATIVE,
+            do_classifier_free_guidance=True,
+            max_sequence_length=512,
+            device=torch.device(device),
+        ),
+    )
     times: list[float] = []
     on_step, last = step_timer(clock, times)
 
@@ -135,15 +154,29 @@ def run_stock(case: str, masters: dict, tokenizer, job: JobSpec, device: str, st
 
     def denoise():
         last[0] = time.perf_counter()
-        return pipe(prompt_embeds=pe, negative_prompt_embeds=ne, height=job.height, width=job.width,
-                    num_frames=job.frames, num_inference_steps=steps, guidance_scale=job.guidance,
-                    generator=torch.Generator("cpu").manual_seed(job.seed), output_type="latent",
-                    callback_on_step_end=callback).frames
+        return pipe(
+            prompt_embeds=pe,
+            negative_prompt_embeds=ne,
+            height=job.height,
+            width=job.width,
+            num_frames=job.frames,
+            num_inference_steps=steps,
+            guidance_scale=job.guidance,
+            generator=torch.Generator("cpu").manual_seed(job.seed),
+            output_type="latent",
+            callback_on_step_end=callback,
+        ).frames
 
     latents, _ = clock.phase("denoise", denoise)
     frames, decode_s = clock.phase("decode", lambda: stages.decode_latents(pipe.vae, latents, device=device))
-    result = dict(setup_s=setup_s, encode_s=encode_s, step_times=times, decode_s=decode_s,
-                  peaks=clock.phase_peaks, plans=None)
+    result = dict(
+        setup_s=setup_s,
+        encode_s=encode_s,
+        step_times=times,
+        decode_s=decode_s,
+        peaks=clock.phase_peaks,
+        plans=None,
+    )
     pipe = te = tr = vae = None  # drop the last references before the next case  # noqa: F841
     free_cuda()
     return result, latents.float().cpu(), frames
@@ -152,8 +185,19 @@ def run_stock(case: str, masters: dict, tokenizer, job: JobSpec, device: str, st
 # --- ours: the planner, then the same stage functions the runner calls --------------------------
 
 
-def run_ours(case: str, masters: dict, sizes: dict, tokenizer, job: JobSpec, device: str, steps: int,
-             budget: int, *, record_stream: bool = False, fp8: bool = False) -> dict:
+def run_ours(
+    case: str,
+    masters: dict,
+    sizes: dict,
+    tokenizer,
+    job: JobSpec,
+    device: str,
+    steps: int,
+    budget: int,
+    *,
+    record_stream: bool = False,
+    fp8: bool = False,
+) -> dict:
     clock = Clock(device)
     plans_used: dict[str, str] = {}
     attempts: list[str] = []
@@ -177,8 +221,13 @@ def run_ours(case: str, masters: dict, sizes: dict, tokenizer, job: JobSpec, dev
         raise RuntimeError(f"{stage}: no plan fits")
 
     def encode():
-        return with_plans("encode", "text_encoder", lambda plan, te: stages.encode_texts(
-            te, tokenizer, [PROMPT, NEGATIVE], device=device, max_sequence_length=512))
+        return with_plans(
+            "encode",
+            "text_encoder",
+            lambda plan, te: stages.encode_texts(
+                te, tokenizer, [PROMPT, NEGATIVE], device=device, max_sequence_length=512
+            ),
+        )
 
     embeds, encode_s = clock.phase("encode", encode)
     times: list[float] = []
@@ -186,22 +235,52 @@ def run_ours(case: str, masters: dict, sizes: dict, tokenizer, job: JobSpec, dev
 
     def denoise():
         def body(plan, tr):
-            shape = stages.latent_shape(tr.config.in_channels, temporal=4, spatial=16, height=job.height,
-                                        width=job.width, frames=job.frames)
+            shape = stages.latent_shape(
+                tr.config.in_channels,
+                temporal=4,
+                spatial=16,
+                height=job.height,
+                width=job.width,
+                frames=job.frames,
+            )
             noise = stages.initial_noise(shape, seed=job.seed, device=device)
             times.clear()
             last[0] = time.perf_counter()
-            return stages.denoise(tr, tiny.build_scheduler(), noise, embeds[:1], embeds[1:], steps=steps,
-                                  guidance=job.guidance, compute_dtype=tr.dtype if device != "cpu" else
-                                  torch.float32, shared_timestep=plan.shared_timestep,
-                                  cfg_batch=plan.cfg_batch, on_step=on_step)
+            return stages.denoise(
+                tr,
+                tiny.build_scheduler(),
+                noise,
+                embeds[:1],
+                embeds[1:],
+                steps=steps,
+                guidance=job.guidance,
+                compute_dtype=tr.dtype if device != "cpu" else torch.float32,
+                shared_timestep=plan.shared_timestep,
+                cfg_batch=plan.cfg_batch,
+                on_step=on_step,
+            )
+
         return with_plans("diffuse", "transformer", body)
 
     latents, _ = clock.phase("denoise", denoise)
-    frames, decode_s = clock.phase("decode", lambda: with_plans(
-        "decode", "vae", lambda plan, vae: stages.decode_latents(vae, latents, device=device)))
-    return dict(encode_s=encode_s, step_times=times, decode_s=decode_s, peaks=clock.phase_peaks,
-                plans=plans_used, oom_attempts=attempts), latents.float().cpu(), frames
+    frames, decode_s = clock.phase(
+        "decode",
+        lambda: with_plans(
+            "decode", "vae", lambda plan, vae: stages.decode_latents(vae, latents, device=device)
+        ),
+    )
+    return (
+        dict(
+            encode_s=encode_s,
+            step_times=times,
+            decode_s=decode_s,
+            peaks=clock.phase_peaks,
+            plans=plans_used,
+            oom_attempts=attempts,
+        ),
+        latents.float().cpu(),
+        frames,
+    )
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -209,11 +288,15 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--tiny", action="store_true", help="CPU smoke run with the built-in tiny model")
     parser.add_argument("--resolutions", default="832x480x81,1280x704x121")
-    parser.add_argument("--cases", default="stock-gpu,stock-model-offload,stock-group-offload,ours,ours-cap8,ours-cap6")
+    parser.add_argument(
+        "--cases", default="stock-gpu,stock-model-offload,stock-group-offload,ours,ours-cap8,ours-cap6"
+    )
     parser.add_argument("--steps", type=int, default=3)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -223,22 +306,39 @@ def main() -> None:
 
     t0 = time.perf_counter()
     if args.tiny:
-        masters = {"text_encoder": tiny.build_text_encoder(), "transformer": tiny.build_transformer(),
-                   "vae": tiny.build_vae()}
+        masters = {
+            "text_encoder": tiny.build_text_encoder(),
+            "transformer": tiny.build_transformer(),
+            "vae": tiny.build_vae(),
+        }
     else:
-        masters = {c: fullsize.build(c, dtype=torch.float32 if c == "vae" else torch.bfloat16)
-                   for c in ("text_encoder", "transformer", "vae")}
+        masters = {
+            c: fullsize.build(c, dtype=torch.float32 if c == "vae" else torch.bfloat16)
+            for c in ("text_encoder", "transformer", "vae")
+        }
     build_s = time.perf_counter() - t0
-    print(f"built masters in {build_s:.1f} s on {gpu}; torch {torch.__version__}; "
-          f"PYTORCH_CUDA_ALLOC_CONF={os.environ.get('PYTORCH_CUDA_ALLOC_CONF')}", flush=True)
+    print(
+        f"built masters in {build_s:.1f} s on {gpu}; torch {torch.__version__}; "
+        f"PYTORCH_CUDA_ALLOC_CONF={os.environ.get('PYTORCH_CUDA_ALLOC_CONF')}",
+        flush=True,
+    )
     tokenizer = tiny.build_tokenizer()  # byte-level ids: the encoder's compute does not depend on them
     sizes = {c: ComponentSizes.from_modules(**{c: m}) for c, m in masters.items()}
 
     records = []
     for res in args.resolutions.split(","):
         height, width, frames = RESOLUTIONS[res]
-        job = JobSpec(template="bench", prompt=PROMPT, negative_prompt=NEGATIVE, seed=42, height=height,
-                      width=width, frames=frames, steps=args.steps, guidance=5.0)
+        job = JobSpec(
+            template="bench",
+            prompt=PROMPT,
+            negative_prompt=NEGATIVE,
+            seed=42,
+            height=height,
+            width=width,
+            frames=frames,
+            steps=args.steps,
+            guidance=5.0,
+        )
         reference = None
         for case in args.cases.split(","):
             cap = {"8": 8, "6": 6}.get(case.split("cap")[-1][:1]) if "cap" in case else None
@@ -251,51 +351,97 @@ def main() -> None:
                     result, latents, video = run_stock(case, masters, tokenizer, job, device, args.steps)
                 else:
                     budget = cap * GiB if cap else (torch.cuda.mem_get_info()[0] if device == "cuda" else 0)
-                    result, latents, video = run_ours(case, masters, sizes, tokenizer, job, device, args.steps,
-                                                      budget, record_stream=case.endswith("-rs"),
-                                                      fp8="fp8" in case)
+                    result, latents, video = run_ours(
+                        case,
+                        masters,
+                        sizes,
+                        tokenizer,
+                        job,
+                        device,
+                        args.steps,
+                        budget,
+                        record_stream=case.endswith("-rs"),
+                        fp8="fp8" in case,
+                    )
             except Exception as exc:  # one failed case must not lose the others' numbers
                 traceback.print_exc()
-                records.append(dict(config=case, resolution=res, cap_gib=cap, error=f"{type(exc).__name__}: {exc}",
-                                    gpu=gpu))
+                records.append(
+                    dict(
+                        config=case,
+                        resolution=res,
+                        cap_gib=cap,
+                        error=f"{type(exc).__name__}: {exc}",
+                        gpu=gpu,
+                    )
+                )
                 free_cuda()
                 continue
             peaks = result["peaks"]
             record = dict(
-                config=case, resolution=res, cap_gib=cap,
-                peak_allocated_gib=max((v for k, v in peaks.items() if not k.endswith("_reserved")), default=None),
+                config=case,
+                resolution=res,
+                cap_gib=cap,
+                peak_allocated_gib=max(
+                    (v for k, v in peaks.items() if not k.endswith("_reserved")), default=None
+                ),
                 peak_reserved_gib=max((v for k, v in peaks.items() if k.endswith("_reserved")), default=None),
-                encode_s=result["encode_s"], step_s=statistics.median(result["step_times"][1:] or
-                                                                      result["step_times"]),
+                encode_s=result["encode_s"],
+                step_s=statistics.median(result["step_times"][1:] or result["step_times"]),
                 decode_s=result["decode_s"],
                 total_50_steps_s=total_50(result["encode_s"], result["step_times"], result["decode_s"]),
                 total_note=f"extrapolated from {args.steps} measured steps",
-                gpu=gpu, phase_peaks_gib=peaks, step_times_s=result["step_times"], plans=result["plans"],
-                oom_attempts=result.get("oom_attempts"), setup_s=result.get("setup_s"),
+                gpu=gpu,
+                phase_peaks_gib=peaks,
+                step_times_s=result["step_times"],
+                plans=result["plans"],
+                oom_attempts=result.get("oom_attempts"),
+                setup_s=result.get("setup_s"),
             )
             if reference is None and case == "stock-gpu":
                 reference = (latents, video)
             elif reference is not None:
                 record["latents_rel_diff_vs_stock_gpu"] = rel(latents, reference[0])
                 record["frames_mean_abs_diff_vs_stock_gpu"] = float(
-                    np.abs(video.astype(np.int16) - reference[1].astype(np.int16)).mean())
+                    np.abs(video.astype(np.int16) - reference[1].astype(np.int16)).mean()
+                )
             records.append(record)
             (args.out / "gpu_memory.json").write_text(json.dumps(records, indent=1))
-            print(json.dumps({k: record[k] for k in ("config", "resolution", "peak_allocated_gib",
-                                                     "peak_reserved_gib", "encode_s", "step_s", "decode_s",
-                                                     "total_50_steps_s", "plans")}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        k: record[k]
+                        for k in (
+                            "config",
+                            "resolution",
+                            "peak_allocated_gib",
+                            "peak_reserved_gib",
+                            "encode_s",
+                            "step_s",
+                            "decode_s",
+                            "total_50_steps_s",
+                            "plans",
+                        )
+                    }
+                ),
+                flush=True,
+            )
             del latents, video
             free_cuda()
 
-    print(f"\n{'resolution':<14}{'config':<22}{'alloc GiB':>10}{'resv GiB':>10}{'enc s':>8}{'s/step':>8}"
-          f"{'dec s':>8}{'50-step s':>10}  plans")
+    print(
+        f"\n{'resolution':<14}{'config':<22}{'alloc GiB':>10}{'resv GiB':>10}{'enc s':>8}{'s/step':>8}"
+        f"{'dec s':>8}{'50-step s':>10}  plans"
+    )
     for r in records:
         if "error" in r:
             print(f"{r['resolution']:<14}{r['config']:<22}  ERROR {r['error'][:80]}")
             continue
-        print(f"{r['resolution']:<14}{r['config']:<22}{r['peak_allocated_gib'] or 0:>10.2f}"
-              f"{r['peak_reserved_gib'] or 0:>10.2f}{r['encode_s']:>8.2f}{r['step_s']:>8.2f}{r['decode_s']:>8.1f}"
-              f"{r['total_50_steps_s']:>10.1f}  {r['plans'] or ''}")
+        print(
+            f"{r['resolution']:<14}{r['config']:<22}{r['peak_allocated_gib'] or 0:>10.2f}"
+            f"{r['peak_reserved_gib'] or 0:>10.2f}{r['encode_s']:>8.2f}{r['step_s']:>8.2f}"
+            f"{r['decode_s']:>8.1f}"
+            f"{r['total_50_steps_s']:>10.1f}  {r['plans'] or ''}"
+        )
 
 
 if __name__ == "__main__":

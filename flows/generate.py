@@ -25,8 +25,9 @@ def generate(job: JobSpec, model: str = "tiny", out: str | None = None) -> str:
     url = runlog_url(settings)
     runlog = open_runlog(url)
     run_id = runlog.start_run(kind="generate", model=ref.source or ref.spec)
-    ctx = RunContext(run_id=run_id, model=model, data_dir=root, outputs_dir=root / "outputs" / "generate",
-                     database_url=url)
+    ctx = RunContext(
+        run_id=run_id, model=model, data_dir=root, outputs_dir=root / "outputs" / "generate", database_url=url
+    )
     logger.info("run %s: %s on model %s", run_id, job.template, ref.identity)
     try:
         encode(job, ctx)

@@ -36,10 +36,16 @@ def nightly(catalogue: str = "data/templates.toml", model: str = "tiny") -> dict
     runlog = open_runlog(url)
     runlog.mark_interrupted()
     Store(root / "store").sweep_partials()
-    run_id = runlog.start_run(kind="nightly", model=ref.source or ref.spec,
-                              catalogue=str(Path(catalogue).resolve()))
-    ctx = RunContext(run_id=run_id, model=model, data_dir=root,
-                     outputs_dir=root / "outputs" / date.today().isoformat(), database_url=url)
+    run_id = runlog.start_run(
+        kind="nightly", model=ref.source or ref.spec, catalogue=str(Path(catalogue).resolve())
+    )
+    ctx = RunContext(
+        run_id=run_id,
+        model=model,
+        data_dir=root,
+        outputs_dir=root / "outputs" / date.today().isoformat(),
+        database_url=url,
+    )
     logger.info("run %s: %d job(s) from %s on model %s", run_id, len(jobs), catalogue, ref.identity)
 
     failed: dict[str, str] = {}
@@ -61,8 +67,14 @@ def nightly(catalogue: str = "data/templates.toml", model: str = "tiny") -> dict
     return {"run_id": run_id, "clips": clips, "failed": failed}
 
 
-def _stage(name: str, stage: Callable[[JobSpec, RunContext], str], jobs: tuple[JobSpec, ...], ctx: RunContext,
-           failed: dict[str, str], logger: logging.Logger | logging.LoggerAdapter) -> dict[str, str]:
+def _stage(
+    name: str,
+    stage: Callable[[JobSpec, RunContext], str],
+    jobs: tuple[JobSpec, ...],
+    ctx: RunContext,
+    failed: dict[str, str],
+    logger: logging.Logger | logging.LoggerAdapter,
+) -> dict[str, str]:
     """Run one stage task for every job that has not failed yet; a failure is recorded in `failed`."""
     done: dict[str, str] = {}
     pending = [job for job in jobs if job.template not in failed]

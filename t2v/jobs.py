@@ -46,7 +46,11 @@ class JobSpec:
         """Raise InvalidInput naming the first field that breaks a rule; nothing else is checked later."""
         # fullmatch: `$` alone would also accept a trailing newline, which then lands in a file name.
         if not isinstance(self.template, str) or not TEMPLATE_NAME.fullmatch(self.template):
-            _bad("template", self.template, "must be 1-64 of a-z, 0-9, '-' or '_', starting with a letter or digit")
+            _bad(
+                "template",
+                self.template,
+                "must be 1-64 of a-z, 0-9, '-' or '_', starting with a letter or digit",
+            )
         for name in ("prompt", "negative_prompt"):
             value = getattr(self, name)
             if not isinstance(value, str):
@@ -85,7 +89,11 @@ class JobSpec:
         for name in ("prompt", "negative_prompt"):
             n = len(tokenizer(getattr(self, name), add_special_tokens=True).input_ids)
             if n > rules.max_sequence_length:
-                _bad(name, f"{getattr(self, name)[:40]}...", f"is {n} tokens; the limit is {rules.max_sequence_length}")
+                _bad(
+                    name,
+                    f"{getattr(self, name)[:40]}...",
+                    f"is {n} tokens; the limit is {rules.max_sequence_length}",
+                )
 
 
 def _bad(name: str, value: object, rule: str) -> None:
@@ -126,7 +134,9 @@ class Catalogue:
 def _jobs_from_toml(data: dict, path: Path, text: str, rules: ModelRules) -> list[JobSpec]:
     unknown = set(data) - {"defaults", "template"}
     if unknown:
-        raise CatalogueError(f"{path}: unknown top-level key(s) {sorted(unknown)}; use [defaults] and [[template]].")
+        raise CatalogueError(
+            f"{path}: unknown top-level key(s) {sorted(unknown)}; use [defaults] and [[template]]."
+        )
     defaults = data.get("defaults", {})
     templates = data.get("template", [])
     _check_keys(defaults, _DEFAULT_KEYS, f"{path}: [defaults]")

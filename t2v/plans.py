@@ -13,7 +13,7 @@ plan must fit in `HEADROOM` of the budget, the rest being left to the allocator'
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from enum import Enum
+from enum import StrEnum
 
 import torch
 
@@ -24,7 +24,7 @@ HEADROOM = 0.75
 """Share of the budget a plan's estimate may use."""
 
 
-class Placement(str, Enum):
+class Placement(StrEnum):
     GPU = "gpu"
     """Weights resident on the card: fastest, needs the whole component."""
     GROUP = "group"
@@ -115,8 +115,11 @@ class ComponentSizes:
             if transformer
             else 0,
             transformer_ffn_dim=transformer.config.ffn_dim if transformer else 0,
-            transformer_largest_leaf_bytes=max((_bytes(m) for m in transformer.modules() if not list(m.children())),
-                                               default=0) if transformer else 0,
+            transformer_largest_leaf_bytes=max(
+                (_bytes(m) for m in transformer.modules() if not list(m.children())), default=0
+            )
+            if transformer
+            else 0,
             vae_params=sum(p.numel() for p in vae.parameters()) if vae else 0,
         )
 
@@ -127,8 +130,9 @@ def _bytes(module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
-def ladder(stage: str, sizes: ComponentSizes, job: JobSpec, *, device: str, texts: int = 2,
-           fp8: bool = False) -> list[StagePlan]:
+def ladder(
+    stage: str, sizes: ComponentSizes, job: JobSpec, *, device: str, texts: int = 2, fp8: bool = False
+) -> list[StagePlan]:
     """Every plan for `stage`, fastest first, with estimates. On a CPU device the only plan is CPU."""
     if not device.startswith("cuda"):
         return _cpu_plans(stage, job)
@@ -166,7 +170,9 @@ def _encode_plans(s: ComponentSizes, job: JobSpec, *, texts: int, fp8: bool) -> 
     return [
         StagePlan("encode", Placement.GPU, estimate_bytes=s.text_encoder_bytes + act),
         # The embedding table (2.1 GB at full size) is the largest piece that must come on at once.
-        StagePlan("encode", Placement.GROUP, estimate_bytes=s.text_embedding_bytes + 2 * s.text_block_bytes + act),
+        StagePlan(
+            "encode", Placement.GROUP, estimate_bytes=s.text_embedding_bytes + 2 * s.text_block_bytes + act
+        ),
         StagePlan("encode", Placement.LEAF, estimate_bytes=s.text_embedding_bytes + act),
     ]
 
@@ -201,11 +207,27 @@ def _diffuse_plans(s: ComponentSizes, job: JobSpec, *, texts: int, fp8: bool) ->
     for placement, resident in ((Placement.GPU, weights), (Placement.GROUP, streamed)):
         for batch, chunks in shapes:
             act = _diffuse_activation(s, job, batch=batch, shared=True, ffn_chunks=chunks)
-            plans.append(StagePlan("diffuse", placement, cfg_batch=batch, ffn_chunks=chunks, fp8_storage=fp8,
-                                   estimate_bytes=resident + act))
+            plans.append(
+                StagePlan(
+                    "diffuse",
+                    placement,
+                    cfg_batch=batch,
+                    ffn_chunks=chunks,
+                    fp8_storage=fp8,
+                    estimate_bytes=resident + act,
+                )
+            )
     act = _diffuse_activation(s, job, batch=1, shared=True, ffn_chunks=8)
-    plans.append(StagePlan("diffuse", Placement.LEAF, cfg_batch=1, ffn_chunks=8, fp8_storage=fp8,
-                           estimate_bytes=2 * s.transformer_largest_leaf_bytes + act))
+    plans.append(
+        StagePlan(
+            "diffuse",
+            Placement.LEAF,
+            cfg_batch=1,
+            ffn_chunks=8,
+            fp8_storage=fp8,
+            estimate_bytes=2 * s.transformer_largest_leaf_bytes + act,
+        )
+    )
     return plans
 
 
@@ -230,8 +252,11 @@ def _decode_plans(s: ComponentSizes, job: JobSpec, *, texts: int, fp8: bool) -> 
         if tile and tile >= max(job.height, job.width):
             continue
         size = 4 if dtype == "float32" else 2
-        plans.append(StagePlan("decode", Placement.GPU, vae_dtype=dtype, vae_tile=tile,
-                               estimate_bytes=estimate(size, tile)))
+        plans.append(
+            StagePlan(
+                "decode", Placement.GPU, vae_dtype=dtype, vae_tile=tile, estimate_bytes=estimate(size, tile)
+            )
+        )
     return plans
 
 

@@ -44,17 +44,32 @@ class JobKeys:
 
     @classmethod
     def of(cls, job: JobSpec, model: ModelRef, *, fp8: bool = False) -> JobKeys:
-        embeddings = make_key("encode", model=model.identity, prompt=job.prompt,
-                              negative_prompt=job.negative_prompt if job.cfg else None,
-                              max_sequence_length=model.rules.max_sequence_length)
-        latents = make_key("diffuse", model=model.identity, embeddings=embeddings, seed=job.seed,
-                           height=job.height, width=job.width, frames=job.frames, steps=job.steps,
-                           guidance=job.guidance, fp8=fp8)
+        embeddings = make_key(
+            "encode",
+            model=model.identity,
+            prompt=job.prompt,
+            negative_prompt=job.negative_prompt if job.cfg else None,
+            max_sequence_length=model.rules.max_sequence_length,
+        )
+        latents = make_key(
+            "diffuse",
+            model=model.identity,
+            embeddings=embeddings,
+            seed=job.seed,
+            height=job.height,
+            width=job.width,
+            frames=job.frames,
+            steps=job.steps,
+            guidance=job.guidance,
+            fp8=fp8,
+        )
         frames = make_key("decode", model=model.identity, latents=latents)
         watermark = asdict(job.watermark)
         if job.watermark.image:
             watermark["image"] = hashlib.sha256(Path(job.watermark.image).read_bytes()).hexdigest()
-        clip = make_key("watermark", frames=frames, fps=job.fps, watermark=watermark, max_bytes=MAX_CLIP_BYTES)
+        clip = make_key(
+            "watermark", frames=frames, fps=job.fps, watermark=watermark, max_bytes=MAX_CLIP_BYTES
+        )
         return cls(embeddings, latents, frames, clip)
 
 
@@ -89,9 +104,19 @@ _RESIDENCY = Residency()
 class StageRunner:
     """The four stages of jobs in one run, against one model, store and run log."""
 
-    def __init__(self, *, model: ModelRef, store: Store, runlog: RunLog, run_id: str, settings: Settings,
-                 memory: DeviceMemory, outputs_dir: Path, fp8: bool = False,
-                 residency: Residency = _RESIDENCY) -> None:
+    def __init__(
+        self,
+        *,
+        model: ModelRef,
+        store: Store,
+        runlog: RunLog,
+        run_id: str,
+        settings: Settings,
+        memory: DeviceMemory,
+        outputs_dir: Path,
+        fp8: bool = False,
+        residency: Residency = _RESIDENCY,
+    ) -> None:
         self.model = model
         self.store = store
         self.runlog = runlog
@@ -117,8 +142,13 @@ class StageRunner:
         def compute(plan: StagePlan) -> None:
             texts = [job.prompt, job.negative_prompt] if job.cfg else [job.prompt]
             encoder = self._component("text_encoder", plan, registry.load_text_encoder)
-            embeds = stages.encode_texts(encoder, self.tokenizer, texts, device=self._compute_device(plan),
-                                         max_sequence_length=self.model.rules.max_sequence_length)
+            embeds = stages.encode_texts(
+                encoder,
+                self.tokenizer,
+                texts,
+                device=self._compute_device(plan),
+                max_sequence_length=self.model.rules.max_sequence_length,
+            )
             tensors = {"cond": embeds[:1]}
             if job.cfg:
                 tensors["uncond"] = embeds[1:]
@@ -134,14 +164,27 @@ class StageRunner:
             transformer = self._component("transformer", plan, registry.load_transformer)
             device = self._compute_device(plan)
             temporal, spatial = self._vae_factors()
-            shape = stages.latent_shape(transformer.config.in_channels, temporal=temporal, spatial=spatial,
-                                        height=job.height, width=job.width, frames=job.frames)
+            shape = stages.latent_shape(
+                transformer.config.in_channels,
+                temporal=temporal,
+                spatial=spatial,
+                height=job.height,
+                width=job.width,
+                frames=job.frames,
+            )
             noise = stages.initial_noise(shape, seed=job.seed, device=device)
             with tqdm(total=job.steps, desc=f"{job.template} denoise", unit="step", leave=False) as bar:
                 latents = stages.denoise(
-                    transformer, self.scheduler(), noise, embeds["cond"], embeds.get("uncond"),
-                    steps=job.steps, guidance=job.guidance, compute_dtype=self.model.weight_dtype,
-                    shared_timestep=plan.shared_timestep, cfg_batch=plan.cfg_batch,
+                    transformer,
+                    self.scheduler(),
+                    noise,
+                    embeds["cond"],
+                    embeds.get("uncond"),
+                    steps=job.steps,
+                    guidance=job.guidance,
+                    compute_dtype=self.model.weight_dtype,
+                    shared_timestep=plan.shared_timestep,
+                    cfg_batch=plan.cfg_batch,
                     on_step=lambda i, n: bar.update(1),
                 )
             self.store.save_tensors("diffuse", keys.latents, {"latents": latents})
@@ -168,8 +211,13 @@ class StageRunner:
 
         def compute(plan: StagePlan | None) -> None:
             with self.store.writing("watermark", keys.clip) as temp:
-                media.encode_mp4(self.store.path("decode", keys.frames), temp, fps=job.fps,
-                                 watermark=job.watermark, max_bytes=MAX_CLIP_BYTES)
+                media.encode_mp4(
+                    self.store.path("decode", keys.frames),
+                    temp,
+                    fps=job.fps,
+                    watermark=job.watermark,
+                    max_bytes=MAX_CLIP_BYTES,
+                )
 
         self._require("decode", keys.frames, job)
         self._run("watermark", job, keys.clip, compute, sizes_of=None)
@@ -179,8 +227,13 @@ class StageRunner:
 
     def _run(self, stage: str, job: JobSpec, key: str, compute: Callable, *, sizes_of: str | None) -> str:
         keys = JobKeys.of(job, self.model, fp8=self.fp8)
-        row = dict(run_id=self.run_id, job_key=keys.clip, template=job.template, stage=stage,
-                   model=self.model.identity)
+        row = dict(
+            run_id=self.run_id,
+            job_key=keys.clip,
+            template=job.template,
+            stage=stage,
+            model=self.model.identity,
+        )
         if self.store.has(stage, key):
             self.runlog.record_skip(**row, output_key=key)
             return key
@@ -205,34 +258,45 @@ class StageRunner:
                 return key
             except torch.OutOfMemoryError as exc:
                 last_error = exc
-                log.warning("%s of %s ran out of memory on plan %s; trying a leaner plan", stage,
-                            job.template, plan.name if plan else "-")
+                log.warning(
+                    "%s of %s ran out of memory on plan %s; trying a leaner plan",
+                    stage,
+                    job.template,
+                    plan.name if plan else "-",
+                )
                 # The component may hold hooks and half-moved weights: drop it and load it afresh.
                 self.residency.drop()
-        raise NoPlanFits(f"{stage} of {job.template!r} ran out of memory on every plan "
-                         f"({', '.join(p.name for p in plans if p)}): {last_error}")
+        raise NoPlanFits(
+            f"{stage} of {job.template!r} ran out of memory on every plan "
+            f"({', '.join(p.name for p in plans if p)}): {last_error}"
+        )
 
     def _ladder(self, stage: str, job: JobSpec, component: str) -> list[StagePlan]:
         if component not in self._sizes:
             # Sizes come from the component itself, loaded once on the CPU, so they hold for any model.
-            loader = {"text_encoder": registry.load_text_encoder, "transformer": registry.load_transformer,
-                      "vae": registry.load_vae}[component]
+            loader = {
+                "text_encoder": registry.load_text_encoder,
+                "transformer": registry.load_transformer,
+                "vae": registry.load_vae,
+            }[component]
             module = loader(self.model)
             self._sizes[component] = ComponentSizes.from_modules(**{component: module})
             del module
         return ladder(stage, self._sizes[component], job, device=self.device, fp8=self.fp8)
 
     def _component(self, name: str, plan: StagePlan, load: Callable) -> torch.nn.Module:
-        return self.residency.get(name, f"{self.model.identity}|{plan.name}|{plan.device}",
-                                  lambda: apply(plan, load(self.model)))
+        return self.residency.get(
+            name, f"{self.model.identity}|{plan.name}|{plan.device}", lambda: apply(plan, load(self.model))
+        )
 
     def _compute_device(self, plan: StagePlan) -> torch.device:
         return torch.device(plan.device)
 
     def _require(self, stage: str, key: str, job: JobSpec) -> None:
         if not self.store.has(stage, key):
-            raise FileNotFoundError(f"{job.template}: the {stage} output {key} is not in the store; "
-                                    f"run the {stage} stage first")
+            raise FileNotFoundError(
+                f"{job.template}: the {stage} output {key} is not in the store; run the {stage} stage first"
+            )
 
     def _maybe_inject_oom(self, plan: StagePlan | None) -> None:
         if plan is None or not self.settings.inject_oom:

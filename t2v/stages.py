@@ -39,8 +39,9 @@ def encode_texts(
     return embeds
 
 
-def latent_shape(channels: int, *, temporal: int, spatial: int, height: int, width: int,
-                 frames: int) -> tuple[int, ...]:
+def latent_shape(
+    channels: int, *, temporal: int, spatial: int, height: int, width: int, frames: int
+) -> tuple[int, ...]:
     """Shape of one clip's latents, as WanPipeline.prepare_latents computes it."""
     return (1, channels, (frames - 1) // temporal + 1, height // spatial, width // spatial)
 
@@ -118,9 +119,13 @@ def decode_latents(vae: torch.nn.Module, latents: torch.Tensor, *, device: torch
     config = vae.config
     latents = latents.to(torch.device(device), dtype=vae.dtype)
     mean = torch.tensor(config.latents_mean).view(1, config.z_dim, 1, 1, 1).to(latents.device, latents.dtype)
-    std = 1.0 / torch.tensor(config.latents_std).view(1, config.z_dim, 1, 1, 1).to(latents.device, latents.dtype)
+    std = 1.0 / torch.tensor(config.latents_std).view(1, config.z_dim, 1, 1, 1).to(
+        latents.device, latents.dtype
+    )
     video = vae.decode(latents / std + mean, return_dict=False)[0]
-    frames = VideoProcessor(vae_scale_factor=config.scale_factor_spatial).postprocess_video(video, output_type="np")
+    frames = VideoProcessor(vae_scale_factor=config.scale_factor_spatial).postprocess_video(
+        video, output_type="np"
+    )
     return to_uint8(frames[0])
 
 

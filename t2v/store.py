@@ -92,7 +92,7 @@ def publish(source: Path, dest: Path) -> Path:
 
 def _writer_alive(temp: Path) -> bool:
     """Whether the process named in a temporary file's name may still be writing it."""
-    pid = temp.name[len(_TEMP_MARK):].split("-", 1)[0]
+    pid = temp.name[len(_TEMP_MARK) :].split("-", 1)[0]
     if not pid.isdigit():
         return False
     try:

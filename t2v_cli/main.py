@@ -80,8 +80,11 @@ app = typer.Typer(
 
 ModelOption = Annotated[
     str,
-    typer.Option("--model", help="'tiny' (built in, random weights), a Wan2.2-TI2V-5B diffusers folder, "
-                 "or a hub id such as Wan-AI/Wan2.2-TI2V-5B-Diffusers."),
+    typer.Option(
+        "--model",
+        help="'tiny' (built in, random weights), a Wan2.2-TI2V-5B diffusers folder, "
+        "or a hub id such as Wan-AI/Wan2.2-TI2V-5B-Diffusers.",
+    ),
 ]
 
 
@@ -114,8 +117,10 @@ def _check_prefect_api() -> None:
     with get_client(sync_client=True) as client:
         problem = client.api_healthcheck()
     if problem is not None:
-        raise T2VError(f"the Prefect API at PREFECT_API_URL={url} does not answer ({problem}); "
-                       "start it, or unset PREFECT_API_URL to run without a server.")
+        raise T2VError(
+            f"the Prefect API at PREFECT_API_URL={url} does not answer ({problem}); "
+            "start it, or unset PREFECT_API_URL to run without a server."
+        )
 
 
 def _template_name(prompt: str) -> str:
@@ -156,9 +161,19 @@ def generate(
     """
     settings = _settings()
     ref = resolve_model(model)
-    job = JobSpec(template=_template_name(prompt), prompt=prompt, negative_prompt=negative_prompt, seed=seed,
-                  height=height, width=width, frames=frames, steps=steps, guidance=guidance, fps=fps,
-                  watermark=Watermark(text=watermark_text))
+    job = JobSpec(
+        template=_template_name(prompt),
+        prompt=prompt,
+        negative_prompt=negative_prompt,
+        seed=seed,
+        height=height,
+        width=width,
+        frames=frames,
+        steps=steps,
+        guidance=guidance,
+        fps=fps,
+        watermark=Watermark(text=watermark_text),
+    )
     check_jobs([job], ref)
     if out is not None and Path(out).suffix.lower() != ".mp4":
         raise typer.BadParameter(f"must be a file name ending in .mp4 but is {out!r}", param_hint="'--out'")
@@ -176,8 +191,9 @@ def generate(
 
 @app.command()
 def nightly(
-    catalogue: Annotated[str, typer.Option(help="TOML file of [defaults] and [[template]] tables.")]
-    = "data/templates.toml",
+    catalogue: Annotated[
+        str, typer.Option(help="TOML file of [defaults] and [[template]] tables.")
+    ] = "data/templates.toml",
     model: ModelOption = "tiny",
 ) -> None:
     """Make a clip for every template in the catalogue, stage by stage; exit 1 if any job failed.
@@ -216,8 +232,9 @@ def _check_catalogue(path: str, ref: ModelRef) -> None:
 
 @app.command()
 def runs(
-    as_json: Annotated[bool, typer.Option("--json", help="Print the runs with their stage rows as JSON.")]
-    = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the runs with their stage rows as JSON.")
+    ] = False,
     limit: Annotated[int, typer.Option(min=0, help="How many runs, newest first.")] = 10,
 ) -> None:
     """List the latest runs with a row per stage attempt: status, plan, wall time, peak memory.
@@ -234,14 +251,20 @@ def runs(
         typer.echo("no runs yet")
         return
     for run in found:
-        typer.echo(f"{run['id']}  {run['kind']}  {run['status']}  {_time(run['started'])}  {run['model']}"
-                   + (f"  {run['catalogue']}" if run["catalogue"] else ""))
-        typer.echo(f"  {'template':<24} {'stage':<9} {'status':<11} {'plan':<28} {'wall s':>8} "
-                   f"{'vram GiB':>9} {'ram GiB':>8}")
+        typer.echo(
+            f"{run['id']}  {run['kind']}  {run['status']}  {_time(run['started'])}  {run['model']}"
+            + (f"  {run['catalogue']}" if run["catalogue"] else "")
+        )
+        typer.echo(
+            f"  {'template':<24} {'stage':<9} {'status':<11} {'plan':<28} {'wall s':>8} "
+            f"{'vram GiB':>9} {'ram GiB':>8}"
+        )
         for row in run["stages"]:
-            typer.echo(f"  {row['template'][:24]:<24} {row['stage']:<9} {row['status']:<11} "
-                       f"{(row['plan'] or '-')[:28]:<28} {_num(row['wall_s'], 2):>8} "
-                       f"{_num(row['peak_reserved_gib'], 2):>9} {_num(row['peak_rss_gib'], 2):>8}")
+            typer.echo(
+                f"  {row['template'][:24]:<24} {row['stage']:<9} {row['status']:<11} "
+                f"{(row['plan'] or '-')[:28]:<28} {_num(row['wall_s'], 2):>8} "
+                f"{_num(row['peak_reserved_gib'], 2):>9} {_num(row['peak_rss_gib'], 2):>8}"
+            )
             if row["error"]:
                 typer.echo(f"    {row['error'].splitlines()[0][:200]}")
 

@@ -41,29 +41,51 @@ def runner_for(ctx: RunContext) -> StageRunner:
     )
 
 
-@task(name="encode-prompt", task_run_name="encode-{job.template}", retries=0, cache_policy=NO_CACHE,
-      persist_result=False)
+@task(
+    name="encode-prompt",
+    task_run_name="encode-{job.template}",
+    retries=0,
+    cache_policy=NO_CACHE,
+    persist_result=False,
+)
 def encode(job: JobSpec, ctx: RunContext) -> str:
     """Encode the job's prompt (and negative prompt) to embeddings; returns their store key."""
     return runner_for(ctx).encode(job)
 
 
-@task(name="diffuse-latents", task_run_name="diffuse-{job.template}", tags=["gpu"], retries=0,
-      cache_policy=NO_CACHE, persist_result=False)
+@task(
+    name="diffuse-latents",
+    task_run_name="diffuse-{job.template}",
+    tags=["gpu"],
+    retries=0,
+    cache_policy=NO_CACHE,
+    persist_result=False,
+)
 def diffuse(job: JobSpec, ctx: RunContext) -> str:
     """Denoise the job's latents from its seed; returns their store key."""
     return runner_for(ctx).diffuse(job)
 
 
-@task(name="decode-frames", task_run_name="decode-{job.template}", tags=["gpu"], retries=0,
-      cache_policy=NO_CACHE, persist_result=False)
+@task(
+    name="decode-frames",
+    task_run_name="decode-{job.template}",
+    tags=["gpu"],
+    retries=0,
+    cache_policy=NO_CACHE,
+    persist_result=False,
+)
 def decode(job: JobSpec, ctx: RunContext) -> str:
     """Decode the job's latents to lossless frames; returns their store key."""
     return runner_for(ctx).decode(job)
 
 
-@task(name="watermark-clip", task_run_name="watermark-{job.template}", retries=0, cache_policy=NO_CACHE,
-      persist_result=False)
+@task(
+    name="watermark-clip",
+    task_run_name="watermark-{job.template}",
+    retries=0,
+    cache_policy=NO_CACHE,
+    persist_result=False,
+)
 def watermark(job: JobSpec, ctx: RunContext) -> str:
     """Watermark the frames into an H.264 MP4 and publish it; returns the clip's path."""
     return str(runner_for(ctx).watermark(job))

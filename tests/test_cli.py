@@ -98,8 +98,23 @@ def test_runs_json_parses(data_dir):
 def test_generate_prints_the_clip_path(data_dir, tmp_path):
     out = tmp_path / "fox.mp4"
 
-    result = runner.invoke(app, ["generate", "a red fox", "--height", "32", "--width", "64", "--frames", "5",
-                                 "--steps", "1", "--out", str(out)])
+    result = runner.invoke(
+        app,
+        [
+            "generate",
+            "a red fox",
+            "--height",
+            "32",
+            "--width",
+            "64",
+            "--frames",
+            "5",
+            "--steps",
+            "1",
+            "--out",
+            str(out),
+        ],
+    )
 
     assert result.exit_code == 0, result.output
     assert result.stdout.strip() == str(out) and out.is_file()

@@ -16,8 +16,16 @@ from tasks.stages import decode, diffuse, encode, watermark
 
 STAGES = ["encode", "diffuse", "decode", "watermark"]
 FOX = {"name": "fox", "prompt": "a red fox running through snow"}
-SEA = {"name": "sea", "prompt": "waves rolling onto a beach", "guidance": 1.0, "steps": 3, "height": 96,
-       "width": 64, "frames": 13, "fps": 12}
+SEA = {
+    "name": "sea",
+    "prompt": "waves rolling onto a beach",
+    "guidance": 1.0,
+    "steps": 3,
+    "height": 96,
+    "width": 64,
+    "frames": 13,
+    "fps": 12,
+}
 
 
 def _runlog(data_dir: Path) -> RunLog:
@@ -112,8 +120,9 @@ def test_a_job_out_of_memory_on_every_plan_fails_and_others_finish(data_dir, wri
 
 
 def test_generate_makes_one_clip_at_out(data_dir, tmp_path):
-    job = JobSpec(template="fox", prompt="a red fox running through snow", height=64, width=96, frames=5,
-                  steps=2, fps=8)
+    job = JobSpec(
+        template="fox", prompt="a red fox running through snow", height=64, width=96, frames=5, steps=2, fps=8
+    )
     out = tmp_path / "clips" / "Fox Clip.mp4"
 
     clip = generate(job, model="tiny", out=str(out))
@@ -136,15 +145,19 @@ def test_generate_fails_and_logs_the_run_failed(data_dir, monkeypatch):
     run = _runlog(data_dir).runs(limit=1)[0]
     assert (run["kind"], run["status"]) == ("generate", "failed")
     assert [(r["stage"], r["status"]) for r in run["stages"]] == [
-        ("encode", "ok"), ("diffuse", "ok"), ("decode", "failed")]
+        ("encode", "ok"),
+        ("diffuse", "ok"),
+        ("decode", "failed"),
+    ]
 
 
 def test_stage_tasks_return_strings(data_dir):
     # `.fn` runs a task's body without the Prefect engine.
     url = sqlite_url(data_dir / "runlog.sqlite")
     run_id = RunLog(url).start_run(kind="generate", model="tiny")
-    ctx = RunContext(run_id=run_id, model="tiny", data_dir=data_dir, outputs_dir=data_dir / "out",
-                     database_url=url)
+    ctx = RunContext(
+        run_id=run_id, model="tiny", data_dir=data_dir, outputs_dir=data_dir / "out", database_url=url
+    )
     job = JobSpec(template="owl", prompt="an owl", height=32, width=32, frames=1, steps=1)
 
     keys = [stage.fn(job, ctx) for stage in (encode, diffuse, decode)]

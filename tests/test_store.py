@@ -16,8 +16,9 @@ def _partial(store: Store, pid: int, name: str) -> Path:
 
 def test_sweep_partials_keeps_files_that_a_live_process_is_writing(tmp_path):
     store = Store(tmp_path)
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                          text=True, check=True)
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    )
     dead = _partial(store, int(gone.stdout), "dead")
     live = _partial(store, os.getpid(), "live")
     # Same pid as this process but older than it: left by an earlier process that had our pid.

@@ -35,8 +35,14 @@ def cast_like_pretrained(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn
     return model
 
 
-def build(component: str, *, device: str = "cuda", dtype: torch.dtype = torch.bfloat16,
-          keep_on: str = "cpu", seed: int = 0) -> torch.nn.Module:
+def build(
+    component: str,
+    *,
+    device: str = "cuda",
+    dtype: torch.dtype = torch.bfloat16,
+    keep_on: str = "cpu",
+    seed: int = 0,
+) -> torch.nn.Module:
     """One full-size component with random weights, `dtype` storage, moved to `keep_on`."""
     torch.manual_seed(seed)
     with torch.device(device):

@@ -40,7 +40,7 @@ class ModelRef:
 
     @property
     def weight_dtype(self) -> torch.dtype:
-        """Storage dtype of the transformer and text encoder: bf16 as published, fp32 for the tiny CPU model."""
+        """Storage dtype of the transformer and text encoder: bf16 as published, fp32 for tiny (CPU)."""
         return torch.float32 if self.builtin else torch.bfloat16
 
 
@@ -99,7 +99,9 @@ def load_text_encoder(ref: ModelRef) -> torch.nn.Module:
         return tiny.build_text_encoder()
     from transformers import UMT5EncoderModel
 
-    return UMT5EncoderModel.from_pretrained(ref.source, subfolder="text_encoder", dtype=ref.weight_dtype).eval()
+    return UMT5EncoderModel.from_pretrained(
+        ref.source, subfolder="text_encoder", dtype=ref.weight_dtype
+    ).eval()
 
 
 def load_transformer(ref: ModelRef) -> torch.nn.Module:
