@@ -273,15 +273,9 @@ class StageRunner:
 
     def _ladder(self, stage: str, job: JobSpec, component: str) -> list[StagePlan]:
         if component not in self._sizes:
-            # Sizes come from the component itself, loaded once on the CPU, so they hold for any model.
-            loader = {
-                "text_encoder": registry.load_text_encoder,
-                "transformer": registry.load_transformer,
-                "vae": registry.load_vae,
-            }[component]
-            module = loader(self.model)
+            # A weightless copy built from the config on the meta device: sizes without a 10 GB load.
+            module = registry.skeleton(self.model, component)
             self._sizes[component] = ComponentSizes.from_modules(**{component: module})
-            del module
         return ladder(stage, self._sizes[component], job, device=self.device, fp8=self.fp8)
 
     def _component(self, name: str, plan: StagePlan, load: Callable) -> torch.nn.Module:

@@ -128,3 +128,34 @@ def load_scheduler(ref: ModelRef):
     from diffusers import UniPCMultistepScheduler
 
     return UniPCMultistepScheduler.from_pretrained(ref.source, subfolder="scheduler")
+
+
+def skeleton(ref: ModelRef, component: str) -> torch.nn.Module:
+    """`component` built from its config on the meta device, in its storage dtype: shapes, no weights."""
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from t2v.models.fullsize import cast_like_pretrained
+
+    with torch.device("meta"):
+        if ref.builtin:
+            module = {
+                "text_encoder": tiny.build_text_encoder,
+                "transformer": tiny.build_transformer,
+                "vae": tiny.build_vae,
+            }[component]()
+        elif component == "text_encoder":
+            module = UMT5EncoderModel(UMT5Config.from_pretrained(ref.source, subfolder="text_encoder"))
+        elif component == "transformer":
+            module = WanTransformer3DModel.from_config(
+                WanTransformer3DModel.load_config(ref.source, subfolder="transformer")
+            )
+        elif component == "vae":
+            module = AutoencoderKLWan.from_config(AutoencoderKLWan.load_config(ref.source, subfolder="vae"))
+        else:
+            raise ValueError(f"`component` must be text_encoder, transformer or vae but is {component!r}")
+    if component == "transformer":
+        cast_like_pretrained(module, ref.weight_dtype)
+    elif component == "text_encoder":
+        module.to(ref.weight_dtype)  # transformers 5 loads UMT5 wholly in the dtype asked for
+    return module
