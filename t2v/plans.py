@@ -183,14 +183,15 @@ def diffusion_tokens(job: JobSpec) -> int:
 
 def _diffuse_activation(s: ComponentSizes, job: JobSpec, *, batch: int, shared: bool, ffn_chunks: int) -> int:
     n = diffusion_tokens(job)
-    # Per token and sample: the FFN intermediate and its GELU (bf16, 2 x ffn_dim x 2 bytes) and about
-    # eight dim-wide fp32/bf16 tensors (residual, norms, q/k/v, attention output). Measured on an H100
-    # with the full-size model: 86-89 kB per token and sample allocated, against 82 kB here.
-    per_token = 4 * s.transformer_ffn_dim / ffn_chunks + 8 * s.transformer_dim
+    # Bytes per token and sample, fitted to the full-size model on an H100 (docs/benchmarks.md):
+    # 86 kB allocated with the FFN whole, 72 kB with it in 4 chunks, so ~22 dim-wide bytes-per-channel
+    # (fp32 norms and residuals, bf16 q/k/v and attention output) plus ~1.3 bytes per FFN channel that
+    # chunking divides.
+    per_token = 22 * s.transformer_dim + 1.3 * s.transformer_ffn_dim / ffn_chunks
     if not shared:
         per_token += 6 * s.transformer_dim * 4 * 1.5  # the per-token fp32 timestep projection
-    # Reserved runs ~30% above allocated while weights stream in on a second CUDA stream (each stream
-    # has its own pool in PyTorch's caching allocator): measured +0.5 GiB at 480P, +1.5 GiB at 720P.
+    # Reserved runs 20-30% above allocated while weights stream in on a second CUDA stream (each stream
+    # has its own pool in PyTorch's caching allocator): measured +0.5 GiB at 480P, +0.9-1.5 GiB at 720P.
     return int(1.3 * batch * n * per_token)
 
 

@@ -1,0 +1,137 @@
+"""The staged encode -> denoise -> decode against one call of diffusers' WanPipeline, on the tiny model."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import WanPipeline
+from diffusers.hooks import apply_group_offloading
+
+from t2v import stages
+from t2v.models import fullsize, tiny
+from t2v.plans import chunk_feed_forward
+
+HEIGHT, WIDTH, FRAMES, STEPS, SEED, GUIDANCE = 64, 96, 9, 3, 7, 5.0
+PROMPT, NEGATIVE = "a red fox trots through snow", "blurry"
+
+
+@pytest.fixture(scope="module")
+def parts():
+    return dict(
+        tokenizer=tiny.build_tokenizer(),
+        text_encoder=tiny.build_text_encoder(),
+        transformer=tiny.build_transformer(),
+        vae=tiny.build_vae(),
+    )
+
+
+@pytest.fixture(scope="module")
+def reference(parts):
+    """The pipeline's own latents and frames for the same inputs and seed."""
+    pipe = WanPipeline(**parts, scheduler=tiny.build_scheduler(), expand_timesteps=True)
+    common = dict(
+        prompt=PROMPT,
+        negative_prompt=NEGATIVE,
+        height=HEIGHT,
+        width=WIDTH,
+        num_frames=FRAMES,
+        num_inference_steps=STEPS,
+        guidance_scale=GUIDANCE,
+        max_sequence_length=512,
+    )
+    latents = pipe(**common, generator=torch.Generator().manual_seed(SEED), output_type="latent").frames
+    frames = pipe(**common, generator=torch.Generator().manual_seed(SEED), output_type="np").frames[0]
+    return latents, frames
+
+
+def staged_latents(parts, *, shared_timestep: bool, cfg_batch: int, transformer=None) -> torch.Tensor:
+    embeds = stages.encode_texts(
+        parts["text_encoder"], parts["tokenizer"], [PROMPT, NEGATIVE], device="cpu", max_sequence_length=512
+    )
+    shape = stages.latent_shape(48, temporal=4, spatial=16, height=HEIGHT, width=WIDTH, frames=FRAMES)
+    noise = stages.initial_noise(shape, seed=SEED, device="cpu")
+    return stages.denoise(
+        transformer or parts["transformer"],
+        tiny.build_scheduler(),
+        noise,
+        embeds[:1],
+        embeds[1:],
+        steps=STEPS,
+        guidance=GUIDANCE,
+        compute_dtype=torch.float32,
+        shared_timestep=shared_timestep,
+        cfg_batch=cfg_batch,
+    )
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def test_plain_staged_path_is_bit_identical_to_the_pipeline(parts, reference):
+    latents = staged_latents(parts, shared_timestep=False, cfg_batch=1)
+    torch.testing.assert_close(latents, reference[0], rtol=0, atol=0)
+    frames = stages.decode_latents(parts["vae"], latents, device="cpu")
+    assert frames.shape == (FRAMES, HEIGHT, WIDTH, 3) and frames.dtype == np.uint8
+    np.testing.assert_array_equal(frames, stages.to_uint8(reference[1]))
+
+
+@pytest.mark.parametrize(("shared_timestep", "cfg_batch"), [(True, 1), (False, 2), (True, 2)])
+def test_memory_switches_stay_within_float32_rounding(parts, reference, shared_timestep, cfg_batch):
+    # Same values, other GEMM shapes: fp32 reassociation gives ~1e-6 relative after 3 steps; anything
+    # near 1e-3 would be a real change in what the model computes.
+    latents = staged_latents(parts, shared_timestep=shared_timestep, cfg_batch=cfg_batch)
+    assert 0 < rel(latents, reference[0]) < 1e-5 or rel(latents, reference[0]) == 0
+
+
+def test_chunked_feed_forward_and_group_offload_change_nothing(parts, reference):
+    transformer = fullsize.clone(parts["transformer"])
+    chunk_feed_forward(transformer, 4)
+    apply_group_offloading(
+        transformer, onload_device=torch.device("cpu"), offload_type="block_level", num_blocks_per_group=1
+    )
+    latents = staged_latents(parts, shared_timestep=False, cfg_batch=1, transformer=transformer)
+    assert rel(latents, reference[0]) < 1e-6
+
+
+def test_text_encoder_offloaded_by_blocks_encodes_the_same(parts):
+    plain = stages.encode_texts(
+        parts["text_encoder"], parts["tokenizer"], [PROMPT], device="cpu", max_sequence_length=512
+    )
+    encoder = fullsize.clone(parts["text_encoder"])
+    apply_group_offloading(
+        encoder.encoder, onload_device=torch.device("cpu"), offload_type="block_level", num_blocks_per_group=1
+    )
+    offloaded = stages.encode_texts(
+        encoder, parts["tokenizer"], [PROMPT], device="cpu", max_sequence_length=512
+    )
+    torch.testing.assert_close(offloaded, plain, rtol=0, atol=0)
+    assert plain.shape == (1, 512, 32)
+    assert torch.count_nonzero(plain[0, 40:]) == 0  # zero padding after the prompt's tokens
+
+
+def test_tiled_and_bf16_decode_deviate_by_measured_amounts(parts, reference):
+    latents = reference[0]
+    whole = stages.decode_latents(parts["vae"], latents, device="cpu").astype(np.int16)
+    vae = fullsize.clone(parts["vae"])
+    vae.enable_tiling(
+        tile_sample_min_height=64,
+        tile_sample_min_width=64,
+        tile_sample_stride_height=48,
+        tile_sample_stride_width=48,
+    )
+    tiled = stages.decode_latents(vae, latents, device="cpu").astype(np.int16)
+    assert tiled.shape == whole.shape
+    # Random weights make seams loud: 11.7/255 mean here with 64 px tiles on a 64x96 clip, and on the
+    # full-size VAE 5.3-5.6/255 with 256 px tiles, 14.3/255 with 128 px (docs/benchmarks.md). Two
+    # unrelated latents decode 22.5/255 apart here, so 16 still tells "the same picture" from "another".
+    assert 0 < np.abs(tiled - whole).mean() < 16
+    half = fullsize.clone(parts["vae"]).to(torch.bfloat16)
+    bf16 = stages.decode_latents(half, latents, device="cpu").astype(np.int16)
+    assert np.abs(bf16 - whole).mean() < 2  # bf16 weights and activations: about 1/255 on average
+
+
+def test_seed_decides_the_noise():
+    shape = (1, 48, 3, 4, 6)
+    a = stages.initial_noise(shape, seed=1, device="cpu")
+    torch.testing.assert_close(a, stages.initial_noise(shape, seed=1, device="cpu"), rtol=0, atol=0)
+    assert not torch.equal(a, stages.initial_noise(shape, seed=2, device="cpu"))
