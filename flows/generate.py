@@ -15,7 +15,7 @@ from tasks.stages import decode, diffuse, encode, watermark
 
 
 @flow(name="generate")
-def generate(job: JobSpec, model: str = "tiny", out: str | None = None) -> str:
+def generate(job: JobSpec, model: str = "tiny", out: str | None = None, fp8_storage: bool = False) -> str:
     """Make the clip of `job`; returns its path (`out`, else `<data_dir>/outputs/generate/<template>.mp4`)."""
     logger = get_run_logger()
     settings = get_settings()
@@ -26,7 +26,12 @@ def generate(job: JobSpec, model: str = "tiny", out: str | None = None) -> str:
     runlog = open_runlog(url)
     run_id = runlog.start_run(kind="generate", model=ref.source or ref.spec)
     ctx = RunContext(
-        run_id=run_id, model=model, data_dir=root, outputs_dir=root / "outputs" / "generate", database_url=url
+        run_id=run_id,
+        model=model,
+        data_dir=root,
+        outputs_dir=root / "outputs" / "generate",
+        database_url=url,
+        fp8_storage=fp8_storage,
     )
     logger.info("run %s: %s on model %s", run_id, job.template, ref.identity)
     try:

@@ -24,7 +24,7 @@ from tasks.stages import decode, diffuse, encode, watermark
 
 
 @flow(name="nightly")
-def nightly(catalogue: str = "data/templates.toml", model: str = "tiny") -> dict:
+def nightly(catalogue: str = "data/templates.toml", model: str = "tiny", fp8_storage: bool = False) -> dict:
     """Make a clip for every template in `catalogue`; returns {run_id, clips, failed}."""
     logger = get_run_logger()
     settings = get_settings()
@@ -45,6 +45,7 @@ def nightly(catalogue: str = "data/templates.toml", model: str = "tiny") -> dict
         data_dir=root,
         outputs_dir=root / "outputs" / date.today().isoformat(),
         database_url=url,
+        fp8_storage=fp8_storage,
     )
     logger.info("run %s: %d job(s) from %s on model %s", run_id, len(jobs), catalogue, ref.identity)
 

@@ -33,6 +33,8 @@ class RunContext:
     """Where the clips of this run are published as `<template>.mp4`."""
     database_url: str
     """SQLAlchemy URL of the run log."""
+    fp8_storage: bool = False
+    """Store the transformer's weights in float8 (opt-in: it changes the output; see docs/benchmarks.md)."""
 
     @property
     def store_dir(self) -> Path:

@@ -135,7 +135,7 @@ def ladder(
 ) -> list[StagePlan]:
     """Every plan for `stage`, fastest first, with estimates. On a CPU device the only plan is CPU."""
     if not device.startswith("cuda"):
-        return _cpu_plans(stage, job)
+        return [replace(p, fp8_storage=fp8 and stage == "diffuse") for p in _cpu_plans(stage, job)]
     plans = {"encode": _encode_plans, "diffuse": _diffuse_plans, "decode": _decode_plans}[stage](
         sizes, job, texts=texts, fp8=fp8
     )
@@ -284,7 +284,7 @@ def apply(plan: StagePlan, module: torch.nn.Module) -> torch.nn.Module:
         if plan.ffn_chunks > 1:
             chunk_feed_forward(module, plan.ffn_chunks)
         if plan.fp8_storage:
-            module.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
+            module.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=module.dtype)
     if plan.placement in (Placement.GPU, Placement.CPU):
         return module.to(device)
     from diffusers.hooks import apply_group_offloading

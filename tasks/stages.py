@@ -38,6 +38,7 @@ def runner_for(ctx: RunContext) -> StageRunner:
         settings=settings,
         memory=probe(budget_gib=settings.vram_budget_gib),
         outputs_dir=ctx.outputs_dir,
+        fp8=ctx.fp8_storage,
     )
 
 
