@@ -264,29 +264,26 @@ def _decode_plans(s: ComponentSizes, job: JobSpec, *, texts: int, fp8: bool) -> 
 # --- putting a plan in place ---------------------------------------------------------------------
 
 
+def residency_key(plan: StagePlan) -> str:
+    """What decides where a component's weights are: plans with the same key can share a loaded
+    component (its pinned host copies and hooks), whatever their CFG batch, FFN chunks or VAE tiles."""
+    return f"{plan.stage}|{plan.placement.value}|{plan.device}|fp8={plan.fp8_storage}|{plan.vae_dtype}"
+
+
 def apply(plan: StagePlan, module: torch.nn.Module) -> torch.nn.Module:
-    """Place a freshly loaded (CPU) component as the plan says; returns it."""
+    """Place a freshly loaded (CPU) component as the plan says, then `configure` it; returns it."""
     device = torch.device(plan.device)
     if plan.stage == "decode":
         dtype = getattr(torch, plan.vae_dtype)
         module = module.to(device=device, dtype=dtype) if module.dtype != dtype else module.to(device)
-        if plan.vae_tile:
-            module.enable_tiling(
-                tile_sample_min_height=plan.vae_tile,
-                tile_sample_min_width=plan.vae_tile,
-                tile_sample_stride_height=plan.vae_tile * 3 // 4,
-                tile_sample_stride_width=plan.vae_tile * 3 // 4,
-            )
-        else:
-            module.disable_tiling()
-        return module
+        return configure(plan, module)
     if plan.stage == "diffuse":
-        if plan.ffn_chunks > 1:
-            chunk_feed_forward(module, plan.ffn_chunks)
+        # Wrapped before the hooks go on, so that leaf-level offloading sees the final module tree.
+        chunk_feed_forward(module, plan.ffn_chunks)
         if plan.fp8_storage:
             module.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=module.dtype)
     if plan.placement in (Placement.GPU, Placement.CPU):
-        return module.to(device)
+        return configure(plan, module.to(device))
     from diffusers.hooks import apply_group_offloading
 
     leaf = plan.placement is Placement.LEAF
@@ -305,6 +302,23 @@ def apply(plan: StagePlan, module: torch.nn.Module) -> torch.nn.Module:
         non_blocking=not leaf,
         record_stream=plan.record_stream and not leaf,
     )
+    return configure(plan, module)
+
+
+def configure(plan: StagePlan, module: torch.nn.Module) -> torch.nn.Module:
+    """The plan's cheap switches on an already placed component: FFN chunks, VAE tiles."""
+    if plan.stage == "diffuse":
+        chunk_feed_forward(module, plan.ffn_chunks)
+    if plan.stage == "decode":
+        if plan.vae_tile:
+            module.enable_tiling(
+                tile_sample_min_height=plan.vae_tile,
+                tile_sample_min_width=plan.vae_tile,
+                tile_sample_stride_height=plan.vae_tile * 3 // 4,
+                tile_sample_stride_width=plan.vae_tile * 3 // 4,
+            )
+        else:
+            module.disable_tiling()
     return module
 
 
@@ -317,11 +331,15 @@ class ChunkedFeedForward(torch.nn.Module):
         self.chunks = chunks
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.chunks <= 1:
+            return self.ff(hidden_states, *args, **kwargs)
         pieces = hidden_states.chunk(self.chunks, dim=1)
         return torch.cat([self.ff(piece, *args, **kwargs) for piece in pieces], dim=1)
 
 
 def chunk_feed_forward(transformer: torch.nn.Module, chunks: int) -> None:
+    """Run every block's feed-forward in `chunks` slices (1: whole); wraps each FFN the first time."""
     for block in transformer.blocks:
         if not isinstance(block.ffn, ChunkedFeedForward):
             block.ffn = ChunkedFeedForward(block.ffn, chunks)
+        block.ffn.chunks = chunks

@@ -11,6 +11,7 @@ import fnmatch
 import gc
 import hashlib
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,9 +24,9 @@ from t2v.errors import NoPlanFits
 from t2v.jobs import JobSpec
 from t2v.models import registry
 from t2v.models.registry import ModelRef
-from t2v.plans import ComponentSizes, StagePlan, apply, choose, ladder
+from t2v.plans import ComponentSizes, StagePlan, apply, choose, configure, ladder, residency_key
 from t2v.runlog import RunLog
-from t2v.settings import Settings
+from t2v.settings import PAUSE_SECONDS, Settings
 from t2v.store import Store, make_key, publish
 from t2v.vram import DeviceMemory, PeakMemory
 
@@ -97,6 +98,9 @@ class Residency:
             torch.cuda.empty_cache()
 
 
+_PAUSED: set[str] = set()
+"""Stages this process has paused at (T2V_PAUSE_AT): once per process, not once per run."""
+
 _RESIDENCY = Residency()
 """One per process: Prefect runs a flow's tasks in threads of one process, so they share it."""
 
@@ -129,6 +133,8 @@ class StageRunner:
         self._tokenizer = None
         self._scheduler = None
         self._sizes: dict[str, ComponentSizes] = {}
+        if settings.pause_at:
+            store.on_written = self._maybe_pause
 
     @property
     def device(self) -> str:
@@ -247,7 +253,7 @@ class StageRunner:
                     peak = PeakMemory(self.device)
                     try:
                         with peak:
-                            self._maybe_inject_oom(plan)
+                            self._maybe_inject_oom(plan, job.template)
                             compute(plan)
                     finally:  # a failed attempt's peaks are what the next plan must beat
                         record.peak_allocated_gib = peak.allocated_gib
@@ -279,9 +285,10 @@ class StageRunner:
         return ladder(stage, self._sizes[component], job, device=self.device, fp8=self.fp8)
 
     def _component(self, name: str, plan: StagePlan, load: Callable) -> torch.nn.Module:
-        return self.residency.get(
-            name, f"{self.model.identity}|{plan.name}|{plan.device}", lambda: apply(plan, load(self.model))
+        module = self.residency.get(
+            name, f"{self.model.identity}|{residency_key(plan)}", lambda: apply(plan, load(self.model))
         )
+        return configure(plan, module)
 
     def _compute_device(self, plan: StagePlan) -> torch.device:
         return torch.device(plan.device)
@@ -292,12 +299,30 @@ class StageRunner:
                 f"{job.template}: the {stage} output {key} is not in the store; run the {stage} stage first"
             )
 
-    def _maybe_inject_oom(self, plan: StagePlan | None) -> None:
+    def _maybe_inject_oom(self, plan: StagePlan | None, template: str) -> None:
         if plan is None or not self.settings.inject_oom:
             return
         for pattern in self.settings.inject_oom.split(","):
-            if pattern.strip() and fnmatch.fnmatch(plan.name, pattern.strip()):
+            pattern = pattern.strip()
+            # `template/stage:plan` aims at one job; plain `stage:plan` at every job with that plan.
+            target = f"{template}/{plan.name}" if "/" in pattern else plan.name
+            if pattern and fnmatch.fnmatch(target, pattern):
                 raise torch.OutOfMemoryError(f"injected by T2V_INJECT_OOM={self.settings.inject_oom!r}")
+
+    def _maybe_pause(self, stage: str, temp: Path) -> None:
+        """T2V_PAUSE_AT: stop once, with the stage's first output complete but not yet renamed.
+
+        This is the moment a crash hurts most (the row says "running", the bytes exist under a
+        temporary name), so crash tests kill the process here: see tests/test_crash.py.
+        """
+        if stage != self.settings.pause_at or stage in _PAUSED:
+            return
+        _PAUSED.add(stage)
+        marker = self.settings.data_dir.expanduser() / f"paused-at-{stage}"
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(f"{temp}\n")
+        log.warning("T2V_PAUSE_AT=%s: paused before publishing %s; waiting to be killed", stage, temp.name)
+        time.sleep(PAUSE_SECONDS)
 
     @property
     def tokenizer(self):

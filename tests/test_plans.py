@@ -120,3 +120,28 @@ def test_sizes_from_a_meta_skeleton_match_the_loaded_components():
         assert ComponentSizes.from_modules(
             **{name: registry.skeleton(ref, name)}
         ) == ComponentSizes.from_modules(**{name: load(ref)})
+
+
+def test_plans_that_differ_only_in_cheap_switches_share_a_loaded_component():
+    from dataclasses import replace
+
+    from t2v.plans import residency_key
+    from t2v.runner import Residency
+
+    plans = ladder("diffuse", FULL, P720, device="cuda")
+    group = [p for p in plans if p.placement is Placement.GROUP]
+    assert len({residency_key(p) for p in group}) == 1  # CFG batch and FFN chunks don't move weights
+    assert residency_key(group[0]) != residency_key(replace(group[0], fp8_storage=True))
+    assert residency_key(group[0]) != residency_key(plans[0])  # resident vs streamed do
+
+    residency, loads = Residency(), []
+
+    def load():
+        loads.append(1)
+        return object()
+
+    first = residency.get("transformer", residency_key(group[0]), load)
+    assert residency.get("transformer", residency_key(group[-1]), load) is first
+    residency.get("vae", "decode|gpu", load)  # another component: the transformer leaves
+    residency.get("transformer", residency_key(group[0]), load)
+    assert len(loads) == 3
