@@ -13,13 +13,17 @@ from datetime import date
 from pathlib import Path
 
 from prefect import flow, get_run_logger
+from prefect.artifacts import create_table_artifact
 from tqdm.auto import tqdm
 
 from t2v.context import RunContext, check_jobs, data_dir, open_runlog, runlog_url
+from t2v.dashboard.summary import stage_table
 from t2v.jobs import Catalogue, JobSpec
 from t2v.models.registry import resolve_model
+from t2v.rerun import Night
+from t2v.runlog import RunLog
 from t2v.settings import get_settings
-from t2v.store import Store
+from t2v.store import Store, sweep_partials
 from tasks.stages import decode, diffuse, encode, watermark
 
 
@@ -34,21 +38,41 @@ def nightly(catalogue: str = "data/templates.toml", model: str = "tiny", fp8_sto
     root = data_dir(settings)
     url = runlog_url(settings)
     runlog = open_runlog(url)
-    runlog.mark_interrupted()
-    Store(root / "store").sweep_partials()
+    clean_up_after_crashes(runlog, root)
+    night = Night(jobs=jobs, outputs_dir=root / "outputs" / date.today().isoformat(), fp8_storage=fp8_storage)
     run_id = runlog.start_run(
-        kind="nightly", model=ref.source or ref.spec, catalogue=str(Path(catalogue).resolve())
+        kind="nightly",
+        model=ref.source or ref.spec,
+        catalogue=str(Path(catalogue).resolve()),
+        # The jobs as validated now: `t2v rerun` finishes this night even if the catalogue changes.
+        jobs_json=night.to_json(),
     )
     ctx = RunContext(
         run_id=run_id,
         model=model,
         data_dir=root,
-        outputs_dir=root / "outputs" / date.today().isoformat(),
+        outputs_dir=night.outputs_dir,
         database_url=url,
         fp8_storage=fp8_storage,
     )
     logger.info("run %s: %d job(s) from %s on model %s", run_id, len(jobs), catalogue, ref.identity)
+    return run_stages(jobs, ctx, runlog, logger)
 
+
+def clean_up_after_crashes(runlog: RunLog, root: Path) -> None:
+    """Close run-log rows of dead processes and delete their temporary files, before a night starts."""
+    runlog.mark_interrupted()
+    Store(root / "store").sweep_partials()
+    sweep_partials(root / "outputs")
+
+
+def run_stages(
+    jobs: tuple[JobSpec, ...],
+    ctx: RunContext,
+    runlog: RunLog,
+    logger: logging.Logger | logging.LoggerAdapter,
+) -> dict:
+    """The night's stages in stage-major order; records how the run ended. Shared with `rerun`."""
     failed: dict[str, str] = {}
     try:
         # Text encoder: embeddings of every prompt.
@@ -61,11 +85,28 @@ def nightly(catalogue: str = "data/templates.toml", model: str = "tiny", fp8_sto
         clips = _stage("watermark", watermark, jobs, ctx, failed, logger)
     except BaseException as exc:
         # Not a job's failure (those are caught per job) but the night's: record how it ended.
-        runlog.finish_run(run_id, status="failed" if isinstance(exc, Exception) else "interrupted")
+        runlog.finish_run(ctx.run_id, status="failed" if isinstance(exc, Exception) else "interrupted")
         raise
-    runlog.finish_run(run_id, status="failed" if failed else "ok")
-    logger.info("run %s: %d clip(s), %d failed job(s)", run_id, len(clips), len(failed))
-    return {"run_id": run_id, "clips": clips, "failed": failed}
+    runlog.finish_run(ctx.run_id, status="failed" if failed else "ok")
+    logger.info("run %s: %d clip(s), %d failed job(s)", ctx.run_id, len(clips), len(failed))
+    _publish_stage_table(runlog, ctx.run_id, logger)
+    return {"run_id": ctx.run_id, "clips": clips, "failed": failed}
+
+
+def _publish_stage_table(
+    runlog: RunLog, run_id: str, logger: logging.Logger | logging.LoggerAdapter
+) -> None:
+    """The run's per-stage figures (those `t2v dashboard` charts) as a keyed Prefect table artifact."""
+    try:
+        create_table_artifact(
+            key="nightly-stages",
+            table=stage_table(runlog.run(run_id)),
+            description=f"t2v run {run_id}: wall time and peak memory per job and stage",
+        )
+    except Exception as exc:
+        # The clips and the run log are the night's results; a figure table the server did not
+        # take is worth a warning, not a failed night.
+        logger.warning("could not publish the stage table artifact: %s", exc)
 
 
 def _stage(

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from t2v.errors import CatalogueError, InvalidInput
-from t2v.jobs import JobSpec
+from t2v.jobs import JobSpec, template_line
 from t2v.models import registry
 from t2v.models.registry import ModelRef
 from t2v.runlog import RunLog, sqlite_url
@@ -73,4 +73,11 @@ def check_jobs(jobs: Iterable[JobSpec], model: ModelRef, *, catalogue: Path | st
         except InvalidInput as exc:
             if catalogue is None:
                 raise
-            raise CatalogueError(f"{catalogue}: template {job.template!r}: {exc}") from exc
+            where = f"{catalogue}: template {job.template!r}"
+            try:  # the line, as Catalogue.from_file gives it for the rules it checks itself
+                line = template_line(Path(catalogue).read_text(encoding="utf-8"), job.template)
+            except (OSError, UnicodeDecodeError):
+                line = 0
+            if line:
+                where = f"{catalogue}:{line}: template {job.template!r}"
+            raise CatalogueError(f"{where}: {exc}") from exc

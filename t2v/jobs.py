@@ -87,7 +87,9 @@ class JobSpec:
     def check_prompt_length(self, tokenizer, rules: ModelRules) -> None:
         """Reject prompts the text encoder would truncate: a silently cut prompt makes a different clip."""
         for name in ("prompt", "negative_prompt"):
-            n = len(tokenizer(getattr(self, name), add_special_tokens=True).input_ids)
+            # verbose=False: the tokenizer's own "longer than the maximum" warning would be a second
+            # stderr line beside the one-line error below.
+            n = len(tokenizer(getattr(self, name), add_special_tokens=True, verbose=False).input_ids)
             if n > rules.max_sequence_length:
                 _bad(
                     name,
@@ -152,7 +154,7 @@ def _jobs_from_toml(data: dict, path: Path, text: str, rules: ModelRules) -> lis
         if not isinstance(name, str):
             raise CatalogueError(f"{path}: template #{i}: `name` is required and must be text.")
         # A duplicate is the second `name = ...` line of that name: point at it, not at the first.
-        line = _line_of(text, name, nth=1 if name in seen else 0)
+        line = template_line(text, name, nth=1 if name in seen else 0)
         where = f"{path}:{line}: template {name!r}" if name else f"{path}: template #{i}"
         _check_keys(raw, _TEMPLATE_KEYS, where)
         if name in seen:
@@ -197,7 +199,7 @@ def _check_watermark(table: object, where: str) -> None:
             raise CatalogueError(f"{where}: `watermark.{key}` must be text but is {value!r}.")
 
 
-def _line_of(text: str, name: object, nth: int = 0) -> int:
+def template_line(text: str, name: object, nth: int = 0) -> int:
     """Line of the `nth` `name = "<name>"` in the file, for messages (tomllib keeps no positions)."""
     pattern = re.compile(rf"^\s*name\s*=\s*[\"']{re.escape(str(name))}[\"']", re.MULTILINE)
     matches = list(pattern.finditer(text))

@@ -33,6 +33,7 @@ from sqlalchemy import (
     create_engine,
     event,
     func,
+    inspect,
     select,
     update,
 )
@@ -132,6 +133,9 @@ class Run(_Base):
     parent_run_id: Mapped[str | None] = mapped_column(String(32))
     pid: Mapped[int] = mapped_column(Integer)
     host: Mapped[str] = mapped_column(String(255))
+    jobs_json: Mapped[str | None] = mapped_column(Text)
+    """The night's job specs as the run saw them (t2v.rerun.Night), so `t2v rerun` finishes that
+    night even if the catalogue was edited since. Added after the first release: see _add_columns."""
 
 
 class StageRun(_Base):
@@ -295,6 +299,7 @@ class RunLog:
         # decide that the tables are missing.
         with self._write_engine.begin() as conn:
             _Base.metadata.create_all(conn)
+            _add_columns(conn)
 
     def close(self) -> None:
         """Close pooled connections; the object stays usable and reconnects on demand."""
@@ -343,6 +348,7 @@ class RunLog:
         model: str,
         catalogue: str | None = None,
         parent_run_id: str | None = None,
+        jobs_json: str | None = None,
     ) -> str:
         """Record a new run as "running" and return its id."""
         _check(kind, KINDS, "run kind")
@@ -361,6 +367,7 @@ class RunLog:
                     model=model,
                     catalogue=catalogue,
                     parent_run_id=parent_run_id,
+                    jobs_json=jobs_json,
                     pid=os.getpid(),
                     host=socket.gethostname(),
                 )
@@ -571,12 +578,35 @@ class RunLog:
 
         return self._read(read)
 
-    def last_run_id(self, *, kind: str | None = None) -> str | None:
+    def last_run_id(self, *, kind: str | tuple[str, ...] | None = None) -> str | None:
+        """Id of the newest run, or of the newest run of this kind (or of these kinds)."""
         stmt = select(Run.id).order_by(Run.started.desc(), Run.id).limit(1)
         if kind is not None:
-            _check(kind, KINDS, "run kind")
-            stmt = stmt.where(Run.kind == kind)
+            kinds = (kind,) if isinstance(kind, str) else kind
+            for one in kinds:
+                _check(one, KINDS, "run kind")
+            stmt = stmt.where(Run.kind.in_(kinds))
         return self._read(lambda session: session.scalar(stmt))
+
+
+_ADDED_COLUMNS = {"runs": ("jobs_json",)}
+"""Columns added to tables after their first release; create_all never alters an existing table."""
+
+
+def _add_columns(conn: Any) -> None:
+    """Add later columns to a run log created by an older release (nullable, so old rows stay valid).
+
+    A plain ALTER TABLE ... ADD COLUMN works on SQLite and PostgreSQL alike; this stays enough until a
+    change needs data moved, which is when Alembic comes in.
+    """
+    inspector = inspect(conn)
+    for table_name, names in _ADDED_COLUMNS.items():
+        present = {c["name"] for c in inspector.get_columns(table_name)}
+        table = _Base.metadata.tables[table_name]
+        for name in names:
+            if name not in present:
+                kind = table.c[name].type.compile(dialect=conn.dialect)
+                conn.exec_driver_sql(f"ALTER TABLE {table_name} ADD COLUMN {name} {kind}")
 
 
 def _make_sqlite_parent(database: str | None, query: Any, shown: str) -> None:

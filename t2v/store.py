@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -32,6 +32,9 @@ class Store:
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
+        self.on_written: Callable[[str, Path], None] | None = None
+        """Called with (stage, temporary path) once a file is written and before it is renamed into
+        place; the runner's crash drill (T2V_PAUSE_AT) waits there to be killed."""
 
     def path(self, stage: str, key: str) -> Path:
         return self.root / stage / key[:2] / f"{key}{SUFFIX[stage]}"
@@ -47,6 +50,8 @@ class Store:
         temp = final.with_name(f"{_TEMP_MARK}{os.getpid()}-{final.name}")
         try:
             yield temp
+            if self.on_written is not None:
+                self.on_written(stage, temp)
             _fsync(temp)
             os.replace(temp, final)
         finally:
@@ -73,6 +78,11 @@ class Store:
                 temp.unlink(missing_ok=True)
                 count += 1
         return count
+
+
+def sweep_partials(folder: Path) -> int:
+    """`Store.sweep_partials` for any folder (the published clips): temporary files of dead writers."""
+    return Store(folder).sweep_partials()
 
 
 def publish(source: Path, dest: Path) -> Path:

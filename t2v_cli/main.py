@@ -103,7 +103,11 @@ def _settings() -> Settings:
     try:
         settings = get_settings()
     except ValueError as exc:
-        raise InvalidInput(f"`T2V_VRAM_BUDGET_GB` must be a number of GiB ({exc}).") from exc
+        # Messages that name their variable (T2V_GPU_LEASE_S) stand as they are.
+        message = str(exc)
+        if not message.startswith("`T2V_"):
+            message = f"`T2V_VRAM_BUDGET_GB` must be a number of GiB ({exc})."
+        raise InvalidInput(message) from exc
     if settings.vram_budget_gib is not None and settings.vram_budget_gib <= 0:
         raise InvalidInput(f"`T2V_VRAM_BUDGET_GB` must be positive but is {settings.vram_budget_gib}.")
     return settings
@@ -241,6 +245,58 @@ def _check_catalogue(path: str, ref: ModelRef) -> None:
 
 
 @app.command()
+def rerun(
+    run_id: Annotated[
+        str | None, typer.Argument(metavar="[RUN_ID]", help="The run to finish.", show_default=False)
+    ] = None,
+    last: Annotated[bool, typer.Option("--last", help="Finish the newest nightly run (or re-run).")] = False,
+) -> None:
+    """Finish a failed or interrupted night: only stages whose outputs are missing run; exit 1 if a job fails.
+
+    The night's jobs come from the run log, as they were when the night started, not from the catalogue
+    file; the new run is logged as kind "rerun" with the original as its parent.
+
+    Example:
+
+        t2v rerun --last
+    """
+    from t2v.rerun import AlreadyDone, night_to_rerun
+    from t2v.runlog import NoSuchRun
+
+    if (run_id is None) == (not last):
+        raise typer.BadParameter("give a RUN_ID or --last, not both and not neither", param_hint="'RUN_ID'")
+    settings = _settings()
+    runlog = _runlog(settings)
+    runlog.mark_interrupted()  # a night killed a minute ago is "interrupted", not "running"
+    try:
+        parent, night = night_to_rerun(runlog, run_id)
+    except NoSuchRun as exc:
+        raise InvalidInput(f"no run {run_id!r} in the run log at {runlog.url}; see `t2v runs`.") from exc
+    except AlreadyDone as exc:
+        typer.echo(str(exc))
+        return
+    check_jobs(night.jobs, resolve_model(parent["model"]))
+    _check_prefect_api()
+
+    from flows.rerun import rerun as rerun_flow
+
+    try:
+        summary = rerun_flow(run_id=parent["id"])
+    except Exception as exc:
+        _fail(f"rerun failed: {type(exc).__name__}: {exc}", RUN_FAILED)
+    clips, failed = summary["clips"], summary["failed"]
+    typer.echo(
+        f"run {summary['run_id']} (re-run of {parent['id']}): {len(clips)} clip(s), {len(failed)} failed"
+    )
+    for template, path in clips.items():
+        typer.echo(f"  ok      {template}  {path}")
+    for template, error in failed.items():
+        typer.echo(f"  failed  {template}  {error}")
+    if failed:
+        raise typer.Exit(RUN_FAILED)
+
+
+@app.command()
 def runs(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the runs with their stage rows as JSON.")
@@ -253,7 +309,10 @@ def runs(
 
         t2v runs --limit 3
     """
-    found = _runlog(_settings()).runs(limit=limit)
+    runlog = _runlog(_settings())
+    # Rows left "running" by a process that is gone (kill -9, OOM killer) are shown as interrupted.
+    runlog.mark_interrupted()
+    found = runlog.runs(limit=limit)
     if as_json:
         typer.echo(json.dumps(found, indent=2))
         return
@@ -264,6 +323,7 @@ def runs(
         typer.echo(
             f"{run['id']}  {run['kind']}  {run['status']}  {_time(run['started'])}  {run['model']}"
             + (f"  {run['catalogue']}" if run["catalogue"] else "")
+            + (f"  (re-run of {run['parent_run_id']})" if run["parent_run_id"] else "")
         )
         typer.echo(
             f"  {'template':<24} {'stage':<9} {'status':<11} {'plan':<28} {'wall s':>8} "
@@ -277,6 +337,96 @@ def runs(
             )
             if row["error"]:
                 typer.echo(f"    {row['error'].splitlines()[0][:200]}")
+
+
+@app.command()
+def dashboard(
+    port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port; 0 picks a free one.")] = 8765,
+    host: Annotated[
+        str,
+        typer.Option(
+            help="Address to listen on. The page has no login: keep it on loopback "
+            "(reach it with `ssh -L 8765:127.0.0.1:8765 gpu-host`)."
+        ),
+    ] = "127.0.0.1",
+    nights: Annotated[int, typer.Option(min=1, max=200, help="How many runs to list and chart.")] = 30,
+) -> None:
+    """Serve a web page of the run log: nights, stage time and peak memory, failures, playable clips.
+
+    Example:
+
+        t2v dashboard --port 8765
+    """
+    from t2v.context import data_dir
+    from t2v.dashboard import Dashboard, make_server
+    from t2v.store import Store
+
+    settings = _settings()
+    board = Dashboard(runlog=_runlog(settings), store=Store(data_dir(settings) / "store"), nights=nights)
+    try:
+        server = make_server(board, host=host, port=port)
+    except OSError as exc:
+        raise T2VError(f"cannot listen on {host}:{port} ({exc.strerror}); pick another --port.") from exc
+    bound_host, bound_port = server.server_address[:2]
+    typer.echo(f"dashboard at http://{bound_host}:{bound_port}/ (Ctrl+C to stop)")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+@app.command()
+def deploy(
+    catalogue: Annotated[
+        str, typer.Option(help="The catalogue the scheduled runs read (stored as an absolute path).")
+    ] = "data/templates.toml",
+    model: ModelOption = "tiny",
+    cron: Annotated[str, typer.Option(help="When the nightly run starts, in `--timezone`.")] = "0 2 * * *",
+    timezone: Annotated[
+        str | None, typer.Option(help="IANA time zone of the schedule [default: this host's].")
+    ] = None,
+    pool: Annotated[
+        str | None, typer.Option(help="Process work pool to create or update [default: gpu-<hostname>].")
+    ] = None,
+    gpus: Annotated[
+        int, typer.Option(min=1, help="GPU workers on this server: the `gpu` tag's concurrency limit.")
+    ] = 1,
+) -> None:
+    """Set up the nightly schedule on the Prefect server at PREFECT_API_URL: pool, GPU limit, deployment.
+
+    Then start a worker for the pool on the GPU host (the command is printed).
+
+    Example:
+
+        PREFECT_API_URL=http://127.0.0.1:4200/api t2v deploy --cron "0 2 * * *" --timezone Europe/Berlin
+    """
+    from prefect.settings import PREFECT_API_URL
+
+    from deployments.deploy import NightlyDeployment
+    from deployments.deploy import deploy as deploy_nightly
+
+    _check_catalogue(catalogue, resolve_model(model))
+    if not PREFECT_API_URL.value():
+        raise T2VError(
+            "PREFECT_API_URL is not set; start a server (`prefect server start`) and set "
+            "PREFECT_API_URL=http://127.0.0.1:4200/api."
+        )
+    _check_prefect_api()
+    options = {"timezone": timezone, "pool": pool}
+    spec = NightlyDeployment(
+        catalogue=Path(catalogue),
+        model=model,
+        cron=cron,
+        gpus=gpus,
+        **{k: v for k, v in options.items() if v},
+    )
+    deployment_id = deploy_nightly(spec)
+    typer.echo(
+        f"deployment nightly/nightly ({deployment_id}): '{spec.cron}' in {spec.timezone}, pool {spec.pool}"
+    )
+    typer.echo(f"start its worker on the GPU host: {spec.worker_command}")
 
 
 def _time(iso: str | None) -> str:

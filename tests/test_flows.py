@@ -102,21 +102,32 @@ def test_nightly_falls_back_to_a_leaner_plan_on_out_of_memory(data_dir, write_ca
 
 
 def test_a_job_out_of_memory_on_every_plan_fails_and_others_finish(data_dir, write_catalogue, monkeypatch):
-    # Without guidance a diffusion has one CPU plan (no CFG batch to split), so this pattern leaves it none.
-    monkeypatch.setenv("T2V_INJECT_OOM", "diffuse:cpu-cfg2")
+    # `template/stage:plan` aims at one job: fox's diffusion has two CPU plans and both run out.
+    monkeypatch.setenv("T2V_INJECT_OOM", "fox/diffuse:*")
     catalogue = write_catalogue(FOX, SEA)
 
     summary = nightly(str(catalogue), "tiny")
 
-    assert set(summary["clips"]) == {"fox"}
-    assert list(summary["failed"]) == ["sea"]
-    assert summary["failed"]["sea"].startswith("diffuse: NoPlanFits: diffuse of 'sea' ran out of memory")
+    assert set(summary["clips"]) == {"sea"}
+    assert list(summary["failed"]) == ["fox"]
+    assert summary["failed"]["fox"].startswith(
+        "diffuse: NoPlanFits: diffuse of 'fox' ran out of memory on every plan "
+        "(diffuse:cpu-cfg2, diffuse:cpu-cfg1)"
+    )
     run = _runlog(data_dir).run(summary["run_id"])
     assert run["status"] == "failed"
-    assert _rows(run, "sea") == [("encode", "ok", "encode:cpu"), ("diffuse", "failed", "diffuse:cpu-cfg2")]
-    assert [stage for stage, status, _ in _rows(run, "fox") if status == "ok"] == STAGES
-    assert _video(Path(summary["clips"]["fox"]))[0] == "h264"
-    assert not (data_dir / "outputs" / date.today().isoformat() / "sea.mp4").exists()
+    assert _rows(run, "fox") == [
+        ("encode", "ok", "encode:cpu"),
+        ("diffuse", "failed", "diffuse:cpu-cfg2"),
+        ("diffuse", "failed", "diffuse:cpu-cfg1"),
+    ]
+    for row in [r for r in run["stages"] if r["status"] == "failed"]:
+        # Each failed attempt keeps its error and what it used before failing: the next plan must beat it.
+        assert row["error"].startswith("OutOfMemoryError: injected by T2V_INJECT_OOM")
+        assert row["peak_rss_gib"] > 0 and row["finished"] is not None
+    assert [stage for stage, status, _ in _rows(run, "sea") if status == "ok"] == STAGES
+    assert _video(Path(summary["clips"]["sea"]))[0] == "h264"
+    assert not (data_dir / "outputs" / date.today().isoformat() / "fox.mp4").exists()
 
 
 def test_generate_makes_one_clip_at_out(data_dir, tmp_path):

@@ -1,0 +1,132 @@
+"""Deploy the nightly flow to a Prefect server: a process work pool for the GPU host, the `gpu` tag's
+concurrency limit, and a deployment on a cron schedule in the host's time zone.
+
+Everything here is idempotent, so `t2v deploy` can be run again after a change (a new catalogue, a
+new schedule): the pool and the limit are updated in place and the deployment is replaced.
+
+Why a process pool: the worker runs each flow run as a child process on the GPU host itself, in this
+checkout, with the worker's environment (CUDA_VISIBLE_DEVICES, T2V_DATA_DIR, T2V_DATABASE_URL, the
+Hugging Face cache), so no secret travels through the Prefect database and no image is built.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import zoneinfo
+from dataclasses import dataclass, field
+from pathlib import Path
+from uuid import UUID
+
+from t2v.errors import InvalidInput
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+"""The checkout the worker runs flows from (the deployment's pull step changes into it)."""
+ENTRYPOINT = "flows/nightly.py:nightly"
+GPU_TAG = "gpu"
+"""The tag that the GPU-bound stage tasks carry (tasks/stages.py)."""
+
+
+def default_pool() -> str:
+    """`gpu-<short hostname>`: a pool per GPU host, so a night runs on the host whose store has its files."""
+    return f"gpu-{socket.gethostname().split('.')[0].lower()}"
+
+
+def local_timezone() -> str:
+    """The host's IANA time zone name ($TZ, /etc/timezone, or the /etc/localtime link), else UTC."""
+    candidates = [os.environ.get("TZ", "").lstrip(":")]
+    try:
+        candidates.append(Path("/etc/timezone").read_text().strip())
+    except OSError:
+        pass
+    localtime = Path("/etc/localtime")
+    if localtime.is_symlink():
+        target = str(localtime.resolve())
+        if "/zoneinfo/" in target:
+            candidates.append(target.split("/zoneinfo/", 1)[1])
+    for name in candidates:
+        if name and name in zoneinfo.available_timezones():
+            return name
+    return "UTC"
+
+
+@dataclass(frozen=True)
+class NightlyDeployment:
+    """What `deploy` sets up; defaults are one GPU host running the nightly batch at 02:00 local time."""
+
+    catalogue: Path
+    """The catalogue the scheduled runs read; stored absolute, as the worker runs elsewhere."""
+    model: str = "tiny"
+    """`--model` of the runs: `tiny`, a diffusers folder on the GPU host, or a hub id."""
+    cron: str = "0 2 * * *"
+    timezone: str = field(default_factory=local_timezone)
+    """IANA name; the schedule follows its daylight-saving changes."""
+    pool: str = field(default_factory=default_pool)
+    gpus: int = 1
+    """GPU task slots on the server: the `gpu` tag's concurrency limit (one per GPU worker)."""
+    name: str = "nightly"
+    """The deployment's name; it is run as `nightly/<name>`."""
+    project_dir: Path = PROJECT_DIR
+
+    def __post_init__(self) -> None:
+        from prefect.client.schemas.schedules import CronSchedule
+
+        if not Path(self.catalogue).is_file():
+            raise InvalidInput(f"`catalogue` has to be a file but {str(self.catalogue)!r} is not one.")
+        object.__setattr__(self, "catalogue", Path(self.catalogue).resolve())
+        if self.timezone not in zoneinfo.available_timezones():
+            raise InvalidInput(
+                f"`timezone` has to be an IANA name such as Europe/Berlin but is {self.timezone!r}."
+            )
+        try:
+            CronSchedule(cron=self.cron, timezone=self.timezone)
+        except ValueError as exc:
+            raise InvalidInput(f"`cron` is not a valid cron expression: {self.cron!r}.") from exc
+        if self.gpus < 1:
+            raise InvalidInput(f"`gpus` has to be at least 1 but is {self.gpus}.")
+        if not self.pool or not all(c.isalnum() or c in "-_" for c in self.pool):
+            raise InvalidInput(f"`pool` may hold letters, digits, '-' and '_' but is {self.pool!r}.")
+
+    @property
+    def worker_command(self) -> str:
+        """How to start this pool's worker: one per GPU, taking one flow run at a time."""
+        return f"CUDA_VISIBLE_DEVICES=0 prefect worker start --pool {self.pool} --limit 1"
+
+
+def deploy(spec: NightlyDeployment) -> UUID:
+    """Create or update the pool, the GPU limit and the deployment on the server at PREFECT_API_URL."""
+    from prefect import Flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
+    from prefect.exceptions import ObjectAlreadyExists
+    from prefect.schedules import Cron
+    from prefect.workers.process import ProcessWorker
+
+    with get_client(sync_client=True) as client:
+        template = ProcessWorker.get_default_base_job_template()
+        try:
+            client.create_work_pool(
+                WorkPoolCreate(name=spec.pool, type="process", base_job_template=template)
+            )
+        except ObjectAlreadyExists:
+            client.update_work_pool(spec.pool, WorkPoolUpdate(base_job_template=template))
+        # The stage tasks tagged `gpu` take a slot each; with one slot per GPU, a manual run beside
+        # the nightly one (a `generate` against this server) waits instead of running the card out
+        # of memory. The POST updates an existing limit of the tag.
+        client.create_concurrency_limit(tag=GPU_TAG, concurrency_limit=spec.gpus)
+
+    flow = Flow.from_source(source=str(spec.project_dir), entrypoint=ENTRYPOINT)
+    return flow.deploy(
+        name=spec.name,
+        work_pool_name=spec.pool,
+        schedules=[Cron(spec.cron, timezone=spec.timezone)],
+        parameters={"catalogue": str(spec.catalogue), "model": spec.model},
+        # A second scheduled night waits for the first rather than sharing its GPU.
+        concurrency_limit=1,
+        tags=["t2v"],
+        description=f"t2v nightly batch of {spec.catalogue} on {spec.model}",
+        build=False,
+        push=False,
+        print_next_steps=False,
+        ignore_warnings=True,  # the advice to use `.serve` instead: a worker is what we want here
+    )

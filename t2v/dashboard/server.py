@@ -1,0 +1,205 @@
+"""The dashboard's HTTP server: one HTML page, its vendored scripts, JSON from the run log, the clips.
+
+The standard library's threading HTTP server is enough for one person's browser on loopback and adds
+no dependency. Clips are served by store key only: a key is 32 hex digits and the file is looked up
+in the store's `watermark` folder, so no request path ever becomes a file path, and `..` or an
+absolute path cannot reach another file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from t2v.dashboard import summary
+from t2v.runlog import NoSuchRun, RunLog
+from t2v.store import Store
+
+__all__ = ["Dashboard", "make_server"]
+
+log = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).parent / "static"
+# Only these files are served from the static folder, whatever the request asks for.
+STATIC_FILES = {
+    "chart.umd.js": "text/javascript; charset=utf-8",
+    "app.js": "text/javascript; charset=utf-8",
+    "style.css": "text/css; charset=utf-8",
+}
+_KEY = re.compile(r"[0-9a-f]{32}")
+_RUN_ID = re.compile(r"[0-9a-zA-Z_-]{1,32}")
+_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+_CHUNK = 256 * 1024
+_MAX_NIGHTS = 200
+# The page loads only its own files; style-src allows the inline styles Chart.js puts on its canvas.
+_CSP = "default-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; object-src 'none'"
+
+
+@dataclass(frozen=True)
+class Dashboard:
+    """What the server reads: the run log and the store that holds the clips."""
+
+    runlog: RunLog
+    store: Store
+    nights: int = 30
+    """How many runs the page lists and charts, newest first."""
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+        log.debug("%s " + format, self.address_string(), *args)
+
+    def do_HEAD(self) -> None:
+        self._dispatch(body=False)
+
+    def do_GET(self) -> None:
+        self._dispatch(body=True)
+
+    def _dispatch(self, *, body: bool) -> None:
+        url = urlsplit(self.path)
+        path = url.path
+        try:
+            if path in ("/", "/index.html"):
+                self._file(STATIC_DIR / "index.html", "text/html; charset=utf-8", body=body)
+            elif path.startswith("/static/") and path[len("/static/") :] in STATIC_FILES:
+                name = path[len("/static/") :]
+                self._file(STATIC_DIR / name, STATIC_FILES[name], body=body)
+            elif path == "/api/nights":
+                self._nights(parse_qs(url.query), body=body)
+            elif path.startswith("/api/nights/"):
+                self._night(path[len("/api/nights/") :], body=body)
+            elif path.startswith("/clips/") and path.endswith(".mp4"):
+                self._clip(path[len("/clips/") : -len(".mp4")], body=body)
+            else:
+                self._error(HTTPStatus.NOT_FOUND, "not found")
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the browser moved on (a video seek cancels its request); nothing to answer
+        except Exception as exc:
+            log.exception("dashboard request %s failed", self.path)
+            self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"{type(exc).__name__}: {exc}")
+
+    # --- answers ---------------------------------------------------------------------------------
+
+    def _json(self, value: Any, *, body: bool, status: HTTPStatus = HTTPStatus.OK) -> None:
+        data = json.dumps(value).encode()
+        self.send_response(status)
+        self._headers("application/json", len(data))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        if body:
+            self.wfile.write(data)
+
+    def _error(self, status: HTTPStatus, message: str) -> None:
+        self._json({"error": message}, body=self.command != "HEAD", status=status)
+
+    def _headers(self, content_type: str, length: int) -> None:
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(length))
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.send_header("Content-Security-Policy", _CSP)
+
+    def _file(self, path: Path, content_type: str, *, body: bool) -> None:
+        data = path.read_bytes()
+        self.send_response(HTTPStatus.OK)
+        self._headers(content_type, len(data))
+        self.end_headers()
+        if body:
+            self.wfile.write(data)
+
+    def _nights(self, query: dict[str, list[str]], *, body: bool) -> None:
+        limit = self.server.dashboard.nights
+        if "limit" in query:
+            try:
+                limit = min(max(int(query["limit"][0]), 0), _MAX_NIGHTS)
+            except ValueError:
+                self._error(HTTPStatus.BAD_REQUEST, "`limit` must be a whole number")
+                return
+        runs = self.server.dashboard.runlog.runs(limit=limit)
+        self._json({"nights": summary.nights(runs), "trends": summary.trends(runs)}, body=body)
+
+    def _night(self, run_id: str, *, body: bool) -> None:
+        if not _RUN_ID.fullmatch(run_id):
+            self._error(HTTPStatus.NOT_FOUND, "no such run")
+            return
+        try:
+            run = self.server.dashboard.runlog.run(run_id)
+        except NoSuchRun:
+            self._error(HTTPStatus.NOT_FOUND, f"no run {run_id} in the run log")
+            return
+        self._json(summary.night(run), body=body)
+
+    def _clip(self, key: str, *, body: bool) -> None:
+        store = self.server.dashboard.store
+        if not _KEY.fullmatch(key) or not store.has("watermark", key):
+            self._error(HTTPStatus.NOT_FOUND, "no such clip")
+            return
+        path = store.path("watermark", key)
+        size = path.stat().st_size
+        start, end = 0, size - 1
+        status = HTTPStatus.OK
+        # Browsers fetch video in byte ranges (and will not seek without them).
+        wanted = self.headers.get("Range")
+        if wanted:
+            match = _RANGE.fullmatch(wanted.strip())
+            if match is None or match.groups() == ("", ""):
+                self._unsatisfiable(size)
+                return
+            first, last = match.groups()
+            if first == "":  # the last N bytes
+                start = max(size - int(last), 0)
+            else:
+                start = int(first)
+                end = min(int(last), size - 1) if last else size - 1
+            if start >= size or start > end:
+                self._unsatisfiable(size)
+                return
+            status = HTTPStatus.PARTIAL_CONTENT
+        self.send_response(status)
+        self._headers("video/mp4", end - start + 1)
+        self.send_header("Accept-Ranges", "bytes")
+        if status == HTTPStatus.PARTIAL_CONTENT:
+            self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+        self.end_headers()
+        if not body:
+            return
+        with open(path, "rb") as handle:
+            handle.seek(start)
+            left = end - start + 1
+            while left > 0:
+                chunk = handle.read(min(_CHUNK, left))
+                if not chunk:
+                    break
+                self.wfile.write(chunk)
+                left -= len(chunk)
+
+    def _unsatisfiable(self, size: int) -> None:
+        self.send_response(HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE)
+        self.send_header("Content-Range", f"bytes */{size}")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], dashboard: Dashboard) -> None:
+        self.dashboard = dashboard
+        super().__init__(address, _Handler)
+
+
+def make_server(dashboard: Dashboard, *, host: str = "127.0.0.1", port: int = 8765) -> ThreadingHTTPServer:
+    """A bound, not yet serving, server; port 0 picks a free port (read it from `server_address`).
+
+    Call `serve_forever()` on it, and `shutdown()` from another thread to stop it.
+    """
+    return _Server((host, port), dashboard)

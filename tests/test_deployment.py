@@ -1,0 +1,141 @@
+"""`t2v deploy` against a real `prefect server start`, a real process worker, and a triggered nightly run.
+
+SLOW (about a minute: the server's start, the worker's polling, the flow run's own process), so it
+runs only with T2V_TEST_DEPLOYMENT=1, which `.ci/run` sets; elsewhere it is reported as skipped.
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from datetime import date
+from pathlib import Path
+
+import pytest
+
+FLAG = "T2V_TEST_DEPLOYMENT"
+BIN = Path(sys.executable).parent
+POOL = "gpu-test"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            # A worker may wait on its last poll of a server that is going away.
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def prefect_env(tmp_path: Path) -> Iterator[dict[str, str]]:
+    """A `prefect server start` on a free loopback port with its own PREFECT_HOME; the env to reach it."""
+    if not os.environ.get(FLAG):
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"{FLAG} is not set; .ci/run must set it so CI runs the deployment test")
+        pytest.skip(f"slow (a real Prefect server and worker); set {FLAG}=1 to run it")
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "T2V_"))}
+    env |= {
+        "PREFECT_HOME": str(tmp_path / "prefect"),
+        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_ENABLED": "false",
+        "DO_NOT_TRACK": "1",
+        # Poll every second, not every 15, so the triggered run starts at once.
+        "PREFECT_WORKER_QUERY_SECONDS": "1",
+        # The worker passes its environment to the flow run's process: that is how a GPU host's
+        # worker tells runs where the data is, and here it keeps the test's files in tmp_path.
+        "T2V_DATA_DIR": str(tmp_path / "data"),
+    }
+    log = open(tmp_path / "server.log", "wb")  # closed in the finally below
+    server = subprocess.Popen(
+        [BIN / "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{env['PREFECT_API_URL']}/health", timeout=2):
+                    break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(
+                        f"prefect server did not start:\n{(tmp_path / 'server.log').read_text()[-3000:]}"
+                    )
+                time.sleep(0.5)
+        yield env
+    finally:
+        _stop(server)
+        log.close()
+
+
+def test_deploy_then_a_worker_runs_the_triggered_night(prefect_env, write_catalogue, tmp_path):
+    catalogue = write_catalogue(
+        {"name": "fox", "prompt": "a red fox running through snow"},
+        {"name": "sea", "prompt": "waves rolling onto a beach"},
+    )
+    run = dict(env=prefect_env, capture_output=True, text=True, timeout=180)
+
+    deployed = subprocess.run(
+        [BIN / "t2v", "deploy", "--catalogue", str(catalogue), "--pool", POOL, "--timezone", "Europe/Berlin"],
+        **run,
+    )
+    assert deployed.returncode == 0, deployed.stderr
+    assert f"prefect worker start --pool {POOL} --limit 1" in deployed.stdout
+
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: prefect_env["PREFECT_API_URL"]}):
+        with get_client(sync_client=True) as client:
+            deployment = client.read_deployment_by_name("nightly/nightly")
+            pool = client.read_work_pool(POOL)
+            limit = client.read_concurrency_limit_by_tag("gpu")
+    schedule = deployment.schedules[0].schedule
+    assert (schedule.cron, schedule.timezone) == ("0 2 * * *", "Europe/Berlin")
+    assert deployment.parameters == {"catalogue": str(catalogue), "model": "tiny"}
+    assert (deployment.work_pool_name, pool.type, limit.concurrency_limit) == (POOL, "process", 1)
+
+    worker_log = open(tmp_path / "worker.log", "wb")  # closed in the finally below
+    worker = subprocess.Popen(
+        [BIN / "prefect", "worker", "start", "--pool", POOL, "--limit", "1"],
+        env=prefect_env,
+        stdout=worker_log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # a Ctrl+C in the terminal running pytest goes to pytest only
+    )
+    try:
+        # --watch waits for the run to end and exits non-zero unless it completed.
+        triggered = subprocess.run(
+            [BIN / "prefect", "deployment", "run", "nightly/nightly", "--watch", "--watch-timeout", "150"],
+            **run,
+        )
+        assert triggered.returncode == 0, (
+            triggered.stdout[-3000:],
+            (tmp_path / "worker.log").read_text()[-3000:],
+        )
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        _stop(worker)
+        worker_log.close()
+
+    outputs = tmp_path / "data" / "outputs" / date.today().isoformat()
+    clips = sorted(p.name for p in outputs.glob("*.mp4"))
+    assert clips == ["fox.mp4", "sea.mp4"]
+    assert all((outputs / c).stat().st_size > 0 for c in clips)
