@@ -23,17 +23,26 @@ from t2v.models.registry import resolve_model
 from t2v.rerun import Night
 from t2v.runlog import RunLog
 from t2v.settings import get_settings
+from t2v.shards import select_shard
 from t2v.store import Store, sweep_partials
 from tasks.stages import decode, diffuse, encode, watermark
 
 
 @flow(name="nightly")
-def nightly(catalogue: str = "data/templates.toml", model: str = "tiny", fp8_storage: bool = False) -> dict:
-    """Make a clip for every template in `catalogue`; returns {run_id, clips, failed}."""
+def nightly(
+    catalogue: str = "data/templates.toml",
+    model: str = "tiny",
+    fp8_storage: bool = False,
+    shard: str | None = None,
+) -> dict:
+    """Make a clip for every template in `catalogue`; returns {run_id, clips, failed}.
+
+    With `shard` "i/n" only every n-th template from the i-th: one GPU worker's part of the night.
+    """
     logger = get_run_logger()
     settings = get_settings()
     ref = resolve_model(model)
-    jobs = Catalogue.from_file(catalogue, ref.rules).jobs
+    jobs = select_shard(Catalogue.from_file(catalogue, ref.rules).jobs, shard)
     check_jobs(jobs, ref, catalogue=catalogue)
     root = data_dir(settings)
     url = runlog_url(settings)
@@ -93,9 +102,7 @@ def run_stages(
     return {"run_id": ctx.run_id, "clips": clips, "failed": failed}
 
 
-def _publish_stage_table(
-    runlog: RunLog, run_id: str, logger: logging.Logger | logging.LoggerAdapter
-) -> None:
+def _publish_stage_table(runlog: RunLog, run_id: str, logger: logging.Logger | logging.LoggerAdapter) -> None:
     """The run's per-stage figures (those `t2v dashboard` charts) as a keyed Prefect table artifact."""
     try:
         create_table_artifact(

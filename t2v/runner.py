@@ -130,6 +130,15 @@ class StageRunner:
         self.outputs_dir = outputs_dir
         self.fp8 = fp8
         self.residency = residency
+        log.info(
+            "planning for %s (%s): %.1f GiB free of %.1f, from %s%s",
+            memory.name,
+            memory.device,
+            memory.budget_bytes / 2**30,
+            memory.total_bytes / 2**30,
+            memory.source,
+            f"; {memory.note}" if memory.note else "",
+        )
         self._tokenizer = None
         self._scheduler = None
         self._sizes: dict[str, ComponentSizes] = {}

@@ -11,17 +11,6 @@ def _float_or_none(value: str | None) -> float | None:
     return float(value) if value not in (None, "") else None
 
 
-def _seconds(name: str, default: float, *, minimum: float) -> float:
-    value = os.environ.get(name) or ""
-    try:
-        seconds = float(value) if value else default
-    except ValueError:
-        raise ValueError(f"`{name}` must be a number of seconds but is {value!r}.") from None
-    if not seconds >= minimum:  # `not >=` also rejects nan
-        raise ValueError(f"`{name}` must be at least {minimum:g} seconds but is {value!r}.")
-    return seconds
-
-
 @dataclass(frozen=True)
 class Settings:
     """Where t2v keeps its files and how it may use the GPU."""
@@ -43,13 +32,6 @@ class Settings:
     written its first output of that stage under the temporary `.partial-*` name, and before the
     rename that makes it visible, it creates `<data_dir>/paused-at-<stage>` and sleeps (up to
     `PAUSE_SECONDS`), so a test can `kill -9` it at the worst moment."""
-    gpu_limit: str = field(default_factory=lambda: os.environ.get("T2V_GPU_LIMIT", ""))
-    """Name of a Prefect global concurrency limit that diffuse and decode hold a slot of; empty for
-    none. Used only against a Prefect server (`PREFECT_API_URL` set); see tasks/stages.py."""
-    gpu_lease_s: float = field(default_factory=lambda: _seconds("T2V_GPU_LEASE_S", 60.0, minimum=60.0))
-    """Lease of a GPU slot: a killed process's slot returns to the limit this long after its last
-    renewal (plus the server's repossessor period, 15 s by default). Prefect's server takes no
-    lease shorter than 60 s."""
 
     @property
     def store_dir(self) -> Path:

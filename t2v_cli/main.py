@@ -103,11 +103,7 @@ def _settings() -> Settings:
     try:
         settings = get_settings()
     except ValueError as exc:
-        # Messages that name their variable (T2V_GPU_LEASE_S) stand as they are.
-        message = str(exc)
-        if not message.startswith("`T2V_"):
-            message = f"`T2V_VRAM_BUDGET_GB` must be a number of GiB ({exc})."
-        raise InvalidInput(message) from exc
+        raise InvalidInput(f"`T2V_VRAM_BUDGET_GB` must be a number of GiB ({exc}).") from exc
     if settings.vram_budget_gib is not None and settings.vram_budget_gib <= 0:
         raise InvalidInput(f"`T2V_VRAM_BUDGET_GB` must be positive but is {settings.vram_budget_gib}.")
     return settings
@@ -247,7 +243,7 @@ def _check_catalogue(path: str, ref: ModelRef) -> None:
 @app.command()
 def rerun(
     run_id: Annotated[
-        str | None, typer.Argument(metavar="[RUN_ID]", help="The run to finish.", show_default=False)
+        str | None, typer.Argument(metavar="RUN_ID", help="The run to finish.", show_default=False)
     ] = None,
     last: Annotated[bool, typer.Option("--last", help="Finish the newest nightly run (or re-run).")] = False,
 ) -> None:
@@ -400,6 +396,7 @@ def deploy(
 
     Example:
 
+    \b
         PREFECT_API_URL=http://127.0.0.1:4200/api t2v deploy --cron "0 2 * * *" --timezone Europe/Berlin
     """
     from prefect.settings import PREFECT_API_URL
@@ -408,12 +405,6 @@ def deploy(
     from deployments.deploy import deploy as deploy_nightly
 
     _check_catalogue(catalogue, resolve_model(model))
-    if not PREFECT_API_URL.value():
-        raise T2VError(
-            "PREFECT_API_URL is not set; start a server (`prefect server start`) and set "
-            "PREFECT_API_URL=http://127.0.0.1:4200/api."
-        )
-    _check_prefect_api()
     options = {"timezone": timezone, "pool": pool}
     spec = NightlyDeployment(
         catalogue=Path(catalogue),
@@ -422,6 +413,12 @@ def deploy(
         gpus=gpus,
         **{k: v for k, v in options.items() if v},
     )
+    if not PREFECT_API_URL.value():
+        raise T2VError(
+            "PREFECT_API_URL is not set; start a server (`prefect server start`) and set "
+            "PREFECT_API_URL=http://127.0.0.1:4200/api."
+        )
+    _check_prefect_api()
     deployment_id = deploy_nightly(spec)
     typer.echo(
         f"deployment nightly/nightly ({deployment_id}): '{spec.cron}' in {spec.timezone}, pool {spec.pool}"

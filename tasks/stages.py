@@ -12,32 +12,27 @@ Prefect cache keyed on the same store key would be a second record of "done" kep
 result storage), which can say done when the file was deleted or never renamed into place after a
 kill -9; the file itself cannot.
 
-GPU slots. diffuse and decode run inside `gpu_slot()`: with `T2V_GPU_LIMIT` naming a Prefect global
-concurrency limit (and a Prefect server at `PREFECT_API_URL`), each holds one slot of it while it runs.
-`prefect.concurrency.sync.concurrency` (Prefect >= 3.4) takes the slot as a *lease* with a TTL
-(`T2V_GPU_LEASE_S`, 60 s) that a thread of this process renews every 45 s. A process killed with
-kill -9 renews nothing, so the server's repossessor service (every 15 s) returns its slot at most about
-TTL + 15 s after the kill: the next night never waits for a dead run's slot. Two things would break
-that guarantee and are avoided on purpose:
-- tag concurrency limits (`prefect concurrency-limit create gpu 1`): their slots are held under a
-  ~100-year lease until the task run leaves RUNNING, which a killed process never reports. The tasks
-  keep their "gpu" tag for filtering in the UI; do not put a tag limit on it.
-- a temporary server (no `PREFECT_API_URL`): its leases live in that server's memory and die with the
-  killed process while the limit's slot count stays in the database. So without a server no slot is taken.
-A served deployment should also keep leases where a server restart does not lose them:
-`PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE=prefect.server.concurrency.lease_storage.filesystem`.
+GPU slots. diffuse and decode carry the tag "gpu"; `t2v deploy` puts a concurrency limit on it (one
+slot per GPU), so a manual `generate` waits for the nightly run's GPU task. In Prefect 3.9 a tag limit
+is a global limit named "tag:gpu", and the task engine takes its slot on the client side
+(`task_engine.py`: `concurrency(["tag:gpu"], holder=<task run>, lease_duration=60)`) as a *lease* that a
+thread of this process renews every 45 s. A process killed with kill -9 renews nothing, so a Prefect
+server's repossessor service (every 15 s) gives the slot back at most ~75 s after the kill: a killed
+night does not leave the next one waiting. tests/test_tasks.py checks that the slot is a lease held by
+the task run and is given back; the kill itself needs a served Prefect (the test server runs no
+repossessor). Two setups lose that guarantee: a server that keeps leases in memory and restarts while a
+slot is held (the count stays taken, the lease that would free it is gone; serve with
+`PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE=prefect.server.concurrency.lease_storage.filesystem`), and
+tasks tagged "gpu" that run somewhere else than the task engine. So no explicit `concurrency(...)`
+block here: it would be a second slot on top of the tag's, or (named "tag:gpu") wait for its own.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from prefect.concurrency.sync import concurrency
-from prefect.settings import PREFECT_API_URL
 
 from t2v.context import RunContext, open_runlog
 from t2v.jobs import JobSpec
@@ -68,26 +63,6 @@ def runner_for(ctx: RunContext) -> StageRunner:
     )
 
 
-@contextmanager
-def gpu_slot() -> Iterator[None]:
-    """Hold one lease-based slot of the `T2V_GPU_LIMIT` global concurrency limit, if there is one."""
-    settings = get_settings()
-    if not settings.gpu_limit or not PREFECT_API_URL.value():
-        yield
-        return
-    # strict=False: a missing limit means "no limit" (with Prefect's warning), not a failed night.
-    # A failed lease renewal does not stop the stage: the card's memory, not the slot, is what the
-    # memory planner protects, and half a diffusion thrown away helps nobody.
-    with concurrency(
-        settings.gpu_limit,
-        occupy=1,
-        lease_duration=settings.gpu_lease_s,
-        strict=False,
-        raise_on_lease_renewal_failure=False,
-    ):
-        yield
-
-
 @task(
     name="encode-prompt",
     task_run_name="encode-{job.template}",
@@ -110,8 +85,7 @@ def encode(job: JobSpec, ctx: RunContext) -> str:
 )
 def diffuse(job: JobSpec, ctx: RunContext) -> str:
     """Denoise the job's latents from its seed; returns their store key."""
-    with gpu_slot():
-        return runner_for(ctx).diffuse(job)
+    return runner_for(ctx).diffuse(job)
 
 
 @task(
@@ -124,8 +98,7 @@ def diffuse(job: JobSpec, ctx: RunContext) -> str:
 )
 def decode(job: JobSpec, ctx: RunContext) -> str:
     """Decode the job's latents to lossless frames; returns their store key."""
-    with gpu_slot():
-        return runner_for(ctx).decode(job)
+    return runner_for(ctx).decode(job)
 
 
 @task(

@@ -18,6 +18,7 @@ from t2v.store import Store
 
 CHROMIUM = "/usr/bin/chromium"
 SCREENSHOT = Path("/tmp/t2v-dashboard.png")
+SCREENSHOT_FAILED = Path("/tmp/t2v-dashboard-failed.png")
 
 
 def require(available: bool, why: str) -> None:
@@ -299,6 +300,7 @@ def test_page_charts_the_night_and_plays_its_clips_in_chromium(data_dir, write_c
                 in page.locator("#failures td.error").inner_text()
             )
             assert page.locator("#nights tbody tr").count() == 2
+            page.screenshot(path=str(SCREENSHOT_FAILED), full_page=True)
             assert errors == []
         finally:
             browser.close()

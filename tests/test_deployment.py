@@ -22,6 +22,37 @@ BIN = Path(sys.executable).parent
 POOL = "gpu-test"
 
 
+@pytest.mark.parametrize(
+    ("args", "names"),
+    [
+        (["--timezone", "Mars/Olympus"], "`timezone`"),
+        (["--cron", "at two"], "`cron`"),
+        (["--pool", "gpu host"], "`pool`"),
+        (["--catalogue", "no-such.toml"], "no-such.toml"),
+    ],
+)
+def test_deploy_rejects_bad_options_before_touching_the_server(args, names, write_catalogue):
+    from typer.testing import CliRunner
+
+    from t2v_cli.main import app
+
+    catalogue = write_catalogue({"name": "fox", "prompt": "a fox"})
+    result = CliRunner().invoke(app, ["deploy", "--catalogue", str(catalogue), *args])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("error: ") and names in result.stderr
+
+
+def test_deploy_defaults_name_the_host_and_its_time_zone(write_catalogue):
+    import zoneinfo
+
+    from deployments.deploy import NightlyDeployment
+
+    spec = NightlyDeployment(catalogue=write_catalogue({"name": "fox", "prompt": "a fox"}))
+    assert spec.pool == f"gpu-{socket.gethostname().split('.')[0].lower()}"
+    assert spec.timezone in zoneinfo.available_timezones()
+    assert (spec.cron, spec.gpus, spec.catalogue.is_absolute()) == ("0 2 * * *", 1, True)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -93,7 +93,9 @@ function drawNight(night) {
     { label: "peak VRAM (GiB)", data: vram, yAxisID: "y1", backgroundColor: "#e15759" },
     { label: "peak RAM (GiB)", data: ram, yAxisID: "y1", backgroundColor: "#bab0ac" },
   ] }, options: { scales: {
-    y: { beginAtZero: true, position: "left", title: { display: true, text: "seconds" } },
+    // Stages of a tiny run take microseconds; without this the axis reads 1.400000E-5.
+    y: { beginAtZero: true, position: "left", title: { display: true, text: "seconds" },
+      ticks: { callback: (value) => +Number(value).toPrecision(3) } },
     y1: { beginAtZero: true, position: "right", grid: { drawOnChartArea: false },
       title: { display: true, text: "GiB" } } } } });
 
