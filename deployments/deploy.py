@@ -63,7 +63,8 @@ class NightlyDeployment:
     """IANA name; the schedule follows its daylight-saving changes."""
     pool: str = field(default_factory=default_pool)
     gpus: int = 1
-    """GPU task slots on the server: the `gpu` tag's concurrency limit (one per GPU worker)."""
+    """GPU workers on the pool: the `gpu` tag's concurrency limit, and with more than one, the night is
+    split into that many shards, each scheduled as its own flow run for one worker to take."""
     name: str = "nightly"
     """The deployment's name; it is run as `nightly/<name>`."""
     project_dir: Path = PROJECT_DIR
@@ -115,14 +116,23 @@ def deploy(spec: NightlyDeployment) -> UUID:
         # of memory. The POST updates an existing limit of the tag.
         client.create_concurrency_limit(tag=GPU_TAG, concurrency_limit=spec.gpus)
 
+    if spec.gpus == 1:
+        schedules = [Cron(spec.cron, timezone=spec.timezone)]
+    else:
+        # One schedule per shard at the same time: n flow runs, each taken by one worker (`--limit 1`),
+        # that between them make every clip of the night once.
+        schedules = [
+            Cron(spec.cron, timezone=spec.timezone, parameters={"shard": f"{i}/{spec.gpus}"})
+            for i in range(spec.gpus)
+        ]
     flow = Flow.from_source(source=str(spec.project_dir), entrypoint=ENTRYPOINT)
     return flow.deploy(
         name=spec.name,
         work_pool_name=spec.pool,
-        schedules=[Cron(spec.cron, timezone=spec.timezone)],
+        schedules=schedules,
         parameters={"catalogue": str(spec.catalogue), "model": spec.model},
-        # A second scheduled night waits for the first rather than sharing its GPU.
-        concurrency_limit=1,
+        # A night's runs (one per shard) may run together; a late night waits rather than doubling up.
+        concurrency_limit=spec.gpus,
         tags=["t2v"],
         description=f"t2v nightly batch of {spec.catalogue} on {spec.model}",
         build=False,

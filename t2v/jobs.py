@@ -36,6 +36,10 @@ class JobSpec:
     guidance: float = 5.0
     """Classifier-free guidance scale; <= 1 turns guidance off (one transformer pass a step)."""
     fps: int = 24
+    step_cache: float = 0.0
+    """First-block cache threshold (diffusers' FirstBlockCacheConfig); 0 turns it off (the default).
+    Above 0, a step whose first block barely changed reuses the other blocks' last residual: faster,
+    and the clip changes, so it is opt-in per template and part of the store key."""
     watermark: Watermark = field(default_factory=Watermark)
 
     @property
@@ -75,6 +79,12 @@ class JobSpec:
             _bad("guidance", self.guidance, "must be a number")
         if not math.isfinite(self.guidance) or self.guidance < 0:
             _bad("guidance", self.guidance, "must be a finite number >= 0")
+        if (
+            not isinstance(self.step_cache, int | float)
+            or isinstance(self.step_cache, bool)
+            or not 0 <= self.step_cache <= 1
+        ):
+            _bad("step_cache", self.step_cache, "must be a number between 0 (off) and 1")
         if not 1 <= self.fps <= MAX_FPS:
             _bad("fps", self.fps, f"must be between 1 and {MAX_FPS}")
         if not 0 <= self.seed <= MAX_SEED:

@@ -12,7 +12,8 @@ import gc
 import hashlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -63,6 +64,7 @@ class JobKeys:
             steps=job.steps,
             guidance=job.guidance,
             fp8=fp8,
+            step_cache=job.step_cache,
         )
         frames = make_key("decode", model=model.identity, latents=latents)
         watermark = asdict(job.watermark)
@@ -72,6 +74,22 @@ class JobKeys:
             "watermark", frames=frames, fps=job.fps, watermark=watermark, max_bytes=MAX_CLIP_BYTES
         )
         return cls(embeddings, latents, frames, clip)
+
+
+@contextmanager
+def step_cache(transformer: torch.nn.Module, threshold: float) -> Iterator[None]:
+    """diffusers' first-block cache on `transformer` for one job; the component outlives the job, the
+    cache must not (the next job may not ask for it, and its state belongs to this job's steps)."""
+    if threshold <= 0:
+        yield
+        return
+    from diffusers import FirstBlockCacheConfig
+
+    transformer.enable_cache(FirstBlockCacheConfig(threshold=threshold))
+    try:
+        yield
+    finally:
+        transformer.disable_cache()
 
 
 class Residency:
@@ -188,7 +206,10 @@ class StageRunner:
                 frames=job.frames,
             )
             noise = stages.initial_noise(shape, seed=job.seed, device=device)
-            with tqdm(total=job.steps, desc=f"{job.template} denoise", unit="step", leave=False) as bar:
+            with (
+                tqdm(total=job.steps, desc=f"{job.template} denoise", unit="step", leave=False) as bar,
+                step_cache(transformer, job.step_cache),
+            ):
                 latents = stages.denoise(
                     transformer,
                     self.scheduler(),

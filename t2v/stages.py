@@ -10,6 +10,7 @@ departures are switches on the memory plan, each measured against the plain path
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -87,22 +88,23 @@ def denoise(
         else:
             timestep = t_value.expand(1, tokens)
         if use_cfg and cfg_batch == 2:
-            out = transformer(
+            out = _forward(
+                transformer,
+                "cfg-batch",
                 hidden_states=torch.cat([x, x]),
                 timestep=timestep.expand(2, *timestep.shape[1:]),
                 encoder_hidden_states=both,
-                return_dict=False,
-            )[0]
+            )
             noise_cond, noise_uncond = out.chunk(2)
         else:
-            noise_cond = transformer(
-                hidden_states=x, timestep=timestep, encoder_hidden_states=cond, return_dict=False
-            )[0]
+            noise_cond = _forward(
+                transformer, "cond", hidden_states=x, timestep=timestep, encoder_hidden_states=cond
+            )
             noise_uncond = None
             if use_cfg:
-                noise_uncond = transformer(
-                    hidden_states=x, timestep=timestep, encoder_hidden_states=uncond, return_dict=False
-                )[0]
+                noise_uncond = _forward(
+                    transformer, "uncond", hidden_states=x, timestep=timestep, encoder_hidden_states=uncond
+                )
         if noise_uncond is not None:
             noise = noise_uncond + guidance * (noise_cond - noise_uncond)
         else:
@@ -111,6 +113,13 @@ def denoise(
         if on_step is not None:
             on_step(i + 1, steps)
     return latents
+
+
+def _forward(transformer: torch.nn.Module, context: str, **inputs: torch.Tensor) -> torch.Tensor:
+    # A step cache keeps its state per named context, as WanPipeline names its "cond" and "uncond" passes.
+    cached = getattr(transformer, "is_cache_enabled", False)
+    with transformer.cache_context(context) if cached else nullcontext():
+        return transformer(**inputs, return_dict=False)[0]
 
 
 @torch.no_grad()

@@ -387,7 +387,12 @@ def deploy(
         str | None, typer.Option(help="Process work pool to create or update [default: gpu-<hostname>].")
     ] = None,
     gpus: Annotated[
-        int, typer.Option(min=1, help="GPU workers on this server: the `gpu` tag's concurrency limit.")
+        int,
+        typer.Option(
+            min=1,
+            help="GPU workers on the pool (one per GPU): the `gpu` tag's concurrency limit; "
+            "above 1 each night is split into that many shards, one flow run per worker.",
+        ),
     ] = 1,
 ) -> None:
     """Set up the nightly schedule on the Prefect server at PREFECT_API_URL: pool, GPU limit, deployment.

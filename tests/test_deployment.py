@@ -1,11 +1,11 @@
-"""`t2v deploy` against a real `prefect server start`, a real process worker, and a triggered nightly run.
+"""`t2v deploy` against a real `prefect server start`, with two real process workers splitting a night.
 
-SLOW (about a minute: the server's start, the worker's polling, the flow run's own process), so it
-runs only with T2V_TEST_DEPLOYMENT=1, which `.ci/run` sets; elsewhere it is reported as skipped.
+The end-to-end test is SLOW (about a minute: the server's start, the workers' polling, the flow runs'
+own processes), so it runs only with T2V_TEST_DEPLOYMENT=1, which `.ci/run` sets; elsewhere it is
+reported as skipped.
 """
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -116,15 +116,14 @@ def prefect_env(tmp_path: Path) -> Iterator[dict[str, str]]:
         log.close()
 
 
-def test_deploy_then_a_worker_runs_the_triggered_night(prefect_env, write_catalogue, tmp_path):
-    catalogue = write_catalogue(
-        {"name": "fox", "prompt": "a red fox running through snow"},
-        {"name": "sea", "prompt": "waves rolling onto a beach"},
-    )
+def test_deploy_then_two_workers_split_a_triggered_night(prefect_env, write_catalogue, tmp_path):
+    templates = ["fox", "sea", "owl"]
+    catalogue = write_catalogue(*({"name": t, "prompt": f"a {t} at dawn"} for t in templates))
     run = dict(env=prefect_env, capture_output=True, text=True, timeout=180)
 
     deployed = subprocess.run(
-        [BIN / "t2v", "deploy", "--catalogue", str(catalogue), "--pool", POOL, "--timezone", "Europe/Berlin"],
+        [BIN / "t2v", "deploy", "--catalogue", str(catalogue), "--pool", POOL, "--timezone", "Europe/Berlin"]
+        + ["--gpus", "2"],
         **run,
     )
     assert deployed.returncode == 0, deployed.stderr
@@ -138,35 +137,73 @@ def test_deploy_then_a_worker_runs_the_triggered_night(prefect_env, write_catalo
             deployment = client.read_deployment_by_name("nightly/nightly")
             pool = client.read_work_pool(POOL)
             limit = client.read_concurrency_limit_by_tag("gpu")
-    schedule = deployment.schedules[0].schedule
-    assert (schedule.cron, schedule.timezone) == ("0 2 * * *", "Europe/Berlin")
-    assert deployment.parameters == {"catalogue": str(catalogue), "model": "tiny"}
-    assert (deployment.work_pool_name, pool.type, limit.concurrency_limit) == (POOL, "process", 1)
-
-    worker_log = open(tmp_path / "worker.log", "wb")  # closed in the finally below
-    worker = subprocess.Popen(
-        [BIN / "prefect", "worker", "start", "--pool", POOL, "--limit", "1"],
-        env=prefect_env,
-        stdout=worker_log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,  # a Ctrl+C in the terminal running pytest goes to pytest only
+    # One 02:00 schedule per GPU worker, each with its shard of the night.
+    schedules = sorted(
+        (s.schedule.cron, s.schedule.timezone, s.parameters["shard"]) for s in deployment.schedules
     )
-    try:
-        # --watch waits for the run to end and exits non-zero unless it completed.
-        triggered = subprocess.run(
-            [BIN / "prefect", "deployment", "run", "nightly/nightly", "--watch", "--watch-timeout", "150"],
-            **run,
-        )
-        assert triggered.returncode == 0, (
-            triggered.stdout[-3000:],
-            (tmp_path / "worker.log").read_text()[-3000:],
-        )
-    finally:
-        worker.send_signal(signal.SIGTERM)
-        _stop(worker)
-        worker_log.close()
+    assert schedules == [("0 2 * * *", "Europe/Berlin", "0/2"), ("0 2 * * *", "Europe/Berlin", "1/2")]
+    assert deployment.parameters == {"catalogue": str(catalogue), "model": "tiny"}
+    assert (deployment.work_pool_name, pool.type, limit.concurrency_limit) == (POOL, "process", 2)
 
+    # One worker per GPU on the same pool, as the README's scale-out section starts them.
+    workers, logs = [], []
+    try:
+        for gpu in ("0", "1"):
+            logs.append(open(tmp_path / f"worker{gpu}.log", "wb"))  # closed in the finally below
+            workers.append(
+                subprocess.Popen(
+                    [
+                        BIN / "prefect",
+                        "worker",
+                        "start",
+                        "--pool",
+                        POOL,
+                        "--limit",
+                        "1",
+                        "--name",
+                        f"gpu{gpu}",
+                    ],
+                    env=prefect_env | {"CUDA_VISIBLE_DEVICES": gpu},
+                    stdout=logs[-1],
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,  # a Ctrl+C in pytest's terminal goes to pytest only
+                )
+            )
+        # Both shards now, as the schedules would at 02:00; --watch waits for the run to end and exits
+        # non-zero unless it completed.
+        triggers = [
+            subprocess.Popen(
+                [BIN / "prefect", "deployment", "run", "nightly/nightly", "--param", f"shard={i}/2"]
+                + ["--watch", "--watch-timeout", "150"],
+                env=prefect_env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            for i in range(2)
+        ]
+        for trigger in triggers:
+            out, _ = trigger.communicate(timeout=180)
+            worker_logs = "".join((tmp_path / f"worker{g}.log").read_text()[-2000:] for g in "01")
+            assert trigger.returncode == 0, (out[-3000:], worker_logs)
+    finally:
+        for worker in workers:
+            _stop(worker)
+        for log in logs:
+            log.close()
+
+    # Each worker took one shard (each takes one run at a time, and a run outlasts a poll)...
+    for gpu in "01":
+        assert (tmp_path / f"worker{gpu}.log").read_text().count("submitting flow run") == 1
+    # ...and every clip was made once: each job's stages ran in exactly one of the night's two runs.
     outputs = tmp_path / "data" / "outputs" / date.today().isoformat()
-    clips = sorted(p.name for p in outputs.glob("*.mp4"))
-    assert clips == ["fox.mp4", "sea.mp4"]
-    assert all((outputs / c).stat().st_size > 0 for c in clips)
+    assert sorted(p.name for p in outputs.glob("*.mp4")) == sorted(f"{t}.mp4" for t in templates)
+    from t2v.runlog import RunLog, sqlite_url
+
+    runs = RunLog(sqlite_url(tmp_path / "data" / "runlog.sqlite")).runs(limit=10)
+    assert [r["status"] for r in runs] == ["ok", "ok"]
+    done = sorted((r["template"], r["stage"], r["status"]) for run in runs for r in run["stages"])
+    assert done == sorted(
+        (t, s, "ok") for t in templates for s in ("encode", "diffuse", "decode", "watermark")
+    )
+    assert sorted(len({r["template"] for r in run["stages"]}) for run in runs) == [1, 2]

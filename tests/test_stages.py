@@ -151,3 +151,24 @@ def test_fp8_storage_is_a_visible_opt_in_change(parts, reference):
     # Measured 0.67% on the tiny model and ~4.9% on the full-size one after 3 steps: a real change
     # in the output, which is why it is opt-in and part of the store key.
     assert 1e-3 < rel(latents, reference[0]) < 5e-2
+
+
+def test_step_cache_is_off_by_default_and_skips_blocks_when_on(parts, reference):
+    from t2v.runner import step_cache
+
+    transformer = fullsize.clone(parts["transformer"])
+    calls = []
+    # On the FFN inside the block: the cache replaces a skipped block's forward, not its __call__.
+    transformer.blocks[1].ffn.register_forward_hook(lambda *args: calls.append(1))
+    with step_cache(transformer, 0.0):
+        plain = staged_latents(parts, shared_timestep=False, cfg_batch=1, transformer=transformer)
+    torch.testing.assert_close(plain, reference[0], rtol=0, atol=0)
+    full_calls = len(calls)
+    assert full_calls == 2 * STEPS  # cond and uncond, every step
+
+    calls.clear()
+    with step_cache(transformer, 0.9):  # a threshold so loose that every step after the first is reused
+        cached = staged_latents(parts, shared_timestep=False, cfg_batch=1, transformer=transformer)
+    assert len(calls) < full_calls
+    assert rel(cached, reference[0]) > 1e-4  # the clip changes: hence opt-in and in the store key
+    assert not transformer.is_cache_enabled  # the component goes back to the next job uncached
