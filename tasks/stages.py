@@ -66,6 +66,7 @@ def runner_for(ctx: RunContext) -> StageRunner:
 @task(
     name="encode-prompt",
     task_run_name="encode-{job.template}",
+    tags=["gpu"],  # the text encoder runs on the card too
     retries=0,
     cache_policy=NO_CACHE,
     persist_result=False,

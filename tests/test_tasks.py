@@ -1,4 +1,4 @@
-"""tasks/stages.py: the GPU stages hold a lease-based slot of the `gpu` tag's limit, and give it back.
+"""tasks/stages.py: the GPU stages (encode, diffuse, decode) hold a lease-based `gpu` slot and give it back.
 
 What this cannot show: a kill -9 while a slot is held, then the server's repossessor returning it when
 the lease runs out. The session's test server is an ephemeral one, which runs no repossessor; that drill
@@ -15,7 +15,7 @@ from prefect.context import TaskRunContext
 import tasks.stages
 from t2v.context import RunContext
 from t2v.jobs import JobSpec
-from tasks.stages import decode, diffuse
+from tasks.stages import decode, diffuse, encode
 
 JOB = JobSpec(template="owl", prompt="an owl")
 
@@ -33,7 +33,7 @@ class _Probe:
         holders = self.client.read_concurrency_limit_by_tag("gpu").active_slots
         return f"{holders}|{TaskRunContext.get().task_run.id}"
 
-    diffuse = decode = _holders
+    encode = diffuse = decode = _holders
 
 
 @pytest.fixture
@@ -56,7 +56,7 @@ def ctx(tmp_path) -> RunContext:
     )
 
 
-@pytest.mark.parametrize("stage", [diffuse, decode], ids=["diffuse", "decode"])
+@pytest.mark.parametrize("stage", [encode, diffuse, decode], ids=["encode", "diffuse", "decode"])
 def test_a_gpu_stage_holds_the_slot_as_its_task_run_and_gives_it_back(stage, client, ctx, monkeypatch):
     monkeypatch.setattr(tasks.stages, "runner_for", lambda ctx: _Probe(client))
 
