@@ -366,13 +366,4 @@ class StageRunner:
         return copy.deepcopy(self._scheduler)  # schedulers keep per-run state
 
     def _vae_factors(self) -> tuple[int, int]:
-        """(temporal, spatial) compression of the VAE, read from its config without loading weights."""
-        if self.model.builtin:
-            from t2v.models import tiny
-
-            config = dict(tiny.build_vae().config)
-        else:
-            from diffusers import AutoencoderKLWan
-
-            config = AutoencoderKLWan.load_config(self.model.source, subfolder="vae")
-        return config["scale_factor_temporal"], config["scale_factor_spatial"]
+        return registry.vae_factors(self.model)

@@ -77,7 +77,7 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_resolve_builtin() -> None:
     ref = resolve_model("tiny")
-    assert ref == ModelRef(spec="tiny", source=None, identity=tiny.IDENTITY)
+    assert ref == ModelRef(spec="tiny", source=None, identity=tiny.IDENTITY, kind="tiny")
     assert ref.builtin
     assert ref.weight_dtype == torch.float32
 
@@ -283,3 +283,15 @@ def test_tiny_transformer_is_bit_identical_when_rebuilt() -> None:
 @pytest.mark.parametrize("builder", sorted(TINY_DIGESTS))
 def test_tiny_weights_match_the_recorded_digest(builder: str) -> None:
     assert _digest(getattr(tiny, builder)()) == TINY_DIGESTS[builder]
+
+
+def test_random_full_size_model_resolves_without_weights_and_sizes_from_its_config():
+    from t2v.plans import ComponentSizes
+
+    ref = resolve_model(registry.RANDOM_FULL_SIZE)
+    assert ref.kind == "random" and ref.builtin and ref.weight_dtype == torch.bfloat16
+    sizes = ComponentSizes.from_modules(transformer=registry.skeleton(ref, "transformer"))
+    assert sizes.transformer_dim == 3072 and sizes.transformer_ffn_dim == 14336
+    # ~5.0e9 parameters in bf16, the norms and modulation kept in fp32 as from_pretrained keeps them
+    assert 9.9e9 < sizes.transformer_bytes < 10.2e9
+    assert registry.vae_factors(ref) == (4, 16)

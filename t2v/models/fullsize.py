@@ -15,7 +15,8 @@ from transformers import UMT5Config, UMT5EncoderModel
 from t2v.models.wan22 import FULL_SIZE
 
 
-def _construct(component: str):
+def construct(component: str):
+    """The component with the libraries' own initialisers, on the current default device."""
     spec = FULL_SIZE[component]
     if component == "transformer":
         return WanTransformer3DModel(**spec["kwargs"])
@@ -46,7 +47,7 @@ def build(
     """One full-size component with random weights, `dtype` storage, moved to `keep_on`."""
     torch.manual_seed(seed)
     with torch.device(device):
-        model = _construct(component)
+        model = construct(component)
     model = model.eval().requires_grad_(False)
     if dtype != torch.float32:
         cast_like_pretrained(model, dtype)

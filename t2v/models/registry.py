@@ -5,6 +5,7 @@ Stage-major batching loads one component per stage, so each loader here returns 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -18,6 +19,9 @@ from t2v.models import tiny
 from t2v.models.wan22 import WAN22_RULES, ModelRules
 
 BUILTIN = "tiny"
+RANDOM_FULL_SIZE = "wan2.2-ti2v-5b-random"
+"""The full-size architecture with seeded random weights, built on the GPU: for benchmarks on a card
+with no weights at hand. Its clips are noise; its memory and speed are the real model's."""
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 _SUBFOLDERS = ("text_encoder", "tokenizer", "transformer", "vae", "scheduler")
 
@@ -33,15 +37,18 @@ class ModelRef:
     identity: str
     """Changes whenever the weights or configs can differ."""
     rules: ModelRules = WAN22_RULES
+    kind: str = "pretrained"
+    """"tiny" (built in), "random" (full size, random weights) or "pretrained" (from_pretrained)."""
 
     @property
     def builtin(self) -> bool:
-        return self.source is None
+        """Built here from code, nothing loaded from files."""
+        return self.kind != "pretrained"
 
     @property
     def weight_dtype(self) -> torch.dtype:
         """Storage dtype of the transformer and text encoder: bf16 as published, fp32 for tiny (CPU)."""
-        return torch.float32 if self.builtin else torch.bfloat16
+        return torch.float32 if self.kind == "tiny" else torch.bfloat16
 
 
 def _folder_identity(folder: Path) -> str:
@@ -60,7 +67,9 @@ def _folder_identity(folder: Path) -> str:
 def resolve_model(spec: str) -> ModelRef:
     """Check a `--model` value without loading weights: `tiny`, a Wan2.2 diffusers folder, or a hub id."""
     if spec == BUILTIN:
-        return ModelRef(spec=spec, source=None, identity=tiny.IDENTITY)
+        return ModelRef(spec=spec, source=None, identity=tiny.IDENTITY, kind="tiny")
+    if spec == RANDOM_FULL_SIZE:
+        return ModelRef(spec=spec, source=None, identity=f"{spec}@seed0-v1", kind="random")
     path = Path(spec).expanduser()
     if path.is_dir():
         index = path / "model_index.json"
@@ -87,7 +96,7 @@ def resolve_model(spec: str) -> ModelRef:
 
 
 def load_tokenizer(ref: ModelRef):
-    if ref.builtin:
+    if ref.builtin:  # the random model's compute does not depend on which token ids it gets
         return tiny.build_tokenizer()
     from transformers import AutoTokenizer
 
@@ -95,6 +104,8 @@ def load_tokenizer(ref: ModelRef):
 
 
 def load_text_encoder(ref: ModelRef) -> torch.nn.Module:
+    if ref.kind == "random":
+        return _build_random("text_encoder", ref.weight_dtype)
     if ref.builtin:
         return tiny.build_text_encoder()
     from transformers import UMT5EncoderModel
@@ -105,6 +116,8 @@ def load_text_encoder(ref: ModelRef) -> torch.nn.Module:
 
 
 def load_transformer(ref: ModelRef) -> torch.nn.Module:
+    if ref.kind == "random":
+        return _build_random("transformer", ref.weight_dtype)
     if ref.builtin:
         return tiny.build_transformer()
     from diffusers import WanTransformer3DModel
@@ -115,8 +128,11 @@ def load_transformer(ref: ModelRef) -> torch.nn.Module:
 
 
 def load_vae(ref: ModelRef, *, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    if ref.kind == "random":
+        return _build_random("vae", dtype)
     if ref.builtin:
-        return tiny.build_vae().to(dtype)
+        vae = tiny.build_vae()
+        return vae if dtype == torch.float32 else vae.to(dtype)
     from diffusers import AutoencoderKLWan
 
     return AutoencoderKLWan.from_pretrained(ref.source, subfolder="vae", torch_dtype=dtype).eval()
@@ -138,7 +154,11 @@ def skeleton(ref: ModelRef, component: str) -> torch.nn.Module:
     from t2v.models.fullsize import cast_like_pretrained
 
     with torch.device("meta"):
-        if ref.builtin:
+        if ref.kind == "random":
+            from t2v.models.fullsize import construct
+
+            module = construct(component)
+        elif ref.builtin:
             module = {
                 "text_encoder": tiny.build_text_encoder,
                 "transformer": tiny.build_transformer,
@@ -159,3 +179,37 @@ def skeleton(ref: ModelRef, component: str) -> torch.nn.Module:
     elif component == "text_encoder":
         module.to(ref.weight_dtype)  # transformers 5 loads UMT5 wholly in the dtype asked for
     return module
+
+
+def _build_random(component: str, dtype: torch.dtype) -> torch.nn.Module:
+    from t2v.models.fullsize import clone
+
+    return clone(_random_master(component, dtype))
+
+
+@functools.cache
+def _random_master(component: str, dtype: torch.dtype) -> torch.nn.Module:
+    # Built once per process (on the GPU, at full memory: fp32 init needs 23 GB for the encoder) and
+    # kept in host memory; each load hands out a clone sharing its tensors, as a fresh load would be.
+    from t2v.models.fullsize import build
+
+    if not torch.cuda.is_available():
+        raise ModelNotFound(
+            f"`--model {RANDOM_FULL_SIZE}` is built on a GPU (minutes on a CPU); none is here."
+        )
+    return build(component, device="cuda", dtype=dtype, keep_on="cpu")
+
+
+def vae_factors(ref: ModelRef) -> tuple[int, int]:
+    """(temporal, spatial) compression of the VAE, read from its config without loading weights."""
+    if ref.kind == "tiny":
+        config = dict(tiny.build_vae().config)
+    elif ref.kind == "random":
+        from t2v.models.wan22 import FULL_SIZE
+
+        config = FULL_SIZE["vae"]["kwargs"]
+    else:
+        from diffusers import AutoencoderKLWan
+
+        config = AutoencoderKLWan.load_config(ref.source, subfolder="vae")
+    return config["scale_factor_temporal"], config["scale_factor_spatial"]
