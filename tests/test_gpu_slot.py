@@ -1,0 +1,151 @@
+"""A night killed with kill -9 while it holds the `gpu` slot does not leave the next night waiting.
+
+The GPU stages hold a lease-based slot of the `gpu` tag limit (tasks/stages.py; tests/test_tasks.py
+checks the lease and its normal release). A process killed with kill -9 renews nothing, and only a
+served Prefect's repossessor gives the slot back once the lease (60 s) runs out: the session's test
+server runs no repossessor, so this drill starts a real `prefect server start` (repossessor every
+second, leases on disk as tasks/stages.py recommends) and takes about 90 s. Like the deployment test it
+runs only with T2V_TEST_DEPLOYMENT=1, which `.ci/run` sets.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from pathlib import Path
+
+import pytest
+from test_deployment import BIN, FLAG, _free_port
+
+REPO = Path(__file__).resolve().parents[1]
+LEASE_S = 60  # the task engine's lease on a tag slot (prefect/task_engine.py)
+
+
+def _poll(check: Callable[[], bool], timeout_s: float, what: str, procs=()) -> float:
+    """Wait until `check()` is true; seconds it took. Fails on timeout or if a process in `procs` ends."""
+    start = time.monotonic()
+    while not check():
+        for proc, log in procs:
+            if proc.poll() is not None:
+                pytest.fail(f"{what}: process ended ({proc.returncode}):\n{log.read_text()[-3000:]}")
+        if time.monotonic() - start > timeout_s:
+            pytest.fail(f"{what}: not after {timeout_s} s")
+        time.sleep(0.2)
+    return time.monotonic() - start
+
+
+def _spawn(stack: ExitStack, args: list, env: dict[str, str], log: Path) -> subprocess.Popen:
+    """Start a process in its own process group, killed with its group when `stack` closes."""
+    out = stack.enter_context(open(log, "wb"))
+    proc = subprocess.Popen(
+        args, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    stack.callback(_kill_group, proc)
+    return proc
+
+
+def _kill_group(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        except ProcessLookupError:
+            pass
+    try:  # children left behind by a group leader that is already gone
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[dict[str, str], ExitStack]]:
+    """A `prefect server start` on a free loopback port with a 1 s repossessor; the env to reach it and
+    an ExitStack that stops every process started on it (the server last)."""
+    if not os.environ.get(FLAG):
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"{FLAG} is not set; .ci/run must set it so CI runs the GPU slot drill")
+        pytest.skip(f"slow (a real Prefect server and a {LEASE_S} s lease to expire); set {FLAG}=1 to run it")
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "T2V_"))}
+    env |= {
+        "PREFECT_HOME": str(tmp_path / "prefect"),
+        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_ENABLED": "false",
+        "DO_NOT_TRACK": "1",
+        "PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS": "1",
+        "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": "prefect.server.concurrency.lease_storage.filesystem",
+        "T2V_DATA_DIR": str(tmp_path / "data"),
+        "PYTHONPATH": str(REPO),
+    }
+    with ExitStack() as stack:
+        log = tmp_path / "server.log"
+        server = _spawn(
+            stack, [BIN / "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)], env, log
+        )
+
+        def healthy() -> bool:
+            try:
+                with urllib.request.urlopen(f"{env['PREFECT_API_URL']}/health", timeout=2):
+                    return True
+            except OSError:
+                return False
+
+        _poll(healthy, 120, "prefect server start", [(server, log)])
+        yield env, stack
+
+
+def test_a_night_killed_holding_the_gpu_slot_does_not_block_the_next(served, write_catalogue, tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    env, stack = served
+    catalogue = write_catalogue({"name": "fox", "prompt": "a fox at dusk", "seed": 1})
+    nightly = [sys.executable, "-m", "t2v_cli.main", "nightly", "--catalogue", str(catalogue)]
+    data = Path(env["T2V_DATA_DIR"])
+
+    with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}):
+        client = stack.enter_context(get_client(sync_client=True))
+        client.create_concurrency_limit(tag="gpu", concurrency_limit=1)  # as `t2v deploy --gpus 1`
+
+        def slot() -> tuple[int, list]:
+            """The `gpu` limit's taken slots (what blocks a waiter) and its live holders (task runs)."""
+            taken = client.read_global_concurrency_limit_by_name("tag:gpu").active_slots
+            return taken, client.read_concurrency_limit_by_tag("gpu").active_slots
+
+        # The first night pauses inside diffuse, holding the slot; then kill -9.
+        log = tmp_path / "night1.log"
+        first = _spawn(stack, nightly, env | {"T2V_PAUSE_AT": "diffuse"}, log)
+        _poll((data / "paused-at-diffuse").exists, 120, "first night pausing at diffuse", [(first, log)])
+        taken, holders = slot()
+        assert taken == 1 and len(holders) == 1, (taken, holders)
+        assert client.read_task_run(holders[0]).name == "diffuse-fox"
+
+        os.killpg(first.pid, signal.SIGKILL)
+        assert first.wait(timeout=30) == -signal.SIGKILL
+        assert slot()[0] == 1  # nobody gave it back: only the lease's expiry can
+
+        # The repossessor frees it once the lease runs out (<= 60 s after its last renewal).
+        freed_s = _poll(lambda: slot() == (0, []), 2 * LEASE_S, "the killed night's slot being freed")
+        assert freed_s <= LEASE_S + 15, freed_s
+
+        # The next night gets the slot and finishes.
+        log = tmp_path / "night2.log"
+        second = _spawn(stack, nightly, env, log)
+        try:
+            assert second.wait(timeout=180) == 0, log.read_text()[-3000:]
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the next night did not finish in 180 s:\n{log.read_text()[-3000:]}")
+        assert "1 clip(s), 0 failed" in log.read_text()
+        assert [p.name for p in (data / "outputs").rglob("*.mp4")] == ["fox.mp4"]
+        assert slot() == (0, [])
+        print(f"slot freed {freed_s:.1f} s after the kill")
