@@ -158,6 +158,7 @@ class StageRunner:
             f"; {memory.note}" if memory.note else "",
         )
         self._tokenizer = None
+        self._factors: tuple[int, int] | None = None
         self._scheduler = None
         self._sizes: dict[str, ComponentSizes] = {}
         if settings.pause_at:
@@ -187,7 +188,7 @@ class StageRunner:
                 tensors["uncond"] = embeds[1:]
             self.store.save_tensors("encode", keys.embeddings, tensors)
 
-        return self._run("encode", job, keys.embeddings, compute, sizes_of="text_encoder")
+        return self._run("encode", job, keys, keys.embeddings, compute, sizes_of="text_encoder")
 
     def diffuse(self, job: JobSpec) -> str:
         keys = JobKeys.of(job, self.model, fp8=self.fp8)
@@ -226,7 +227,7 @@ class StageRunner:
             self.store.save_tensors("diffuse", keys.latents, {"latents": latents})
 
         self._require("encode", keys.embeddings, job)
-        return self._run("diffuse", job, keys.latents, compute, sizes_of="transformer")
+        return self._run("diffuse", job, keys, keys.latents, compute, sizes_of="transformer")
 
     def decode(self, job: JobSpec) -> str:
         keys = JobKeys.of(job, self.model, fp8=self.fp8)
@@ -239,7 +240,7 @@ class StageRunner:
                 media.write_frames_lossless(frames, temp, fps=job.fps)
 
         self._require("diffuse", keys.latents, job)
-        return self._run("decode", job, keys.frames, compute, sizes_of="vae")
+        return self._run("decode", job, keys, keys.frames, compute, sizes_of="vae")
 
     def watermark(self, job: JobSpec) -> Path:
         """Encode the clip into the store and publish it as `<outputs_dir>/<template>.mp4`."""
@@ -256,13 +257,14 @@ class StageRunner:
                 )
 
         self._require("decode", keys.frames, job)
-        self._run("watermark", job, keys.clip, compute, sizes_of=None)
+        self._run("watermark", job, keys, keys.clip, compute, sizes_of=None)
         return publish(self.store.path("watermark", keys.clip), self.outputs_dir / f"{job.template}.mp4")
 
     # --- shared machinery ------------------------------------------------------------------------
 
-    def _run(self, stage: str, job: JobSpec, key: str, compute: Callable, *, sizes_of: str | None) -> str:
-        keys = JobKeys.of(job, self.model, fp8=self.fp8)
+    def _run(
+        self, stage: str, job: JobSpec, keys: JobKeys, key: str, compute: Callable, *, sizes_of: str | None
+    ) -> str:
         row = dict(
             run_id=self.run_id,
             job_key=keys.clip,
@@ -366,4 +368,6 @@ class StageRunner:
         return copy.deepcopy(self._scheduler)  # schedulers keep per-run state
 
     def _vae_factors(self) -> tuple[int, int]:
-        return registry.vae_factors(self.model)
+        if self._factors is None:  # the same for every job of the run; tiny builds a VAE to read them
+            self._factors = registry.vae_factors(self.model)
+        return self._factors

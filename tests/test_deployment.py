@@ -5,11 +5,9 @@ own processes), so it runs only with T2V_TEST_DEPLOYMENT=1, which `.ci/run` sets
 reported as skipped.
 """
 
-import os
 import re
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -17,9 +15,8 @@ from datetime import date
 from pathlib import Path
 
 import pytest
+from prefect_server import BIN, free_port, require_slow_tests, server_env
 
-FLAG = "T2V_TEST_DEPLOYMENT"
-BIN = Path(sys.executable).parent
 POOL = "gpu-test"
 
 
@@ -59,12 +56,6 @@ def _finished_runs(log: Path) -> list[str]:
     return re.findall(r"Flow run '([^']+)' - Finished in state Completed", log.read_text())
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _stop(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         proc.terminate()
@@ -79,24 +70,16 @@ def _stop(proc: subprocess.Popen) -> None:
 @pytest.fixture
 def prefect_env(tmp_path: Path) -> Iterator[dict[str, str]]:
     """A `prefect server start` on a free loopback port with its own PREFECT_HOME; the env to reach it."""
-    if not os.environ.get(FLAG):
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"{FLAG} is not set; .ci/run must set it so CI runs the deployment test")
-        pytest.skip(f"slow (a real Prefect server and worker); set {FLAG}=1 to run it")
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "T2V_"))}
-    env |= {
-        "PREFECT_HOME": str(tmp_path / "prefect"),
-        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_UI_ENABLED": "false",
-        "DO_NOT_TRACK": "1",
-        # Poll every second, not every 15, so the triggered run starts at once.
-        "PREFECT_WORKER_QUERY_SECONDS": "1",
-        # The worker passes its environment to the flow run's process: that is how a GPU host's
-        # worker tells runs where the data is, and here it keeps the test's files in tmp_path.
-        "T2V_DATA_DIR": str(tmp_path / "data"),
-    }
+    require_slow_tests("a real Prefect server and worker")
+    port = free_port()
+    env = server_env(
+        tmp_path,
+        port,
+        # Poll every second, not every 15, so the triggered run starts at once. (The worker passes its
+        # environment to the flow run's process: that is how a GPU host's worker tells runs where the
+        # data is, and here it keeps the test's files in tmp_path.)
+        PREFECT_WORKER_QUERY_SECONDS="1",
+    )
     log = open(tmp_path / "server.log", "wb")  # closed in the finally below
     server = subprocess.Popen(
         [BIN / "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],

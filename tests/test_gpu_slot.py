@@ -21,7 +21,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
-from test_deployment import BIN, FLAG, _free_port
+from prefect_server import BIN, free_port, require_slow_tests, server_env
 
 REPO = Path(__file__).resolve().parents[1]
 LEASE_S = 60  # the task engine's lease on a tag slot (prefect/task_engine.py)
@@ -70,23 +70,15 @@ def _kill_group(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
 def served(tmp_path: Path) -> Iterator[tuple[dict[str, str], ExitStack]]:
     """A `prefect server start` on a free loopback port with a 1 s repossessor; the env to reach it and
     an ExitStack that stops every process started on it (the server last)."""
-    if not os.environ.get(FLAG):
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"{FLAG} is not set; .ci/run must set it so CI runs the GPU slot drill")
-        pytest.skip(f"slow (a real Prefect server and a {LEASE_S} s lease to expire); set {FLAG}=1 to run it")
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "T2V_"))}
-    env |= {
-        "PREFECT_HOME": str(tmp_path / "prefect"),
-        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_UI_ENABLED": "false",
-        "DO_NOT_TRACK": "1",
-        "PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS": "1",
-        "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": "prefect.server.concurrency.lease_storage.filesystem",
-        "T2V_DATA_DIR": str(tmp_path / "data"),
-        "PYTHONPATH": str(REPO),
-    }
+    require_slow_tests(f"a real Prefect server and a {LEASE_S} s lease to expire")
+    port = free_port()
+    env = server_env(
+        tmp_path,
+        port,
+        PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS="1",
+        PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE="prefect.server.concurrency.lease_storage.filesystem",
+        PYTHONPATH=str(REPO),
+    )
     with ExitStack() as stack:
         log = tmp_path / "server.log"
         server = _spawn(
