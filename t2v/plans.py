@@ -12,6 +12,8 @@ plan must fit in `HEADROOM` of the budget, the rest being left to the allocator'
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
@@ -57,6 +59,13 @@ class StagePlan:
     """group offload: let the allocator track prefetched weights per stream instead of synchronising
     before each group is dropped. Faster queueing, but freed blocks wait for the stream and the
     allocator reserves new ones meanwhile: reserved memory climbs to the cap (docs/benchmarks.md)."""
+    resident_blocks: int = 0
+    """diffuse under group offloading: this many transformer blocks, spread evenly, stay on the card
+    and are never streamed; `choose` fills the budget's spare room with them (see `with_resident`)."""
+    block_bytes: int = 0
+    """diffuse under group offloading: bytes one more resident block costs."""
+    blocks: int = 0
+    """diffuse under group offloading: how many blocks the transformer has."""
     vae_dtype: str = "float32"
     vae_tile: int | None = None
     """decode: tile side in pixels for tiled decoding; None decodes whole frames."""
@@ -65,6 +74,8 @@ class StagePlan:
     @property
     def name(self) -> str:
         parts = [self.placement.value]
+        if self.resident_blocks:
+            parts.append(f"r{self.resident_blocks}")
         if self.stage == "diffuse":
             parts.append(f"cfg{self.cfg_batch}")
             if not self.shared_timestep:
@@ -145,12 +156,32 @@ def ladder(
 def choose(plans: list[StagePlan], budget_bytes: int) -> list[StagePlan]:
     """The first plan whose estimate fits the budget, followed by the leaner ones (the fallback order).
 
-    When none fits, all of the GPU's plans are still tried, leanest first, before the CPU."""
-    limit = budget_bytes * HEADROOM
+    A streaming plan that fits keeps as many blocks resident as the room left allows, with the same
+    plan streaming every block right behind it. When none fits, the leanest GPU plan is still tried."""
+    limit = int(budget_bytes * HEADROOM)
     for i, plan in enumerate(plans):
         if plan.estimate_bytes <= limit:
-            return plans[i:]
+            filled = with_resident(plan, limit)
+            return ([filled] if filled != plan else []) + plans[i:]
     return plans[-1:]
+
+
+def with_resident(plan: StagePlan, limit: int) -> StagePlan:
+    """`plan` with as many resident blocks as fit under `limit` bytes (streaming plans only).
+
+    Under an 8 GiB cap at 480P the transformer streams ~10 GB a step over PCIe, more than the step's
+    compute hides (0.68 vs 0.47 s/step, docs/benchmarks.md); every block kept on the card is ~1/30 of
+    that traffic gone, and the result is bit-identical (the same kernels on the same weights)."""
+    if plan.placement is not Placement.GROUP or plan.block_bytes <= 0 or plan.blocks <= 2:
+        return plan
+    # Two blocks always stream (the one computing and the one prefetched), so at most blocks - 2 stay.
+    spare = max(limit - plan.estimate_bytes, 0) // plan.block_bytes
+    resident = int(min(spare, plan.blocks - 2))
+    if resident <= 0:
+        return plan
+    return replace(
+        plan, resident_blocks=resident, estimate_bytes=plan.estimate_bytes + resident * plan.block_bytes
+    )
 
 
 def _cpu_plans(stage: str, job: JobSpec) -> list[StagePlan]:
@@ -206,6 +237,7 @@ def _diffuse_plans(s: ComponentSizes, job: JobSpec, *, texts: int, fp8: bool) ->
     shapes = [(2, 1), (2, 4), (1, 1), (1, 8)] if job.cfg else [(1, 1), (1, 8)]
     plans = []
     for placement, resident in ((Placement.GPU, weights), (Placement.GROUP, streamed)):
+        streaming = placement is Placement.GROUP
         for batch, chunks in shapes:
             act = _diffuse_activation(s, job, batch=batch, shared=True, ffn_chunks=chunks)
             plans.append(
@@ -215,6 +247,8 @@ def _diffuse_plans(s: ComponentSizes, job: JobSpec, *, texts: int, fp8: bool) ->
                     cfg_batch=batch,
                     ffn_chunks=chunks,
                     fp8_storage=fp8,
+                    block_bytes=block if streaming else 0,
+                    blocks=blocks if streaming else 0,
                     estimate_bytes=resident + act,
                 )
             )
@@ -246,8 +280,19 @@ def _decode_plans(s: ComponentSizes, job: JobSpec, *, texts: int, fp8: bool) -> 
 
     # Order: speed, then fidelity. Whole frames in fp32 are the pipeline's own decode; measured on
     # random weights, tiles of 256 px moved frames by ~5/255 on average and 128 px tiles by ~14/255,
-    # bf16 by <1/255, so bf16 comes before smaller tiles.
-    options = [("float32", None), ("bfloat16", None), ("float32", 256), ("bfloat16", 256), ("bfloat16", 128)]
+    # bf16 by <1/255, so bf16 comes before smaller tiles. Fewer, larger tiles are faster as well as
+    # closer: the decoder runs frame by frame per tile, so 15 tiles of 256 px at 480P launch 5x the
+    # kernels of 3 tiles of 512 px and recompute ~1.7x the pixels in the overlaps (8.8 s against
+    # 4.2 s whole, docs/benchmarks.md).
+    options = [
+        ("float32", None),
+        ("bfloat16", None),
+        ("float32", 512),
+        ("bfloat16", 512),
+        ("float32", 256),
+        ("bfloat16", 256),
+        ("bfloat16", 128),
+    ]
     plans = []
     for dtype, tile in options:
         if tile and tile >= max(job.height, job.width):
@@ -267,7 +312,10 @@ def _decode_plans(s: ComponentSizes, job: JobSpec, *, texts: int, fp8: bool) -> 
 def residency_key(plan: StagePlan) -> str:
     """What decides where a component's weights are: plans with the same key can share a loaded
     component (its pinned host copies and hooks), whatever their CFG batch, FFN chunks or VAE tiles."""
-    return f"{plan.stage}|{plan.placement.value}|{plan.device}|fp8={plan.fp8_storage}|{plan.vae_dtype}"
+    return (
+        f"{plan.stage}|{plan.placement.value}|{plan.device}|fp8={plan.fp8_storage}|{plan.vae_dtype}"
+        f"|resident={plan.resident_blocks}"
+    )
 
 
 def apply(plan: StagePlan, module: torch.nn.Module) -> torch.nn.Module:
@@ -292,17 +340,47 @@ def apply(plan: StagePlan, module: torch.nn.Module) -> torch.nn.Module:
     # `block_modules` nests two stream prefetch hooks, which diffusers 0.42 refuses. Offloading the
     # stack itself works: its unmatched group holds the embedding, which `shared` ties to.
     target = module.encoder if plan.stage == "encode" and not leaf and hasattr(module, "encoder") else module
-    apply_group_offloading(
-        target,
-        onload_device=device,
-        offload_device=torch.device("cpu"),
-        offload_type="leaf_level" if leaf else "block_level",
-        num_blocks_per_group=None if leaf else 1,
-        use_stream=not leaf,
-        non_blocking=not leaf,
-        record_stream=plan.record_stream and not leaf,
-    )
+    with _resident_blocks_hidden(target, plan.resident_blocks) as resident:
+        apply_group_offloading(
+            target,
+            onload_device=device,
+            offload_device=torch.device("cpu"),
+            offload_type="leaf_level" if leaf else "block_level",
+            num_blocks_per_group=None if leaf else 1,
+            use_stream=not leaf,
+            non_blocking=not leaf,
+            record_stream=plan.record_stream and not leaf,
+        )
+    for block in resident:
+        block.to(device)
     return configure(plan, module)
+
+
+def resident_indices(blocks: int, resident: int) -> list[int]:
+    """Which of `blocks` stay on the card: spread evenly, so that every streamed block's prefetch has
+    the compute of the resident ones before it to hide behind."""
+    resident = max(0, min(resident, blocks))
+    return [i for i in range(blocks) if (i + 1) * resident // blocks > i * resident // blocks]
+
+
+@contextmanager
+def _resident_blocks_hidden(module: torch.nn.Module, resident: int) -> Iterator[list[torch.nn.Module]]:
+    """While inside, `module.blocks` lists only the blocks to stream, so that group offloading hooks
+    those alone (and pins only their weights); the full list is back on exit. Yields the resident ones.
+
+    diffusers' block-level offloading groups every member of a ModuleList and has no way to leave
+    some out; its prefetch chain is traced on the first forward from the modules that carry its hook,
+    so blocks without one simply run where they are."""
+    if resident <= 0 or not isinstance(getattr(module, "blocks", None), torch.nn.ModuleList):
+        yield []
+        return
+    blocks = module.blocks
+    keep = set(resident_indices(len(blocks), resident))
+    module.blocks = torch.nn.ModuleList([b for i, b in enumerate(blocks) if i not in keep])
+    try:
+        yield [blocks[i] for i in sorted(keep)]
+    finally:
+        module.blocks = blocks
 
 
 def configure(plan: StagePlan, module: torch.nn.Module) -> torch.nn.Module:

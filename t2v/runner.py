@@ -12,6 +12,7 @@ import gc
 import hashlib
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -29,10 +30,12 @@ from t2v.plans import ComponentSizes, StagePlan, apply, choose, configure, ladde
 from t2v.runlog import RunLog
 from t2v.settings import PAUSE_SECONDS, Settings
 from t2v.store import Store, make_key, publish
-from t2v.vram import DeviceMemory, PeakMemory
+from t2v.vram import DeviceMemory, PeakMemory, hold_to_budget
 
 log = logging.getLogger("t2v")
 MAX_CLIP_BYTES = 20_000_000
+TEXTS_REMEMBERED = 16
+"""Embeddings a run keeps in memory by text (4 MB each at full size): the negative prompts, mostly."""
 
 
 @dataclass(frozen=True)
@@ -148,6 +151,7 @@ class StageRunner:
         self.outputs_dir = outputs_dir
         self.fp8 = fp8
         self.residency = residency
+        hold_to_budget(memory)
         log.info(
             "planning for %s (%s): %.1f GiB free of %.1f, from %s%s",
             memory.name,
@@ -161,6 +165,7 @@ class StageRunner:
         self._factors: tuple[int, int] | None = None
         self._scheduler = None
         self._sizes: dict[str, ComponentSizes] = {}
+        self._texts: OrderedDict[str, torch.Tensor] = OrderedDict()
         if settings.pause_at:
             store.on_written = self._maybe_pause
 
@@ -174,18 +179,10 @@ class StageRunner:
         keys = JobKeys.of(job, self.model, fp8=self.fp8)
 
         def compute(plan: StagePlan) -> None:
-            texts = [job.prompt, job.negative_prompt] if job.cfg else [job.prompt]
             encoder = self._component("text_encoder", plan, registry.load_text_encoder)
-            embeds = stages.encode_texts(
-                encoder,
-                self.tokenizer,
-                texts,
-                device=self._compute_device(plan),
-                max_sequence_length=self.model.rules.max_sequence_length,
-            )
-            tensors = {"cond": embeds[:1]}
+            tensors = {"cond": self._embed(encoder, plan, job.prompt)}
             if job.cfg:
-                tensors["uncond"] = embeds[1:]
+                tensors["uncond"] = self._embed(encoder, plan, job.negative_prompt)
             self.store.save_tensors("encode", keys.embeddings, tensors)
 
         return self._run("encode", job, keys, keys.embeddings, compute, sizes_of="text_encoder")
@@ -321,6 +318,26 @@ class StageRunner:
             name, f"{self.model.identity}|{residency_key(plan)}", lambda: apply(plan, load(self.model))
         )
         return configure(plan, module)
+
+    def _embed(self, encoder: torch.nn.Module, plan: StagePlan, text: str) -> torch.Tensor:
+        """One text's embeddings, encoded alone as the pipeline encodes each (so a text's embedding does
+        not depend on what it was batched with) and remembered for the run: a night's jobs mostly
+        share one negative prompt, and each pass of the 5.7B encoder streams all its weights."""
+        cached = self._texts.get(text)
+        if cached is None:
+            cached = stages.encode_texts(
+                encoder,
+                self.tokenizer,
+                [text],
+                device=self._compute_device(plan),
+                max_sequence_length=self.model.rules.max_sequence_length,
+            ).cpu()
+            self._texts[text] = cached
+            while len(self._texts) > TEXTS_REMEMBERED:
+                self._texts.popitem(last=False)
+        else:
+            self._texts.move_to_end(text)
+        return cached
 
     def _compute_device(self, plan: StagePlan) -> torch.device:
         return torch.device(plan.device)

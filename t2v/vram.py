@@ -9,6 +9,8 @@ import os
 import threading
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from types import ModuleType, TracebackType
 from typing import Any, Self
@@ -20,8 +22,10 @@ __all__ = [
     "GIB",
     "DeviceMemory",
     "PeakMemory",
+    "hold_to_budget",
     "physical_device",
     "probe",
+    "uncapped",
     "visible_devices",
 ]
 
@@ -39,6 +43,8 @@ class DeviceMemory:
     free_bytes: int
     source: str
     note: str = ""
+    cap_bytes: int | None = None
+    """The budget asked for ($T2V_VRAM_BUDGET_GB), which `hold_to_budget` makes PyTorch keep to."""
 
     @property
     def budget_bytes(self) -> int:
@@ -188,7 +194,48 @@ def probe(*, device_index: int = 0, budget_gib: float | None = None) -> DeviceMe
         free_bytes=min(free, budget),
         source="budget",
         note=note,
+        cap_bytes=budget,
     )
+
+
+_CAPS: dict[int, float] = {}
+"""Per-process memory fractions set by `hold_to_budget`, by CUDA device index."""
+
+
+def hold_to_budget(memory: DeviceMemory) -> None:
+    """Make PyTorch's allocator keep to the budget on that card, as a card of that size would: a run
+    planned for 8 GiB on an 80 GB card then also runs out of memory where an 8 GiB card would, and
+    falls back the same way. No budget, or no GPU: nothing to do."""
+    if memory.cap_bytes is None or not memory.device.startswith("cuda"):
+        return
+    import torch
+
+    index = torch.device(memory.device).index or 0
+    fraction = min(1.0, memory.cap_bytes / memory.total_bytes)
+    torch.cuda.set_per_process_memory_fraction(fraction, index)
+    _CAPS[index] = fraction
+
+
+@contextmanager
+def uncapped() -> Iterator[None]:
+    """Lift `hold_to_budget`'s cap on the current CUDA device while inside, then put it back.
+
+    For building the random-weight benchmark model, which is initialised on the card in fp32 (23 GB
+    for the text encoder) before it is cast and moved to host memory, where a real model is read from
+    disk: neither is part of what a budget plans for."""
+    import torch
+
+    index = torch.cuda.current_device() if torch.cuda.is_available() else -1
+    fraction = _CAPS.get(index)
+    if fraction is None:
+        yield
+        return
+    torch.cuda.set_per_process_memory_fraction(1.0, index)
+    try:
+        yield
+    finally:
+        torch.cuda.empty_cache()
+        torch.cuda.set_per_process_memory_fraction(fraction, index)
 
 
 class PeakMemory:

@@ -1,13 +1,14 @@
 """Memory plans: order, choice under a budget, and the estimates against what the H100 measured."""
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from t2v.jobs import JobSpec
 from t2v.models import registry
-from t2v.plans import ComponentSizes, GiB, Placement, choose, ladder
+from t2v.plans import ComponentSizes, GiB, Placement, choose, ladder, residency_key, resident_indices
 
 # Sizes of the full-size architecture as t2v.models.fullsize builds it (bf16 transformer and encoder).
 FULL = ComponentSizes(
@@ -53,10 +54,10 @@ def test_a_big_card_keeps_everything_resident_and_untiled():
 @pytest.mark.parametrize(
     ("job", "cap", "diffuse"),
     [
-        (P720, 8, "diffuse:group-cfg2-ffn4"),  # one batch for CFG, the FFN in 4 slices
-        (P720, 6, "diffuse:group-cfg1"),  # two passes: half the activations
-        (P480, 8, "diffuse:group-cfg2"),
-        (P480, 6, "diffuse:group-cfg2"),
+        (P720, 8, "diffuse:group-r1-cfg2-ffn4"),  # one batch for CFG, the FFN in 4 slices
+        (P720, 6, "diffuse:group-r3-cfg1"),  # two passes: half the activations
+        (P480, 8, "diffuse:group-r11-cfg2"),  # 11 of 30 blocks stay on the card
+        (P480, 6, "diffuse:group-r6-cfg2"),
     ],
 )
 def test_small_cards_stream_weights_and_fit_the_headroom(job, cap, diffuse):
@@ -69,10 +70,35 @@ def test_small_cards_stream_weights_and_fit_the_headroom(job, cap, diffuse):
 
 
 def test_choose_returns_the_fallbacks_behind_the_choice():
-    plans = ladder("diffuse", FULL, P720, device="cuda")
+    plans = ladder("decode", FULL, P720, device="cuda")
     picked = choose(plans, 8 * GiB)
     assert picked == plans[plans.index(picked[0]) :]
     assert choose(plans, 1) == plans[-1:]  # nothing fits: still try the leanest
+
+
+def test_spare_room_keeps_blocks_resident_with_the_streaming_plan_behind():
+    plans = ladder("diffuse", FULL, P480, device="cuda")
+    for cap in (6, 8, 12):
+        picked = choose(plans, cap * GiB)
+        filled, streamed = picked[0], picked[1]
+        assert streamed.resident_blocks == 0 and picked[1:] == plans[plans.index(streamed) :]
+        assert filled == replace(
+            streamed,
+            resident_blocks=filled.resident_blocks,
+            estimate_bytes=streamed.estimate_bytes + filled.resident_blocks * streamed.block_bytes,
+        )
+        assert filled.estimate_bytes <= 0.75 * cap * GiB  # the blocks fill the room, not more
+        assert filled.estimate_bytes + streamed.block_bytes > 0.75 * cap * GiB or filled.resident_blocks == 28
+    assert choose(plans, 6 * GiB)[0].resident_blocks < choose(plans, 8 * GiB)[0].resident_blocks
+    # Resident blocks are where the weights live: the loaded component differs.
+    assert residency_key(choose(plans, 8 * GiB)[0]) != residency_key(choose(plans, 8 * GiB)[1])
+
+
+def test_resident_blocks_are_spread_evenly():
+    assert resident_indices(30, 10) == [2, 5, 8, 11, 14, 17, 20, 23, 26, 29]
+    assert resident_indices(30, 0) == []
+    assert resident_indices(4, 4) == [0, 1, 2, 3]
+    assert len(resident_indices(30, 11)) == 11
 
 
 def test_estimates_cover_what_the_h100_allocated():
@@ -123,9 +149,6 @@ def test_sizes_from_a_meta_skeleton_match_the_loaded_components():
 
 
 def test_plans_that_differ_only_in_cheap_switches_share_a_loaded_component():
-    from dataclasses import replace
-
-    from t2v.plans import residency_key
     from t2v.runner import Residency
 
     plans = ladder("diffuse", FULL, P720, device="cuda")

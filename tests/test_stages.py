@@ -93,6 +93,33 @@ def test_chunked_feed_forward_and_group_offload_change_nothing(parts, reference)
     assert rel(latents, reference[0]) < 1e-6
 
 
+def test_resident_blocks_run_unhooked_and_change_nothing(parts, reference):
+    from diffusers.hooks import HookRegistry
+
+    from t2v.plans import _resident_blocks_hidden
+
+    streamed = fullsize.clone(parts["transformer"])
+    apply_group_offloading(
+        streamed, onload_device=torch.device("cpu"), offload_type="block_level", num_blocks_per_group=1
+    )
+    mixed = fullsize.clone(parts["transformer"])
+    blocks = list(mixed.blocks)
+    with _resident_blocks_hidden(mixed, 1) as resident:
+        apply_group_offloading(
+            mixed, onload_device=torch.device("cpu"), offload_type="block_level", num_blocks_per_group=1
+        )
+    assert list(mixed.blocks) == blocks and resident == [blocks[-1]]  # the whole list is back
+
+    def hooked(block):
+        return HookRegistry.check_if_exists_or_initialize(block).get_hook("group_offloading") is not None
+
+    assert [hooked(b) for b in mixed.blocks] == [True] * (len(blocks) - 1) + [False]
+    a = staged_latents(parts, shared_timestep=True, cfg_batch=2, transformer=streamed)
+    b = staged_latents(parts, shared_timestep=True, cfg_batch=2, transformer=mixed)
+    torch.testing.assert_close(b, a, rtol=0, atol=0)  # the same kernels on the same weights
+    assert rel(b, reference[0]) < 1e-5
+
+
 def test_text_encoder_offloaded_by_blocks_encodes_the_same(parts):
     plain = stages.encode_texts(
         parts["text_encoder"], parts["tokenizer"], [PROMPT], device="cpu", max_sequence_length=512

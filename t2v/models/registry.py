@@ -192,12 +192,14 @@ def _random_master(component: str, dtype: torch.dtype) -> torch.nn.Module:
     # Built once per process (on the GPU, at full memory: fp32 init needs 23 GB for the encoder) and
     # kept in host memory; each load hands out a clone sharing its tensors, as a fresh load would be.
     from t2v.models.fullsize import build
+    from t2v.vram import uncapped
 
     if not torch.cuda.is_available():
         raise ModelNotFound(
             f"`--model {RANDOM_FULL_SIZE}` is built on a GPU (minutes on a CPU); none is here."
         )
-    return build(component, device="cuda", dtype=dtype, keep_on="cpu")
+    with uncapped():
+        return build(component, device="cuda", dtype=dtype, keep_on="cpu")
 
 
 def vae_factors(ref: ModelRef) -> tuple[int, int]:

@@ -1,0 +1,605 @@
+"""Nightly throughput on one GPU: t2v's nightly flow against the per-video diffusers loop a user writes.
+
+One process, one card, one cap (8 GiB by `set_per_process_memory_fraction`), the same random-weight
+full-size weights, prompts, negative prompt, seeds and steps on both sides:
+
+  baseline  stock `WanPipeline` called once per video. First as the issue words it,
+            `enable_model_cpu_offload()` + `vae.enable_tiling()`; where that cannot fit the cap (the
+            10 GB transformer and 11 GB text encoder move whole), the loop diffusers' docs give for
+            small cards: group offloading with CUDA streams (transformer by blocks, text encoder by
+            leaves) and VAE tiling. Frames are saved per clip with `np.save`.
+  ours      `flows.nightly.nightly` against a local `prefect server start` that this script starts
+            first (a nightly deployment has its server running): stage-major, planned under the same
+            cap (T2V_VRAM_BUDGET_GB), run log and store included.
+
+Reports clips/hour for both, their ratio, our time outside model compute (wall time minus the time
+inside `stages.encode_texts` / `denoise` / `decode_latents`, split into loads and the rest: Prefect,
+store and run-log I/O) and each side's peak VRAM. Then, on the same card: the step cache
+(FirstBlockCache) on one job, speed and relative change of its latents against the uncached run, and
+`torch.compile` of the repeated transformer blocks (compile time, step time).
+
+    python bench/nightly_throughput.py --out bench/results        # on a GPU (the device tool)
+    python bench/nightly_throughput.py --tiny --out /tmp/bench    # CPU smoke run, built-in model
+
+The GPU machine has no ffmpeg binary: there (and only there) both sides save frames as .npy and our
+watermark stage publishes those instead of encoding H.264 (measured apart on a CPU: docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import traceback
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+GiB = 2**30
+NEGATIVE = "blurry, low quality, static, distorted"
+PROMPTS = [
+    ("birthday", "A birthday cake with glowing candles on a wooden table, confetti falling, warm light"),
+    ("holiday", "A snowy village at night with glowing windows and a decorated pine tree, gentle snowfall"),
+    ("atom", "A glowing model of an atom rotating slowly above a classroom desk, soft blue light"),
+    ("corgi", "A corgi in a red scarf runs through fresh snow at golden hour, slow motion"),
+    ("ocean", "Waves roll onto a black sand beach under a pink sunset sky, seagulls overhead"),
+    ("city", "A rainy neon street in Tokyo at night, reflections on wet asphalt, people with umbrellas"),
+    ("forest", "Sunbeams through a misty pine forest at dawn, a deer steps into a clearing"),
+    ("space", "A rocket lifts off from a launch pad at dusk, clouds of steam and orange flame"),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_prefect_server(home: Path) -> tuple[subprocess.Popen, str]:
+    """A local Prefect server for this process, as a nightly deployment has one; returns (proc, api)."""
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = os.environ | {
+        "PREFECT_HOME": str(home),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_ENABLED": "false",
+        "DO_NOT_TRACK": "1",
+    }
+    home.mkdir(parents=True, exist_ok=True)
+    log = open(home / "server.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    os.environ.update(
+        PREFECT_HOME=str(home),
+        PREFECT_API_URL=api,
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        DO_NOT_TRACK="1",
+    )
+    return proc, api
+
+
+def wait_for(api: str, proc: subprocess.Popen, timeout: float = 120) -> float:
+    start = time.perf_counter()
+    while time.perf_counter() - start < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError(f"prefect server exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"{api}/health", timeout=2) as r:
+                if r.status == 200:
+                    return time.perf_counter() - start
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError("prefect server did not answer")
+
+
+class ComputeTimer:
+    """Wall time spent inside the model's compute functions (`t2v.stages`) and inside `plans.apply`
+    (placing a loaded component: moving, pinning, hooking), with the device synchronised at both ends."""
+
+    def __init__(self, torch) -> None:
+        self.torch = torch
+        self.seconds = {"encode": 0.0, "denoise": 0.0, "decode": 0.0, "apply": 0.0}
+        self._patched: list[tuple[object, str, object]] = []
+
+    def _sync(self) -> None:
+        if self.torch.cuda.is_available():
+            self.torch.cuda.synchronize()
+
+    def wrap(self, owner, name: str, bucket: str) -> None:
+        original = getattr(owner, name)
+
+        def timed(*args, **kwargs):
+            self._sync()
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self._sync()
+                self.seconds[bucket] += time.perf_counter() - start
+
+        setattr(owner, name, timed)
+        self._patched.append((owner, name, original))
+
+    def restore(self) -> None:
+        for owner, name, original in reversed(self._patched):
+            setattr(owner, name, original)
+        self._patched.clear()
+
+    @property
+    def compute_s(self) -> float:
+        return self.seconds["encode"] + self.seconds["denoise"] + self.seconds["decode"]
+
+
+def frames_to_disk(media, np) -> None:
+    """No ffmpeg here: lossless frames as .npy under the store's name, the 'clip' a copy of them."""
+
+    def write_frames(frames, dest, *, fps):
+        with open(dest, "wb") as f:
+            np.save(f, frames)
+
+    def encode(src, dest, **_kwargs):
+        shutil.copyfile(src, dest)
+
+    media.write_frames_lossless = write_frames
+    media.encode_mp4 = encode
+
+
+def has_ffmpeg(media) -> bool:
+    try:
+        media.ffmpeg_exe()
+    except Exception:
+        return False
+    return True
+
+
+def pin_probe(torch, gib: float = 2.0) -> dict:
+    """Seconds to pin `gib` of host memory with cudaHostAlloc and with the host-register path."""
+    out = {}
+    src = torch.empty(int(gib * GiB), dtype=torch.uint8)
+    src.fill_(1)
+    for name, setting in (("cudaHostAlloc", "False"), ("cudaHostRegister_8_threads", "True")):
+        try:
+            torch.cuda.memory._set_allocator_settings(f"pinned_use_cuda_host_register:{setting}")
+            start = time.perf_counter()
+            pinned = src.pin_memory()
+            out[name + "_s"] = time.perf_counter() - start
+            start = time.perf_counter()
+            pinned.to("cuda", non_blocking=True)
+            torch.cuda.synchronize()
+            out[name + "_h2d_gb_s"] = gib * GiB / 1e9 / (time.perf_counter() - start)
+            del pinned
+            torch._C._host_emptyCache()
+        except Exception as exc:
+            out[name + "_error"] = f"{type(exc).__name__}: {exc}"
+    torch.cuda.memory._set_allocator_settings("pinned_use_cuda_host_register:True")
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--jobs", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--cap-gib", type=float, default=8.0)
+    parser.add_argument("--tiny", action="store_true", help="built-in model on the CPU: a smoke run")
+    parser.add_argument(
+        "--skip", default="", help="comma list of phases to leave out: model-offload,cache,compile"
+    )
+    parser.add_argument("--work", type=Path, default=Path("/tmp/t2v-throughput"))
+    parser.add_argument(
+        "--deadline-s", type=float, default=420, help="optional phases start only before this"
+    )
+    args = parser.parse_args()
+    skip = {s for s in args.skip.split(",") if s}
+    args.out.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(args.work, ignore_errors=True)
+    args.work.mkdir(parents=True)
+
+    # The server starts while the weights are built; it is up before anything is timed.
+    server, api = start_prefect_server(args.work / "prefect")
+
+    import numpy as np
+    import torch
+
+    import t2v  # noqa: F401  (its allocator settings, before CUDA starts)
+    from t2v import media, stages
+    from t2v.jobs import JobSpec
+    from t2v.models import registry
+    from t2v.models.registry import RANDOM_FULL_SIZE, resolve_model
+    from t2v.vram import PeakMemory
+
+    cuda = torch.cuda.is_available() and not args.tiny
+    device = "cuda:0" if cuda else "cpu"
+    began = time.perf_counter()
+    model = "tiny" if args.tiny else RANDOM_FULL_SIZE
+    height, width, frames = (64, 96, 9) if args.tiny else (480, 832, 81)
+    ref = resolve_model(model)
+    results: dict = {
+        "jobs": args.jobs,
+        "resolution": f"{width}x{height}x{frames}",
+        "steps": args.steps,
+        "cap_gib": args.cap_gib if cuda else None,
+        "gpu": torch.cuda.get_device_name(0) if cuda else "cpu",
+        "torch": torch.__version__,
+        "model": model,
+        "phases": {},
+    }
+
+    def save() -> None:
+        (args.out / "nightly_throughput.json").write_text(json.dumps(results, indent=1, default=str))
+
+    def log(msg: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+    if not has_ffmpeg(media):
+        frames_to_disk(media, np)
+        results["note"] = "no ffmpeg on this machine: frames saved as .npy on both sides, no H.264"
+
+    jobs = []
+    for i in range(args.jobs):
+        name, prompt = PROMPTS[i % len(PROMPTS)]
+        jobs.append(
+            JobSpec(
+                template=name if i < len(PROMPTS) else f"{name}-{i}",
+                prompt=prompt,
+                negative_prompt=NEGATIVE,
+                seed=i + 1,
+                height=height,
+                width=width,
+                frames=frames,
+                steps=args.steps,
+            )
+        )
+
+    if cuda:
+        results["pin_probe"] = pin_probe(torch)
+        log(f"pin probe: {results['pin_probe']}")
+    start = time.perf_counter()
+    masters = {
+        "text_encoder": registry.load_text_encoder(ref),
+        "transformer": registry.load_transformer(ref),
+        "vae": registry.load_vae(ref),
+    }
+    results["build_s"] = time.perf_counter() - start
+    log(f"weights built in {results['build_s']:.1f} s")
+    results["prefect_server_ready_s"] = wait_for(api, server)
+    total = torch.cuda.get_device_properties(0).total_memory if cuda else 0
+
+    def cap(on: bool) -> None:
+        if cuda:
+            gc.collect()
+            torch.cuda.empty_cache()
+            torch.cuda.set_per_process_memory_fraction(args.cap_gib * GiB / total if on else 1.0)
+            torch.cuda.reset_peak_memory_stats()
+
+    def drop_everything() -> None:
+        from t2v.runner import _RESIDENCY
+
+        _RESIDENCY.drop()
+        gc.collect()
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            torch._C._host_emptyCache()  # no pinned blocks handed from one side to the other
+
+    # --- ours: the nightly flow, Prefect included (first, so it pays the process's warm-up) ------
+    catalogue = args.work / "night.toml"
+    fields = ("prompt", "negative_prompt", "seed", "height", "width", "frames", "steps")
+    catalogue.write_text(
+        "".join(
+            f"[[template]]\nname = {json.dumps(j.template)}\n"
+            + "".join(f"{k} = {json.dumps(getattr(j, k))}\n" for k in fields)
+            for j in jobs
+        )
+    )
+    os.environ["T2V_DATA_DIR"] = str(args.work / "ours")
+    if cuda:
+        os.environ["T2V_VRAM_BUDGET_GB"] = str(args.cap_gib)
+    from flows.nightly import nightly
+    from t2v import runner as runner_module
+    from t2v.runlog import RunLog
+
+    cap(True)
+    timer = ComputeTimer(torch)
+    timer.wrap(stages, "encode_texts", "encode")
+    timer.wrap(stages, "denoise", "denoise")
+    timer.wrap(stages, "decode_latents", "decode")
+    timer.wrap(runner_module, "apply", "apply")
+    log("ours: nightly flow")
+    peak = PeakMemory(device)
+    start = time.perf_counter()
+    with peak:
+        outcome = nightly(catalogue=str(catalogue), model=model)
+    ours_wall = time.perf_counter() - start
+    timer.restore()
+    rows = RunLog(f"sqlite:///{args.work / 'ours' / 'runlog.sqlite'}").run(outcome["run_id"])["stages"]
+    results["phases"]["ours"] = {
+        "wall_s": ours_wall,
+        "clips": len(outcome["clips"]),
+        "failed": outcome["failed"],
+        "compute_s": dict(timer.seconds),
+        "peak_allocated_gib": peak.allocated_gib,
+        "peak_reserved_gib": peak.reserved_gib,
+        "peak_nvml_gib": peak.nvml_gib,
+        "rows": [
+            {
+                k: r[k]
+                for k in (
+                    "stage",
+                    "template",
+                    "status",
+                    "plan",
+                    "wall_s",
+                    "peak_reserved_gib",
+                    "peak_nvml_gib",
+                )
+            }
+            for r in rows
+        ],
+    }
+    ours_compute = timer.compute_s
+    results["ours_clips_per_hour"] = 3600 * len(outcome["clips"]) / ours_wall
+    results["ours_overhead_share"] = (ours_wall - ours_compute) / ours_wall
+    results["ours_loads_share"] = timer.seconds["apply"] / ours_wall
+    results["ours_peak_gib"] = peak.reserved_gib
+    log(
+        f"ours: {ours_wall:.1f} s for {len(outcome['clips'])} clips; compute {ours_compute:.1f} s "
+        f"({timer.seconds}); overhead share {results['ours_overhead_share']:.3f}"
+    )
+    save()
+    ours_latents = {}
+    from t2v.runner import JobKeys
+    from t2v.store import Store
+
+    store = Store(args.work / "ours" / "store")
+    for j in jobs:
+        ours_latents[j.template] = store.load_tensors("diffuse", JobKeys.of(j, ref).latents)["latents"]
+
+    # --- step cache and torch.compile on our runner, same card, same cap ------------------------
+    def runner_phase(name: str, fn) -> None:
+        if name in skip:
+            return
+        if time.perf_counter() - began > args.deadline_s:
+            results["phases"][name] = {"skipped": f"past --deadline-s {args.deadline_s}"}
+            save()
+            return
+        try:
+            results["phases"][name] = fn()
+        except Exception as exc:
+            traceback.print_exc()
+            results["phases"][name] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+        log(f"{name}: {results['phases'][name]}")
+        save()
+
+    def transformer_for_night():
+        """The transformer placed by the plan the night used for its diffuse stage."""
+        from t2v.plans import ComponentSizes, apply, choose, ladder
+        from t2v.vram import probe
+
+        sizes = ComponentSizes.from_modules(transformer=registry.skeleton(ref, "transformer"))
+        plan = choose(
+            ladder("diffuse", sizes, jobs[0], device=device),
+            probe(budget_gib=args.cap_gib if cuda else None).budget_bytes,
+        )[0]
+        return plan, apply(plan, registry.load_transformer(ref))
+
+    def denoise_once(transformer, plan, job, steps):
+        embeds = store.load_tensors("encode", JobKeys.of(job, ref).embeddings)
+        temporal, spatial = registry.vae_factors(ref)
+        shape = stages.latent_shape(
+            transformer.config.in_channels,
+            temporal=temporal,
+            spatial=spatial,
+            height=job.height,
+            width=job.width,
+            frames=job.frames,
+        )
+        noise = stages.initial_noise(shape, seed=job.seed, device=device)
+        times = []
+        last = [time.perf_counter()]
+
+        def on_step(i, n):
+            if cuda:
+                torch.cuda.synchronize()
+            now = time.perf_counter()
+            times.append(now - last[0])
+            last[0] = now
+
+        last[0] = time.perf_counter()
+        latents = stages.denoise(
+            transformer,
+            registry.load_scheduler(ref),
+            noise,
+            embeds["cond"],
+            embeds.get("uncond"),
+            steps=steps,
+            guidance=job.guidance,
+            compute_dtype=ref.weight_dtype,
+            shared_timestep=plan.shared_timestep,
+            cfg_batch=plan.cfg_batch,
+            on_step=on_step,
+        )
+        return latents, times
+
+    def rel(a, b) -> float:
+        return float((a.float() - b.float()).norm() / b.float().norm())
+
+    def step_cache_phase() -> dict:
+        from t2v.runner import step_cache
+
+        drop_everything()
+        cap(True)
+        plan, transformer = transformer_for_night()
+        job = jobs[0]
+        out = {"plan": plan.name}
+        plain, plain_times = denoise_once(transformer, plan, job, args.steps)
+        out["uncached_s"] = sum(plain_times)
+        out["uncached_matches_night"] = rel(plain.cpu(), ours_latents[job.template])
+        for threshold in (0.05, 0.1, 0.2):
+            with step_cache(transformer, threshold):
+                cached, times = denoise_once(transformer, plan, job, args.steps)
+            out[f"threshold_{threshold}"] = {
+                "s": sum(times),
+                "speedup": sum(plain_times) / sum(times),
+                "latents_rel_change": rel(cached.cpu(), plain.cpu()),
+            }
+        out["step_times_uncached"] = plain_times
+        return out
+
+    def compile_phase() -> dict:
+        drop_everything()
+        cap(True)
+        plan, transformer = transformer_for_night()
+        job = jobs[0]
+        out = {"plan": plan.name}
+        _, plain_times = denoise_once(transformer, plan, job, 3)
+        start = time.perf_counter()
+        transformer.compile_repeated_blocks(fullgraph=False, dynamic=False)
+        out["compile_call_s"] = time.perf_counter() - start
+        _, first = denoise_once(transformer, plan, job, 3)
+        _, again = denoise_once(transformer, plan, job, 3)
+        out["uncompiled_step_times"] = plain_times
+        out["first_compiled_step_times"] = first
+        out["compiled_step_times"] = again
+        out["compile_overhead_s"] = sum(first) - sum(again)
+        later = sorted(again[1:] or again)[len(again[1:] or again) // 2]
+        base = sorted(plain_times[1:] or plain_times)[len(plain_times[1:] or plain_times) // 2]
+        out["median_step_uncompiled_s"] = base
+        out["median_step_compiled_s"] = later
+        out["break_even_steps"] = out["compile_overhead_s"] / (base - later) if base > later else None
+        return out
+
+    runner_phase("cache", step_cache_phase)
+    drop_everything()
+
+    # --- the baseline: a per-video loop over stock WanPipeline -----------------------------------
+    from diffusers import WanPipeline
+    from diffusers.hooks import apply_group_offloading
+
+    from t2v.models import fullsize
+
+    def pipeline():
+        return WanPipeline(
+            tokenizer=registry.load_tokenizer(ref),
+            text_encoder=fullsize.clone(masters["text_encoder"]),
+            transformer=fullsize.clone(masters["transformer"]),
+            vae=fullsize.clone(masters["vae"]),
+            scheduler=registry.load_scheduler(ref),
+            expand_timesteps=True,
+        )
+
+    def baseline(setup, label: str, jobs_run) -> dict:
+        out_dir = args.work / label
+        out_dir.mkdir(parents=True, exist_ok=True)
+        cap(True)
+        peak = PeakMemory(device)
+        per_job = []
+        start = time.perf_counter()
+        with peak:
+            pipe = pipeline()
+            setup(pipe)
+            setup_s = time.perf_counter() - start
+            for job in jobs_run:
+                t0 = time.perf_counter()
+                video = pipe(
+                    prompt=job.prompt,
+                    negative_prompt=job.negative_prompt,
+                    height=job.height,
+                    width=job.width,
+                    num_frames=job.frames,
+                    num_inference_steps=job.steps,
+                    guidance_scale=job.guidance,
+                    generator=torch.Generator("cpu").manual_seed(job.seed),
+                    output_type="np",
+                ).frames[0]
+                t1 = time.perf_counter()
+                np.save(out_dir / f"{job.template}.npy", stages.to_uint8(video))
+                per_job.append({"job": job.template, "pipe_s": t1 - t0, "save_s": time.perf_counter() - t1})
+                log(f"{label} {job.template}: {t1 - t0:.1f} s")
+        wall = time.perf_counter() - start
+        del pipe
+        drop_everything()
+        return {
+            "wall_s": wall,
+            "setup_s": setup_s,
+            "clips": len(per_job),
+            "per_job": per_job,
+            "peak_allocated_gib": peak.allocated_gib,
+            "peak_reserved_gib": peak.reserved_gib,
+            "peak_nvml_gib": peak.nvml_gib,
+        }
+
+    def model_offload(pipe) -> None:
+        pipe.enable_model_cpu_offload(device=device)
+        pipe.vae.enable_tiling()
+
+    def group_offload(pipe) -> None:
+        # diffusers' docs for small cards: group offloading with CUDA streams, VAE tiling.
+        onload = torch.device(device)
+        pipe.transformer.enable_group_offload(
+            onload_device=onload,
+            offload_device=torch.device("cpu"),
+            offload_type="block_level",
+            num_blocks_per_group=1,
+            use_stream=True,
+        )
+        apply_group_offloading(
+            pipe.text_encoder, onload_device=onload, offload_type="leaf_level", use_stream=True
+        )
+        pipe.vae.to(device)
+        pipe.vae.enable_tiling()
+
+    if cuda and "model-offload" not in skip:
+        log("baseline: enable_model_cpu_offload")
+        try:
+            results["phases"]["baseline_model_offload"] = baseline(model_offload, "model-offload", jobs[:1])
+        except torch.OutOfMemoryError as exc:
+            results["phases"]["baseline_model_offload"] = {
+                "error": f"OutOfMemoryError: {str(exc)[:300]}",
+                "peak_reserved_gib": torch.cuda.max_memory_reserved() / GiB,
+            }
+            drop_everything()
+        log(f"model offload: {results['phases']['baseline_model_offload']}")
+        save()
+    if cuda:
+        log("baseline: group offload loop")
+        results["phases"]["baseline"] = base = baseline(group_offload, "group-offload", jobs)
+    else:
+        results["phases"]["baseline"] = base = baseline(lambda pipe: None, "plain", jobs)
+    results["baseline_clips_per_hour"] = 3600 * base["clips"] / base["wall_s"]
+    results["baseline_peak_gib"] = base["peak_reserved_gib"]
+    results["ratio"] = results["ours_clips_per_hour"] / results["baseline_clips_per_hour"]
+    # Same seed, same weights: how far our latents are from the baseline's, through the decoded frames.
+    diffs = []
+    for j in jobs:
+        theirs = np.load(args.work / ("group-offload" if cuda else "plain") / f"{j.template}.npy").astype(
+            np.int16
+        )
+        frames_key = JobKeys.of(j, ref).frames
+        ours_frames = np.load(store.path("decode", frames_key)) if not has_ffmpeg(media) else None
+        if ours_frames is not None:
+            diffs.append(float(np.abs(ours_frames.astype(np.int16) - theirs).mean()))
+    results["frames_mean_abs_diff_vs_baseline"] = diffs
+    log(f"baseline {base['wall_s']:.1f} s; ratio {results['ratio']:.2f}")
+    save()
+
+    runner_phase("compile", compile_phase)
+    server.terminate()
+    print(json.dumps({k: v for k, v in results.items() if k != "phases"}, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
