@@ -23,8 +23,6 @@ from t2v.errors import InvalidInput
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 """The checkout the worker runs flows from (the deployment's pull step changes into it)."""
 ENTRYPOINT = "flows/nightly.py:nightly"
-GPU_TAG = "gpu"
-"""The tag that the GPU-bound stage tasks carry (tasks/stages.py)."""
 
 
 def default_pool() -> str:
@@ -103,6 +101,8 @@ def deploy(spec: NightlyDeployment) -> UUID:
     from prefect.schedules import Cron
     from prefect.workers.process import ProcessWorker
 
+    from tasks.stages import GPU_LIMIT
+
     with get_client(sync_client=True) as client:
         template = ProcessWorker.get_default_base_job_template()
         try:
@@ -111,10 +111,10 @@ def deploy(spec: NightlyDeployment) -> UUID:
             )
         except ObjectAlreadyExists:
             client.update_work_pool(spec.pool, WorkPoolUpdate(base_job_template=template))
-        # The stage tasks tagged `gpu` take a slot each; with one slot per GPU, a manual run beside
-        # the nightly one (a `generate` against this server) waits instead of running the card out
-        # of memory. The POST updates an existing limit of the tag.
-        client.create_concurrency_limit(tag=GPU_TAG, concurrency_limit=spec.gpus)
+        # A run holds one slot through its GPU stages (tasks.stages.gpu_slot); with one slot per GPU, a
+        # manual run beside the nightly one (a `generate` against this server) waits instead of
+        # running the card out of memory.
+        client.upsert_global_concurrency_limit_by_name(GPU_LIMIT, spec.gpus)
 
     if spec.gpus == 1:
         schedules = [Cron(spec.cron, timezone=spec.timezone)]

@@ -9,9 +9,10 @@ from prefect import flow, get_run_logger
 from t2v.context import RunContext, check_jobs, data_dir, open_runlog, runlog_url
 from t2v.jobs import JobSpec
 from t2v.models.registry import resolve_model
+from t2v.plans import compile_pays
 from t2v.settings import get_settings
 from t2v.store import publish
-from tasks.stages import decode, diffuse, encode, watermark
+from tasks.stages import decode, diffuse, encode, gpu_slot, watermark
 
 
 @flow(name="generate")
@@ -32,12 +33,14 @@ def generate(job: JobSpec, model: str = "tiny", out: str | None = None, fp8_stor
         outputs_dir=root / "outputs" / "generate",
         database_url=url,
         fp8_storage=fp8_storage,
+        compile_blocks=compile_pays([job.steps], settings.compile),
     )
     logger.info("run %s: %s on model %s", run_id, job.template, ref.identity)
     try:
-        encode(job, ctx)
-        diffuse(job, ctx)
-        decode(job, ctx)
+        with gpu_slot():
+            encode(job, ctx)
+            diffuse(job, ctx)
+            decode(job, ctx)
         clip = watermark(job, ctx)
         if out is not None:
             clip = str(publish(Path(clip), Path(out).expanduser()))

@@ -20,12 +20,13 @@ from t2v.context import RunContext, check_jobs, data_dir, open_runlog, runlog_ur
 from t2v.dashboard.summary import stage_table
 from t2v.jobs import Catalogue, JobSpec
 from t2v.models.registry import resolve_model
+from t2v.plans import compile_pays
 from t2v.rerun import Night
 from t2v.runlog import RunLog
 from t2v.settings import get_settings
 from t2v.shards import select_shard
 from t2v.store import Store, sweep_partials
-from tasks.stages import decode, diffuse, encode, watermark
+from tasks.stages import decode, diffuse, encode, gpu_slot, watermark
 
 
 @flow(name="nightly")
@@ -63,6 +64,7 @@ def nightly(
         outputs_dir=night.outputs_dir,
         database_url=url,
         fp8_storage=fp8_storage,
+        compile_blocks=compile_pays((j.steps for j in jobs), settings.compile),
     )
     logger.info("run %s: %d job(s) from %s on model %s", run_id, len(jobs), catalogue, ref.identity)
     return run_stages(jobs, ctx, runlog, logger)
@@ -84,12 +86,14 @@ def run_stages(
     """The night's stages in stage-major order; records how the run ended. Shared with `rerun`."""
     failed: dict[str, str] = {}
     try:
-        # Text encoder: embeddings of every prompt.
-        _stage("encode", encode, jobs, ctx, failed, logger)
-        # Transformer: denoised latents of every job.
-        _stage("diffuse", diffuse, jobs, ctx, failed, logger)
-        # VAE: lossless frames of every job.
-        _stage("decode", decode, jobs, ctx, failed, logger)
+        # The card is the night's from the first encode to the last decode (tasks.stages.gpu_slot).
+        with gpu_slot():
+            # Text encoder: embeddings of every prompt.
+            _stage("encode", encode, jobs, ctx, failed, logger)
+            # Transformer: denoised latents of every job.
+            _stage("diffuse", diffuse, jobs, ctx, failed, logger)
+            # VAE: lossless frames of every job.
+            _stage("decode", decode, jobs, ctx, failed, logger)
         # CPU: watermarked H.264 clips, published under the night's outputs folder.
         clips = _stage("watermark", watermark, jobs, ctx, failed, logger)
     except BaseException as exc:

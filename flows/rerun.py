@@ -13,6 +13,7 @@ from prefect import flow, get_run_logger
 from flows.nightly import clean_up_after_crashes, run_stages
 from t2v.context import RunContext, check_jobs, data_dir, open_runlog, runlog_url
 from t2v.models.registry import resolve_model
+from t2v.plans import compile_pays
 from t2v.rerun import night_to_rerun
 from t2v.settings import get_settings
 
@@ -46,6 +47,7 @@ def rerun(run_id: str | None = None) -> dict:
         outputs_dir=night.outputs_dir,
         database_url=url,
         fp8_storage=night.fp8_storage,
+        compile_blocks=compile_pays((j.steps for j in night.jobs), settings.compile),
     )
     logger.info(
         "run %s: re-running %s, %d job(s) on model %s", new_id, parent["id"], len(night.jobs), ref.identity

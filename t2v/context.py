@@ -35,6 +35,8 @@ class RunContext:
     """SQLAlchemy URL of the run log."""
     fp8_storage: bool = False
     """Store the transformer's weights in float8 (opt-in: it changes the output; see docs/benchmarks.md)."""
+    compile_blocks: bool = False
+    """`torch.compile` the transformer's repeated blocks (on a GPU): `plans.compile_pays` decides."""
 
     @property
     def store_dir(self) -> Path:

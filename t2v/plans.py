@@ -12,13 +12,14 @@ plan must fit in `HEADROOM` of the budget, the rest being left to the allocator'
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
 import torch
 
+from t2v.errors import InvalidInput
 from t2v.jobs import JobSpec
 
 GiB = 2**30
@@ -309,6 +310,23 @@ def _decode_plans(s: ComponentSizes, job: JobSpec, *, texts: int, fp8: bool) -> 
 # --- putting a plan in place ---------------------------------------------------------------------
 
 
+COMPILE_PAYS_AFTER_STEPS = 200
+"""Measured on an H100 under the 8 GiB plan at 480P (docs/benchmarks.md): compiling the 30 repeated
+blocks cost 15.3 s on the first step, and made each step 0.09 s faster (0.64 -> 0.55 s): it pays back
+after ~165 steps, so a run compiles from 200 steps on (four 50-step clips)."""
+
+
+def compile_pays(steps: Iterable[int], mode: str = "auto") -> bool:
+    """Whether to `torch.compile` the transformer's blocks for a run with these jobs' step counts.
+
+    `mode` is `auto`, `on` or `off` (T2V_COMPILE); raises InvalidInput for anything else."""
+    if mode not in ("auto", "on", "off"):
+        raise InvalidInput(f"T2V_COMPILE has to be auto, on or off but is {mode!r}.")
+    if mode != "auto":
+        return mode == "on"
+    return sum(steps) >= COMPILE_PAYS_AFTER_STEPS
+
+
 def residency_key(plan: StagePlan) -> str:
     """What decides where a component's weights are: plans with the same key can share a loaded
     component (its pinned host copies and hooks), whatever their CFG batch, FFN chunks or VAE tiles."""
@@ -353,7 +371,23 @@ def apply(plan: StagePlan, module: torch.nn.Module) -> torch.nn.Module:
         )
     for block in resident:
         block.to(device)
+    if not leaf:
+        _keep_unmatched_on_card(target, device)
     return configure(plan, module)
+
+
+def _keep_unmatched_on_card(module: torch.nn.Module, device: torch.device) -> None:
+    """Leave the modules outside the streamed blocks on the card after their first use.
+
+    Block-level offloading puts them (the transformer's embedders and output head, 0.1 GB; UMT5's
+    2.1 GB token embedding) in one group without a stream, which diffusers copies host-to-device
+    before every forward and device-to-host after it, both from pageable memory: 2 x 2.1 GB per text
+    encoded. The planner's estimates already count them as on the card."""
+    from diffusers.hooks import HookRegistry
+
+    hook = HookRegistry.check_if_exists_or_initialize(module).get_hook("group_offloading")
+    if hook is not None and hook.group.stream is None:
+        hook.group.offload_device = device
 
 
 def resident_indices(blocks: int, resident: int) -> list[int]:

@@ -119,6 +119,12 @@ class Residency:
             torch.cuda.empty_cache()
 
 
+def release_components() -> None:
+    """Free every component this process keeps loaded (weights on the card, pinned host copies): when a
+    run's GPU stages are over and the card goes to someone else."""
+    _RESIDENCY.drop()
+
+
 _PAUSED: set[str] = set()
 """Stages this process has paused at (T2V_PAUSE_AT): once per process, not once per run."""
 
@@ -140,6 +146,7 @@ class StageRunner:
         memory: DeviceMemory,
         outputs_dir: Path,
         fp8: bool = False,
+        compile_blocks: bool = False,
         residency: Residency = _RESIDENCY,
     ) -> None:
         self.model = model
@@ -150,6 +157,7 @@ class StageRunner:
         self.memory = memory
         self.outputs_dir = outputs_dir
         self.fp8 = fp8
+        self.compile_blocks = compile_blocks and memory.device.startswith("cuda")
         self.residency = residency
         hold_to_budget(memory)
         log.info(
@@ -314,10 +322,18 @@ class StageRunner:
         return ladder(stage, self._sizes[component], job, device=self.device, fp8=self.fp8)
 
     def _component(self, name: str, plan: StagePlan, load: Callable) -> torch.nn.Module:
-        module = self.residency.get(
-            name, f"{self.model.identity}|{residency_key(plan)}", lambda: apply(plan, load(self.model))
-        )
-        return configure(plan, module)
+        compiled = self.compile_blocks and name == "transformer"
+
+        def place() -> torch.nn.Module:
+            module = apply(plan, load(self.model))
+            if compiled:
+                # Each block is compiled once and reused by all 30 (dynamic=False: a night's shapes
+                # repeat); the first step pays the compile, Inductor's on-disk cache the next night's.
+                module.compile_repeated_blocks(dynamic=False)
+            return module
+
+        tag = f"{self.model.identity}|{residency_key(plan)}|compiled={compiled}"
+        return configure(plan, self.residency.get(name, tag, place))
 
     def _embed(self, encoder: torch.nn.Module, plan: StagePlan, text: str) -> torch.Tensor:
         """One text's embeddings, encoded alone as the pipeline encodes each (so a text's embedding does

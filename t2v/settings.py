@@ -27,6 +27,11 @@ class Settings:
     """Fault injection for tests and drills: `stage:plan` patterns (`*` matches any), comma separated,
     optionally `template/stage:plan` for one job; a matching stage attempt raises
     `torch.OutOfMemoryError` before it computes."""
+    compile: str = field(
+        default_factory=lambda: os.environ.get("T2V_COMPILE", "auto").strip().lower() or "auto"
+    )
+    """`torch.compile` of the transformer's repeated blocks on a GPU: `auto` (when the run has enough
+    denoising steps to pay back the compile, `plans.COMPILE_PAYS_AFTER_STEPS`), `on` or `off`."""
     pause_at: str = field(default_factory=lambda: os.environ.get("T2V_PAUSE_AT", ""))
     """Crash drills: a stage name (`encode`, `diffuse`, `decode`, `watermark`). When this process has
     written its first output of that stage under the temporary `.partial-*` name, and before the

@@ -22,6 +22,7 @@ from t2v.jobs import Catalogue, JobSpec
 from t2v.media import Watermark
 from t2v.models.registry import ModelRef, resolve_model
 from t2v.models.wan22 import DEFAULT_NEGATIVE_PROMPT
+from t2v.plans import compile_pays
 from t2v.runlog import RunLog
 from t2v.settings import Settings, get_settings
 
@@ -106,6 +107,7 @@ def _settings() -> Settings:
         raise InvalidInput(f"`T2V_VRAM_BUDGET_GB` must be a number of GiB ({exc}).") from exc
     if settings.vram_budget_gib is not None and settings.vram_budget_gib <= 0:
         raise InvalidInput(f"`T2V_VRAM_BUDGET_GB` must be positive but is {settings.vram_budget_gib}.")
+    compile_pays([], settings.compile)  # raises for a value other than auto, on or off
     return settings
 
 

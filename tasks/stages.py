@@ -12,24 +12,26 @@ Prefect cache keyed on the same store key would be a second record of "done" kep
 result storage), which can say done when the file was deleted or never renamed into place after a
 kill -9; the file itself cannot.
 
-GPU slots. diffuse and decode carry the tag "gpu"; `t2v deploy` puts a concurrency limit on it (one
-slot per GPU), so a manual `generate` waits for the nightly run's GPU task. In Prefect 3.9 a tag limit
-is a global limit named "tag:gpu", and the task engine takes its slot on the client side
-(`task_engine.py`: `concurrency(["tag:gpu"], holder=<task run>, lease_duration=60)`) as a *lease* that a
-thread of this process renews every 45 s. A process killed with kill -9 renews nothing, so a Prefect
-server's repossessor service (every 15 s) gives the slot back at most ~75 s after the kill: a killed
-night does not leave the next one waiting. tests/test_tasks.py checks that the slot is a lease held by
-the task run and is given back; the kill itself needs a served Prefect (the test server runs no
-repossessor). Two setups lose that guarantee: a server that keeps leases in memory and restarts while a
-slot is held (the count stays taken, the lease that would free it is gone; serve with
-`PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE=prefect.server.concurrency.lease_storage.filesystem`), and
-tasks tagged "gpu" that run somewhere else than the task engine. So no explicit `concurrency(...)`
-block here: it would be a second slot on top of the tag's, or (named "tag:gpu") wait for its own.
+GPU slot. The GPU stages of a run (encode, diffuse, decode over all of its jobs) run inside
+`gpu_slot`, which holds one slot of the global concurrency limit `gpu` that `t2v deploy` sets to one per
+GPU: from the run's first encode to its last decode, when the components it kept loaded have left the
+card. A `generate` sent to the same server waits for the night's GPU stages as a whole, not only for
+its current task: between two tasks the night still holds resident blocks, pinned weights and the CUDA
+context on the card. The slot is a lease (60 s) renewed by this process; after kill -9 the server's
+repossessor gives it back once the lease runs out (tests/test_gpu_slot.py). One slot per run rather than
+per task also keeps the server out of the loop between tasks: with a tag limit per task, each of the
+night's 18 GPU tasks took and gave back a lease through the server's database, 1-2 s each on the H100
+benchmark machine, where its SQLite shares a disk with the clips being written (docs/benchmarks.md).
+Serve with `PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE=prefect.server.concurrency.lease_storage.filesystem`
+so that a server restart does not lose a held lease and leave its slot counted.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -37,7 +39,7 @@ from prefect.cache_policies import NO_CACHE
 from t2v.context import RunContext, open_runlog
 from t2v.jobs import JobSpec
 from t2v.models.registry import resolve_model
-from t2v.runner import StageRunner
+from t2v.runner import StageRunner, release_components
 from t2v.settings import get_settings
 from t2v.store import Store
 from t2v.vram import probe
@@ -60,13 +62,51 @@ def runner_for(ctx: RunContext) -> StageRunner:
         memory=probe(budget_gib=settings.vram_budget_gib),
         outputs_dir=ctx.outputs_dir,
         fp8=ctx.fp8_storage,
+        compile_blocks=ctx.compile_blocks,
     )
+
+
+GPU_LIMIT = "gpu"
+"""The global concurrency limit `t2v deploy` creates: one slot per GPU of the host."""
+LEASE_S = 60
+"""Lease on a held slot, renewed by this process while it lives; what a killed run holds at most."""
+
+
+@contextmanager
+def gpu_slot() -> Iterator[None]:
+    """Hold a slot of the `gpu` limit for the GPU stages inside, as a lease owned by this flow run; on
+    the way out, free what the stages kept on the card, then give the slot back. Without such a limit
+    on the server (a plain `t2v nightly`, no deployment) there is nothing to wait for."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import ConcurrencyLeaseHolder
+    from prefect.concurrency.sync import concurrency
+    from prefect.context import FlowRunContext
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(GPU_LIMIT)
+        except ObjectNotFound:
+            logging.getLogger("t2v").info(
+                "no `%s` concurrency limit on this server: no slot to take", GPU_LIMIT
+            )
+            try:
+                yield
+            finally:
+                release_components()
+            return
+    run = FlowRunContext.get()
+    holder = ConcurrencyLeaseHolder(type="flow_run", id=run.flow_run.id) if run and run.flow_run else None
+    with concurrency(GPU_LIMIT, occupy=1, lease_duration=LEASE_S, strict=True, holder=holder):
+        try:
+            yield
+        finally:
+            release_components()
 
 
 @task(
     name="encode-prompt",
     task_run_name="encode-{job.template}",
-    tags=["gpu"],  # the text encoder runs on the card too
     retries=0,
     cache_policy=NO_CACHE,
     persist_result=False,
@@ -79,7 +119,6 @@ def encode(job: JobSpec, ctx: RunContext) -> str:
 @task(
     name="diffuse-latents",
     task_run_name="diffuse-{job.template}",
-    tags=["gpu"],
     retries=0,
     cache_policy=NO_CACHE,
     persist_result=False,
@@ -92,7 +131,6 @@ def diffuse(job: JobSpec, ctx: RunContext) -> str:
 @task(
     name="decode-frames",
     task_run_name="decode-{job.template}",
-    tags=["gpu"],
     retries=0,
     cache_policy=NO_CACHE,
     persist_result=False,

@@ -125,14 +125,14 @@ def test_deploy_then_two_workers_split_a_triggered_night(prefect_env, write_cata
         with get_client(sync_client=True) as client:
             deployment = client.read_deployment_by_name("nightly/nightly")
             pool = client.read_work_pool(POOL)
-            limit = client.read_concurrency_limit_by_tag("gpu")
+            limit = client.read_global_concurrency_limit_by_name("gpu")
     # One 02:00 schedule per GPU worker, each with its shard of the night.
     schedules = sorted(
         (s.schedule.cron, s.schedule.timezone, s.parameters["shard"]) for s in deployment.schedules
     )
     assert schedules == [("0 2 * * *", "Europe/Berlin", "0/2"), ("0 2 * * *", "Europe/Berlin", "1/2")]
     assert deployment.parameters == {"catalogue": str(catalogue), "model": "tiny"}
-    assert (deployment.work_pool_name, pool.type, limit.concurrency_limit) == (POOL, "process", 2)
+    assert (deployment.work_pool_name, pool.type, limit.limit) == (POOL, "process", 2)
 
     # One worker per GPU on the same pool, as the README's scale-out section starts them.
     worker = [BIN / "prefect", "worker", "start", "--pool", POOL, "--limit", "1"]

@@ -168,3 +168,14 @@ def test_plans_that_differ_only_in_cheap_switches_share_a_loaded_component():
     residency.get("vae", "decode|gpu", load)  # another component: the transformer leaves
     residency.get("transformer", residency_key(group[0]), load)
     assert len(loads) == 3
+
+
+def test_compile_pays_back_only_on_long_runs_unless_asked():
+    from t2v.errors import InvalidInput
+    from t2v.plans import COMPILE_PAYS_AFTER_STEPS, compile_pays
+
+    assert not compile_pays([50, 50, 50])  # 150 steps: the compile would not pay back
+    assert compile_pays([50] * 4) and COMPILE_PAYS_AFTER_STEPS <= 200
+    assert compile_pays([4], "on") and not compile_pays([50] * 10, "off")
+    with pytest.raises(InvalidInput, match="auto, on or off"):
+        compile_pays([4], "always")

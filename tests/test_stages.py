@@ -120,6 +120,31 @@ def test_resident_blocks_run_unhooked_and_change_nothing(parts, reference):
     assert rel(b, reference[0]) < 1e-5
 
 
+def test_modules_outside_the_blocks_stay_on_the_card_after_their_first_use(parts, reference):
+    from diffusers.hooks import HookRegistry
+
+    from t2v.plans import _keep_unmatched_on_card
+
+    transformer = fullsize.clone(parts["transformer"])
+    apply_group_offloading(
+        transformer, onload_device=torch.device("cpu"), offload_type="block_level", num_blocks_per_group=1
+    )
+
+    def group_of(module):
+        return HookRegistry.check_if_exists_or_initialize(module).get_hook("group_offloading").group
+
+    unmatched, block = group_of(transformer), group_of(transformer.blocks[0])
+    # After each forward diffusers sends this stream-less group to its offload device: by default the
+    # host, a copy back (and a copy in again before the next forward).
+    assert unmatched.offload_device == torch.device("cpu") and unmatched.stream is None
+    _keep_unmatched_on_card(transformer, torch.device("cuda"))
+    assert unmatched.offload_device == torch.device("cuda")  # "offloading" it is now staying put
+    assert block.offload_device == torch.device("cpu")  # the streamed blocks still leave the card
+    _keep_unmatched_on_card(transformer, torch.device("cpu"))  # this test computes on the CPU
+    latents = staged_latents(parts, shared_timestep=True, cfg_batch=2, transformer=transformer)
+    assert rel(latents, reference[0]) < 1e-5
+
+
 def test_text_encoder_offloaded_by_blocks_encodes_the_same(parts):
     plain = stages.encode_texts(
         parts["text_encoder"], parts["tokenizer"], [PROMPT], device="cpu", max_sequence_length=512
