@@ -3,7 +3,7 @@
 What it measures: the same night (`--jobs` templates at 832x480x81, `--steps` steps, on the full-size
 architecture with random weights under a `--cap-gib` VRAM budget per card) made twice against a local
 `prefect server start` that this script starts, deployed with `deployments.deploy.deploy` exactly as
-`t2v deploy --gpus 2` does (process pool, `gpu` tag limit, `nightly/nightly` deployment):
+`t2v deploy --gpus 2` does (process pool, `gpu` concurrency limit, `nightly/nightly` deployment):
 
   one   ONE `prefect worker start --pool gpu-bench --limit 1` (CUDA_VISIBLE_DEVICES=0) and ONE flow
         run of the whole night (shard None);

@@ -188,6 +188,41 @@ def pin_probe(torch, gib: float = 2.0) -> dict:
     return out
 
 
+def summarise(results: dict) -> dict:
+    """The headline figures, from the phases' raw records (also for an existing file: `--summarise`).
+
+    Ours: wall time minus the time inside the model's compute functions is the overhead, split into
+    loads (`plans.apply`: moving, pinning, hooking), the stage methods' own work beside compute and loads
+    (store reads and writes with their fsyncs, run-log rows, keys) and what is left outside the stage
+    methods (Prefect's task and flow machinery, the flow's own steps). Peak reserved memory is the
+    largest of the run-log rows: the runner resets PyTorch's peak counter at each stage, so a window
+    around the whole flow sees only the last stage's."""
+    ours = results["phases"].get("ours")
+    if ours:
+        wall, seconds = ours["wall_s"], ours["compute_s"]
+        compute = seconds["encode"] + seconds["denoise"] + seconds["decode"]
+        runner = sum(v for k, v in seconds.items() if k.startswith("runner_"))
+        results["ours_clips_per_hour"] = 3600 * ours["clips"] / wall
+        results["ours_overhead_share"] = (wall - compute) / wall
+        results["ours_loads_share"] = seconds["apply"] / wall
+        results["ours_overhead_s"] = {
+            "loads": seconds["apply"],
+            "stage_io_and_runlog": (runner - compute - seconds["apply"]) if runner else None,
+            "prefect_and_flow": (wall - runner) if runner else None,
+        }
+        peaks = [r["peak_reserved_gib"] for r in ours["rows"] if r.get("peak_reserved_gib") is not None]
+        results["ours_peak_gib"] = max(peaks) if peaks else ours["peak_reserved_gib"]
+        results["ours_peak_nvml_gib"] = ours["peak_nvml_gib"]
+    base = results["phases"].get("baseline")
+    if base:
+        results["baseline_clips_per_hour"] = 3600 * base["clips"] / base["wall_s"]
+        results["baseline_peak_gib"] = base["peak_reserved_gib"]
+        results["baseline_peak_nvml_gib"] = base["peak_nvml_gib"]
+    if ours and base:
+        results["ratio"] = results["ours_clips_per_hour"] / results["baseline_clips_per_hour"]
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -204,7 +239,15 @@ def main() -> None:
     parser.add_argument(
         "--deadline-s", type=float, default=420, help="optional phases start only before this"
     )
+    parser.add_argument(
+        "--summarise", type=Path, metavar="JSON", help="recompute the headline figures of a results file"
+    )
     args = parser.parse_args()
+    if args.summarise:
+        results = summarise(json.loads(args.summarise.read_text()))
+        args.summarise.write_text(json.dumps(results, indent=1, default=str))
+        print(json.dumps({k: v for k, v in results.items() if k != "phases"}, indent=1, default=str))
+        return
     skip = {s for s in args.skip.split(",") if s}
     args.out.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(args.work, ignore_errors=True)
@@ -379,13 +422,9 @@ def main() -> None:
             for r in rows
         ],
     }
-    ours_compute = timer.compute_s
-    results["ours_clips_per_hour"] = 3600 * len(outcome["clips"]) / ours_wall
-    results["ours_overhead_share"] = (ours_wall - ours_compute) / ours_wall
-    results["ours_loads_share"] = timer.seconds["apply"] / ours_wall
-    results["ours_peak_gib"] = peak.reserved_gib
+    summarise(results)
     log(
-        f"ours: {ours_wall:.1f} s for {len(outcome['clips'])} clips; compute {ours_compute:.1f} s "
+        f"ours: {ours_wall:.1f} s for {len(outcome['clips'])} clips; compute {timer.compute_s:.1f} s "
         f"({timer.seconds}); overhead share {results['ours_overhead_share']:.3f}"
     )
     save()
@@ -609,9 +648,7 @@ def main() -> None:
         results["phases"]["baseline"] = base = baseline(group_offload, "group-offload", jobs)
     else:
         results["phases"]["baseline"] = base = baseline(lambda pipe: None, "plain", jobs)
-    results["baseline_clips_per_hour"] = 3600 * base["clips"] / base["wall_s"]
-    results["baseline_peak_gib"] = base["peak_reserved_gib"]
-    results["ratio"] = results["ours_clips_per_hour"] / results["baseline_clips_per_hour"]
+    summarise(results)
     # Same seed, same weights: how far our latents are from the baseline's, through the decoded frames.
     diffs = []
     for j in jobs:

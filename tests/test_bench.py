@@ -1,0 +1,72 @@
+"""The GPU benchmarks, run on this CPU with the built-in model: the scripts that produce
+docs/benchmarks.md's throughput figures must keep running, and what they count must add up.
+
+Both start a real `prefect server start` (and the second, real workers), so they run only with
+T2V_TEST_DEPLOYMENT=1, which `.ci/run` sets.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from prefect_server import require_slow_tests
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run(script: str, *args: str, tmp_path: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "T2V_"))}
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, f"bench/{script}.py", "--tiny", "--out", str(out), "--work", str(tmp_path / "work")]
+        + list(args),
+        cwd=REPO,
+        env=env | {"DO_NOT_TRACK": "1", "TQDM_DISABLE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-3000:])
+    return json.loads((out / f"{script}.json").read_text())
+
+
+def test_nightly_throughput_runs_both_sides_and_accounts_for_the_wall_time(tmp_path):
+    require_slow_tests("a real Prefect server, our night and the diffusers loop")
+    args = ("--jobs", "3", "--steps", "2", "--skip", "compile")
+    results = _run("nightly_throughput", *args, tmp_path=tmp_path)
+
+    ours, baseline = results["phases"]["ours"], results["phases"]["baseline"]
+    assert (ours["clips"], baseline["clips"], ours["failed"]) == (3, 3, {})
+    assert {(r["stage"], r["status"]) for r in ours["rows"]} == {
+        (s, "ok") for s in ("encode", "diffuse", "decode", "watermark")
+    }
+    calls = ours["calls"]
+    # One compute call per job and stage; the shared negative prompt is encoded once.
+    assert (calls["encode"], calls["denoise"], calls["decode"]) == (4, 3, 3)
+    assert calls["task_diffuse"] == calls["runner_diffuse"] == 3
+    split = results["ours_overhead_s"]
+    compute = sum(ours["compute_s"][k] for k in ("encode", "denoise", "decode"))
+    parts = compute + split["loads"] + split["stage_io_and_runlog"] + split["prefect_and_flow"]
+    assert abs(parts - ours["wall_s"]) < 1e-6 * ours["wall_s"] + 1e-9
+    assert 0 < results["ours_overhead_share"] < 1
+    assert results["ratio"] == results["ours_clips_per_hour"] / results["baseline_clips_per_hour"]
+    cache = results["phases"]["cache"]
+    assert cache["uncached_matches_night"] == 0  # the same job, seed and plan: the night's latents
+
+
+def test_multi_gpu_splits_the_night_between_workers_with_no_job_twice(tmp_path):
+    require_slow_tests("a real Prefect server and three workers")
+    results = _run("multi_gpu", "--jobs", "3", "--steps", "2", tmp_path=tmp_path)
+
+    one, two = results["one"], results["two"]
+    assert one["completed"] and two["completed"] and results["no_job_twice"]
+    assert one["clips"] == two["clips"] == 3
+    templates = sorted(results["templates"])
+    assert sorted(one["split"]["gpu0"]) == templates
+    made = [t for worker in ("gpu0", "gpu1") for t in two["split"][worker]]
+    assert sorted(made) == templates and all(two["split"][w] for w in ("gpu0", "gpu1"))
+    assert results["scaling_wall"] == one["wall_s"] / two["wall_s"]
