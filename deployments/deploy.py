@@ -1,4 +1,4 @@
-"""Deploy the nightly flow to a Prefect server: a process work pool for the GPU host, the `gpu` tag's
+"""Deploy the nightly flow to a Prefect server: a process work pool for the GPU host, the `gpu`
 concurrency limit, and a deployment on a cron schedule in the host's time zone.
 
 Everything here is idempotent, so `t2v deploy` can be run again after a change (a new catalogue, a
@@ -61,7 +61,7 @@ class NightlyDeployment:
     """IANA name; the schedule follows its daylight-saving changes."""
     pool: str = field(default_factory=default_pool)
     gpus: int = 1
-    """GPU workers on the pool: the `gpu` tag's concurrency limit, and with more than one, the night is
+    """GPU workers on the pool: the slots of the `gpu` concurrency limit, and with more than one, the night is
     split into that many shards, each scheduled as its own flow run for one worker to take."""
     name: str = "nightly"
     """The deployment's name; it is run as `nightly/<name>`."""

@@ -392,7 +392,7 @@ def deploy(
         int,
         typer.Option(
             min=1,
-            help="GPU workers on the pool (one per GPU): the `gpu` tag's concurrency limit; "
+            help="GPU workers on the pool (one per GPU): the slots of the `gpu` concurrency limit; "
             "above 1 each night is split into that many shards, one flow run per worker.",
         ),
     ] = 1,
