@@ -170,9 +170,10 @@ def choose(plans: list[StagePlan], budget_bytes: int) -> list[StagePlan]:
 def with_resident(plan: StagePlan, limit: int) -> StagePlan:
     """`plan` with as many resident blocks as fit under `limit` bytes (streaming plans only).
 
-    Under an 8 GiB cap at 480P the transformer streams ~10 GB a step over PCIe, more than the step's
-    compute hides (0.68 vs 0.47 s/step, docs/benchmarks.md); every block kept on the card is ~1/30 of
-    that traffic gone, and the result is bit-identical (the same kernels on the same weights)."""
+    Every block kept on the card is ~1/30 of the weights not streamed each step, and the result is
+    bit-identical (the same kernels on the same weights). Measured at 480P under 8 GiB with 12 of 30
+    resident (docs/benchmarks.md): 0.66 s/step against 0.68 with none, before the stream-less group was
+    kept on the card; 0.49 s/step after it, against 0.47 with every weight on the card."""
     if plan.placement is not Placement.GROUP or plan.block_bytes <= 0 or plan.blocks <= 2:
         return plan
     # Two blocks always stream (the one computing and the one prefetched), so at most blocks - 2 stay.

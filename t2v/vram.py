@@ -205,12 +205,16 @@ _CAPS: dict[int, float] = {}
 def hold_to_budget(memory: DeviceMemory) -> None:
     """Make PyTorch's allocator keep to the budget on that card, as a card of that size would: a run
     planned for 8 GiB on an 80 GB card then also runs out of memory where an 8 GiB card would, and
-    falls back the same way. No budget, or no GPU: nothing to do."""
-    if memory.cap_bytes is None or not memory.device.startswith("cuda"):
+    falls back the same way. Without a budget, a cap an earlier run of this process set is lifted."""
+    if not memory.device.startswith("cuda"):
         return
     import torch
 
     index = torch.device(memory.device).index or 0
+    if memory.cap_bytes is None:
+        if _CAPS.pop(index, None) is not None:
+            torch.cuda.set_per_process_memory_fraction(1.0, index)
+        return
     fraction = min(1.0, memory.cap_bytes / memory.total_bytes)
     torch.cuda.set_per_process_memory_fraction(fraction, index)
     _CAPS[index] = fraction
