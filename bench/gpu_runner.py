@@ -24,12 +24,11 @@ from pathlib import Path
 
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from t2v import media  # noqa: E402
+from bench.night import frames_to_npy, has_ffmpeg  # noqa: E402
 from t2v.jobs import JobSpec  # noqa: E402
 from t2v.models import registry  # noqa: E402
 from t2v.models.registry import RANDOM_FULL_SIZE, resolve_model  # noqa: E402
@@ -40,14 +39,6 @@ from t2v.store import Store  # noqa: E402
 from t2v.vram import probe  # noqa: E402
 
 GiB = 2**30
-
-
-def has_ffmpeg() -> bool:
-    try:
-        media.ffmpeg_exe()
-    except Exception:
-        return False
-    return True
 
 
 def run_night(
@@ -85,7 +76,7 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if not has_ffmpeg():
-        media.write_frames_lossless = lambda frames, dest, *, fps: np.save(open(dest, "wb"), frames)
+        frames_to_npy()
     work = Path("/tmp/t2v-gpu-runner")
     shutil.rmtree(work, ignore_errors=True)
     rows = {}

@@ -36,32 +36,22 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from bench.night import NEGATIVE, PROMPTS, free_port, log, wait_for_server  # noqa: E402
+
 POOL = "gpu-bench"
 DEPLOYMENT = "nightly/nightly"
 RANDOM_FULL_SIZE = "wan2.2-ti2v-5b-random"  # t2v.models.registry.RANDOM_FULL_SIZE, without importing torch
 STAGES = ("encode", "diffuse", "decode", "watermark")
 NPY_MAGIC = b"\x93NUMPY"
-NEGATIVE = "blurry, low quality, static, distorted"
-PROMPTS = [
-    ("birthday", "A birthday cake with glowing candles on a wooden table, confetti falling, warm light"),
-    ("holiday", "A snowy village at night with glowing windows and a decorated pine tree, gentle snowfall"),
-    ("atom", "A glowing model of an atom rotating slowly above a classroom desk, soft blue light"),
-    ("corgi", "A corgi in a red scarf runs through fresh snow at golden hour, slow motion"),
-    ("ocean", "Waves roll onto a black sand beach under a pink sunset sky, seagulls overhead"),
-    ("city", "A rainy neon street in Tokyo at night, reflections on wet asphalt, people with umbrellas"),
-    ("forest", "Sunbeams through a misty pine forest at dawn, a deer steps into a clearing"),
-    ("space", "A rocket lifts off from a launch pad at dusk, clouds of steam and orange flame"),
-]
 SITECUSTOMIZE = '''"""Written by bench/multi_gpu.py for its workers' flow-run processes: with
 T2V_BENCH_NO_FFMPEG=1, lossless frames are saved as .npy and a clip's "encoding" copies them, so no
 ffmpeg binary is needed."""
@@ -83,37 +73,15 @@ def _chain() -> None:
 
 
 def _frames_to_npy() -> None:
-    import shutil
+    from bench.night import frames_to_npy
 
-    import numpy as np
-
-    from t2v import media
-
-    def write_frames_lossless(frames, dest, *, fps):
-        with open(dest, "wb") as f:
-            np.save(f, frames)
-
-    def encode_mp4(source, dest, **_kwargs):
-        shutil.copyfile(source, dest)
-
-    media.write_frames_lossless = write_frames_lossless
-    media.encode_mp4 = encode_mp4
+    frames_to_npy()
 
 
 _chain()
 if os.environ.get("T2V_BENCH_NO_FFMPEG") == "1":
     _frames_to_npy()
 '''
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def tail(path: Path, chars: int = 4000) -> str:
@@ -214,21 +182,6 @@ def start_server(work: Path, base_env: dict[str, str]) -> tuple[subprocess.Popen
             start_new_session=True,
         )
     return proc, prefect_env
-
-
-def wait_for_server(api: str, proc: subprocess.Popen, log_path: Path, timeout: float = 180) -> float:
-    start = time.perf_counter()
-    while time.perf_counter() - start < timeout:
-        if proc.poll() is not None:
-            raise RuntimeError(f"prefect server exited with {proc.returncode}:\n{tail(log_path)}")
-        try:
-            with urllib.request.urlopen(f"{api}/health", timeout=2) as r:
-                if r.status == 200:
-                    return time.perf_counter() - start
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"prefect server did not answer in {timeout} s:\n{tail(log_path)}")
 
 
 def parse_time(value: str | None) -> datetime | None:
@@ -528,15 +481,9 @@ def main() -> None:
     try:
         # Prefect reads its settings when it is first imported: point this process at the server first.
         os.environ.update(prefect_env)
-        sys.path.insert(0, str(ROOT))
-        from t2v import media
+        from bench.night import has_ffmpeg
 
-        no_ffmpeg = args.no_ffmpeg
-        if not no_ffmpeg:
-            try:
-                media.ffmpeg_exe()
-            except Exception:
-                no_ffmpeg = True
+        no_ffmpeg = args.no_ffmpeg or not has_ffmpeg()
         results["no_ffmpeg"] = no_ffmpeg
         catalogue = work / "night.toml"
         templates = write_catalogue(

@@ -32,34 +32,25 @@ import gc
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
 import traceback
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench.night import (  # noqa: E402
+    NEGATIVE,
+    PROMPTS,
+    frames_to_npy,
+    free_port,
+    has_ffmpeg,
+    log,
+    wait_for_server,
+)
+
 GiB = 2**30
-NEGATIVE = "blurry, low quality, static, distorted"
-PROMPTS = [
-    ("birthday", "A birthday cake with glowing candles on a wooden table, confetti falling, warm light"),
-    ("holiday", "A snowy village at night with glowing windows and a decorated pine tree, gentle snowfall"),
-    ("atom", "A glowing model of an atom rotating slowly above a classroom desk, soft blue light"),
-    ("corgi", "A corgi in a red scarf runs through fresh snow at golden hour, slow motion"),
-    ("ocean", "Waves roll onto a black sand beach under a pink sunset sky, seagulls overhead"),
-    ("city", "A rainy neon street in Tokyo at night, reflections on wet asphalt, people with umbrellas"),
-    ("forest", "Sunbeams through a misty pine forest at dawn, a deer steps into a clearing"),
-    ("space", "A rocket lifts off from a launch pad at dusk, clouds of steam and orange flame"),
-]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_prefect_server(home: Path) -> tuple[subprocess.Popen, str]:
@@ -73,11 +64,11 @@ def start_prefect_server(home: Path) -> tuple[subprocess.Popen, str]:
         "DO_NOT_TRACK": "1",
     }
     home.mkdir(parents=True, exist_ok=True)
-    log = open(home / "server.log", "w")
+    server_log = open(home / "server.log", "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
         env=env,
-        stdout=log,
+        stdout=server_log,
         stderr=subprocess.STDOUT,
     )
     os.environ.update(
@@ -87,20 +78,6 @@ def start_prefect_server(home: Path) -> tuple[subprocess.Popen, str]:
         DO_NOT_TRACK="1",
     )
     return proc, api
-
-
-def wait_for(api: str, proc: subprocess.Popen, timeout: float = 120) -> float:
-    start = time.perf_counter()
-    while time.perf_counter() - start < timeout:
-        if proc.poll() is not None:
-            raise RuntimeError(f"prefect server exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(f"{api}/health", timeout=2) as r:
-                if r.status == 200:
-                    return time.perf_counter() - start
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError("prefect server did not answer")
 
 
 class ComputeTimer:
@@ -141,28 +118,6 @@ class ComputeTimer:
     @property
     def compute_s(self) -> float:
         return self.seconds["encode"] + self.seconds["denoise"] + self.seconds["decode"]
-
-
-def frames_to_disk(media, np) -> None:
-    """No ffmpeg here: lossless frames as .npy under the store's name, the 'clip' a copy of them."""
-
-    def write_frames(frames, dest, *, fps):
-        with open(dest, "wb") as f:
-            np.save(f, frames)
-
-    def encode(src, dest, **_kwargs):
-        shutil.copyfile(src, dest)
-
-    media.write_frames_lossless = write_frames
-    media.encode_mp4 = encode
-
-
-def has_ffmpeg(media) -> bool:
-    try:
-        media.ffmpeg_exe()
-    except Exception:
-        return False
-    return True
 
 
 def pin_probe(torch, gib: float = 2.0) -> dict:
@@ -260,7 +215,7 @@ def main() -> None:
     import torch
 
     import t2v  # noqa: F401  (its allocator settings, before CUDA starts)
-    from t2v import media, stages
+    from t2v import stages
     from t2v.jobs import JobSpec
     from t2v.models import registry
     from t2v.models.registry import RANDOM_FULL_SIZE, resolve_model
@@ -286,11 +241,8 @@ def main() -> None:
     def save() -> None:
         (args.out / "nightly_throughput.json").write_text(json.dumps(results, indent=1, default=str))
 
-    def log(msg: str) -> None:
-        print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-    if not has_ffmpeg(media):
-        frames_to_disk(media, np)
+    if not has_ffmpeg():
+        frames_to_npy()
         results["note"] = "no ffmpeg on this machine: frames saved as .npy on both sides, no H.264"
 
     jobs = []
@@ -320,7 +272,7 @@ def main() -> None:
     }
     results["build_s"] = time.perf_counter() - start
     log(f"weights built in {results['build_s']:.1f} s")
-    results["prefect_server_ready_s"] = wait_for(api, server)
+    results["prefect_server_ready_s"] = wait_for_server(api, server, args.work / "prefect" / "server.log")
     total = torch.cuda.get_device_properties(0).total_memory if cuda else 0
 
     def cap(on: bool) -> None:
@@ -656,7 +608,7 @@ def main() -> None:
             np.int16
         )
         frames_key = JobKeys.of(j, ref).frames
-        ours_frames = np.load(store.path("decode", frames_key)) if not has_ffmpeg(media) else None
+        ours_frames = np.load(store.path("decode", frames_key)) if not has_ffmpeg() else None
         if ours_frames is not None:
             diffs.append(float(np.abs(ours_frames.astype(np.int16) - theirs).mean()))
     results["frames_mean_abs_diff_vs_baseline"] = diffs
