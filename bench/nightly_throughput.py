@@ -283,13 +283,11 @@ def main() -> None:
             torch.cuda.reset_peak_memory_stats()
 
     def drop_everything() -> None:
-        from t2v.runner import _RESIDENCY
+        from t2v.runner import release_components
 
-        _RESIDENCY.drop()
-        gc.collect()
+        gc.collect()  # the baseline's pipeline, which the runner does not hold
+        release_components()  # the runner's components; it collects and empties the CUDA cache
         if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.empty_cache()
             torch._C._host_emptyCache()  # no pinned blocks handed from one side to the other
 
     # --- ours: the nightly flow, Prefect included (first, so it pays the process's warm-up) ------

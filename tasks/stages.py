@@ -31,7 +31,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -86,18 +86,17 @@ def gpu_slot() -> Iterator[None]:
     with get_client(sync_client=True) as client:
         try:
             client.read_global_concurrency_limit_by_name(GPU_LIMIT)
+            slot = True
         except ObjectNotFound:
-            logging.getLogger("t2v").info(
-                "no `%s` concurrency limit on this server: no slot to take", GPU_LIMIT
-            )
-            try:
-                yield
-            finally:
-                release_components()
-            return
-    run = FlowRunContext.get()
-    holder = ConcurrencyLeaseHolder(type="flow_run", id=run.flow_run.id) if run and run.flow_run else None
-    with concurrency(GPU_LIMIT, occupy=1, lease_duration=LEASE_S, strict=True, holder=holder):
+            slot = False
+    if slot:
+        run = FlowRunContext.get()
+        holder = ConcurrencyLeaseHolder(type="flow_run", id=run.flow_run.id) if run and run.flow_run else None
+        held = concurrency(GPU_LIMIT, occupy=1, lease_duration=LEASE_S, strict=True, holder=holder)
+    else:
+        logging.getLogger("t2v").info("no `%s` concurrency limit on this server: no slot to take", GPU_LIMIT)
+        held = nullcontext()
+    with held:
         try:
             yield
         finally:
