@@ -12,7 +12,7 @@ from t2v.models.registry import resolve_model
 from t2v.plans import compile_pays
 from t2v.settings import get_settings
 from t2v.store import publish
-from tasks.stages import decode, diffuse, encode, gpu_slot, watermark
+from tasks.stages import decode, diffuse, encode, gpu_slot, prefetch, watermark
 
 
 @flow(name="generate")
@@ -38,7 +38,9 @@ def generate(job: JobSpec, model: str = "tiny", out: str | None = None, fp8_stor
     logger.info("run %s: %s on model %s", run_id, job.template, ref.identity)
     try:
         with gpu_slot():
+            prefetch("transformer", [job], ctx)
             encode(job, ctx)
+            prefetch("vae", [job], ctx)
             diffuse(job, ctx)
             decode(job, ctx)
         clip = watermark(job, ctx)

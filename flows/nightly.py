@@ -14,6 +14,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
+from prefect.futures import PrefectFuture, as_completed
 from tqdm.auto import tqdm
 
 from t2v.context import RunContext, check_jobs, data_dir, open_runlog, runlog_url
@@ -26,7 +27,7 @@ from t2v.runlog import RunLog
 from t2v.settings import get_settings
 from t2v.shards import select_shard
 from t2v.store import Store, sweep_partials
-from tasks.stages import decode, diffuse, encode, gpu_slot, watermark
+from tasks.stages import decode, diffuse, encode, gpu_slot, prefetch, watermark
 
 
 @flow(name="nightly")
@@ -88,14 +89,18 @@ def run_stages(
     try:
         # The card is the night's from the first encode to the last decode (tasks.stages.gpu_slot).
         with gpu_slot():
+            # Each stage's component is read into host memory while the stage before it runs.
+            prefetch("transformer", jobs, ctx)
             # Text encoder: embeddings of every prompt.
             _stage("encode", encode, jobs, ctx, failed, logger)
+            prefetch("vae", jobs, ctx)
             # Transformer: denoised latents of every job.
             _stage("diffuse", diffuse, jobs, ctx, failed, logger)
-            # VAE: lossless frames of every job.
-            _stage("decode", decode, jobs, ctx, failed, logger)
-        # CPU: watermarked H.264 clips, published under the night's outputs folder.
-        clips = _stage("watermark", watermark, jobs, ctx, failed, logger)
+            # VAE: lossless frames of every job, one job at a time on the card; each job's frames are
+            # written and its clip encoded on the CPU while the next job decodes.
+            watermarking = _decode_then_watermark(jobs, ctx, failed, logger)
+        # CPU: the watermarked H.264 clips still being encoded, published under the night's folder.
+        clips = _collect("watermark", watermarking, failed, logger)
     except BaseException as exc:
         # Not a job's failure (those are caught per job) but the night's: record how it ended.
         runlog.finish_run(ctx.run_id, status="failed" if isinstance(exc, Exception) else "interrupted")
@@ -135,8 +140,61 @@ def _stage(
         try:
             done[job.template] = stage(job, ctx)
         except Exception as exc:
-            failed[job.template] = f"{name}: {type(exc).__name__}: {exc}"
-            logger.error("%s %s: failed, skipping its later stages: %s", name, job.template, exc)
+            _failed(name, job, exc, failed, logger)
         else:
             logger.info("%s %s: %s", name, job.template, done[job.template])
     return done
+
+
+def _decode_then_watermark(
+    jobs: tuple[JobSpec, ...],
+    ctx: RunContext,
+    failed: dict[str, str],
+    logger: logging.Logger | logging.LoggerAdapter,
+) -> dict[PrefectFuture, JobSpec]:
+    """Submit every pending job's decode at once (the runner lets one at a time use the card, and writes
+    its frames after letting go of it) and each job's watermark as soon as its decode is done; returns
+    the watermark futures once every decode has ended."""
+    decoding = {decode.submit(job, ctx): job for job in jobs if job.template not in failed}
+    watermarking: dict[PrefectFuture, JobSpec] = {}
+    for future in tqdm(as_completed(list(decoding)), total=len(decoding), desc="decode", unit="job"):
+        job = decoding[future]
+        try:
+            key = future.result()
+        except Exception as exc:
+            _failed("decode", job, exc, failed, logger)
+        else:
+            logger.info("decode %s: %s", job.template, key)
+            watermarking[watermark.submit(job, ctx)] = job
+    return watermarking
+
+
+def _collect(
+    name: str,
+    futures: dict[PrefectFuture, JobSpec],
+    failed: dict[str, str],
+    logger: logging.Logger | logging.LoggerAdapter,
+) -> dict[str, str]:
+    """Results of submitted stage tasks by template, in the jobs' order; failures go to `failed`."""
+    done: dict[str, str] = {}
+    for future in tqdm(as_completed(list(futures)), total=len(futures), desc=name, unit="job"):
+        job = futures[future]
+        try:
+            done[job.template] = future.result()
+        except Exception as exc:
+            _failed(name, job, exc, failed, logger)
+        else:
+            logger.info("%s %s: %s", name, job.template, done[job.template])
+    order = {job.template: i for i, job in enumerate(futures.values())}
+    return dict(sorted(done.items(), key=lambda item: order[item[0]]))
+
+
+def _failed(
+    name: str,
+    job: JobSpec,
+    exc: Exception,
+    failed: dict[str, str],
+    logger: logging.Logger | logging.LoggerAdapter,
+) -> None:
+    failed[job.template] = f"{name}: {type(exc).__name__}: {exc}"
+    logger.error("%s %s: failed, skipping its later stages: %s", name, job.template, exc)

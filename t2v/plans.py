@@ -113,22 +113,22 @@ class ComponentSizes:
 
     @classmethod
     def from_modules(cls, *, text_encoder=None, transformer=None, vae=None) -> ComponentSizes:
-        te = _bytes(text_encoder)
-        tr = _bytes(transformer)
+        te = module_bytes(text_encoder)
+        tr = module_bytes(transformer)
         return cls(
             text_encoder_bytes=te,
-            text_embedding_bytes=_bytes(text_encoder.get_input_embeddings()) if text_encoder else 0,
-            text_block_bytes=_bytes(text_encoder.encoder.block[0]) if text_encoder else 0,
+            text_embedding_bytes=module_bytes(text_encoder.get_input_embeddings()) if text_encoder else 0,
+            text_block_bytes=module_bytes(text_encoder.encoder.block[0]) if text_encoder else 0,
             text_dim=text_encoder.config.d_model if text_encoder else 0,
             text_ff_dim=text_encoder.config.d_ff if text_encoder else 0,
             transformer_bytes=tr,
-            transformer_block_bytes=_bytes(transformer.blocks[0]) if transformer else 0,
+            transformer_block_bytes=module_bytes(transformer.blocks[0]) if transformer else 0,
             transformer_dim=transformer.config.num_attention_heads * transformer.config.attention_head_dim
             if transformer
             else 0,
             transformer_ffn_dim=transformer.config.ffn_dim if transformer else 0,
             transformer_largest_leaf_bytes=max(
-                (_bytes(m) for m in transformer.modules() if not list(m.children())), default=0
+                (module_bytes(m) for m in transformer.modules() if not list(m.children())), default=0
             )
             if transformer
             else 0,
@@ -136,7 +136,8 @@ class ComponentSizes:
         )
 
 
-def _bytes(module) -> int:
+def module_bytes(module: torch.nn.Module | None) -> int:
+    """Bytes of a module's parameters (0 for None); works on meta-device skeletons."""
     if module is None:
         return 0
     return sum(p.numel() * p.element_size() for p in module.parameters())

@@ -8,16 +8,20 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import functools
 import gc
 import hashlib
 import logging
+import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import psutil
 import torch
 from tqdm.auto import tqdm
 
@@ -26,7 +30,16 @@ from t2v.errors import NoPlanFits
 from t2v.jobs import JobSpec
 from t2v.models import registry
 from t2v.models.registry import ModelRef
-from t2v.plans import ComponentSizes, StagePlan, apply, choose, configure, ladder, residency_key
+from t2v.plans import (
+    ComponentSizes,
+    StagePlan,
+    apply,
+    choose,
+    configure,
+    ladder,
+    module_bytes,
+    residency_key,
+)
 from t2v.runlog import RunLog
 from t2v.settings import PAUSE_SECONDS, Settings
 from t2v.store import Store, make_key, publish
@@ -78,6 +91,11 @@ class JobKeys:
         )
         return cls(embeddings, latents, frames, clip)
 
+    def output(self, stage: str) -> str:
+        """The key of `stage`'s output."""
+        by_stage = dict(encode=self.embeddings, diffuse=self.latents, decode=self.frames, watermark=self.clip)
+        return by_stage[stage]
+
 
 @contextmanager
 def step_cache(transformer: torch.nn.Module, threshold: float) -> Iterator[None]:
@@ -96,10 +114,18 @@ def step_cache(transformer: torch.nn.Module, threshold: float) -> Iterator[None]
 
 
 class Residency:
-    """Components loaded in this process, kept between tasks of a stage; one GPU component at a time."""
+    """Components loaded in this process, kept between tasks of a stage; one GPU component at a time.
+
+    `lock` is the card: a stage holds it while it loads a component or computes, and lets it go before
+    writing its output, so the next job's stage computes while the last one's frames go to disk.
+    `prefetch` loads the next stage's component into pinned host memory in a background thread while
+    the current stage runs; its stage then only has to place it on the card."""
 
     def __init__(self) -> None:
         self._held: dict[str, tuple[str, torch.nn.Module]] = {}
+        self._ahead: dict[str, tuple[str, Future]] = {}
+        self._loader: ThreadPoolExecutor | None = None
+        self.lock = threading.Lock()
 
     def get(self, name: str, tag: str, load: Callable[[], torch.nn.Module]) -> torch.nn.Module:
         held = self._held.get(name)
@@ -111,6 +137,29 @@ class Residency:
         self._held[name] = (tag, module)
         return module
 
+    def prefetch(self, name: str, source: str, load: Callable[[], torch.nn.Module]) -> None:
+        """Start loading component `name` of model `source` (and pinning its host copy) in the
+        background, unless it is loaded or on its way."""
+        held = self._held.get(name)
+        ahead = self._ahead.get(name)
+        if (held and held[0].startswith(f"{source}|")) or (ahead and ahead[0] == source):
+            return
+        if self._loader is None:
+            self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="t2v-prefetch")
+        self._ahead[name] = (source, self._loader.submit(_pinned, load))
+
+    def prefetched(self, name: str, source: str) -> torch.nn.Module | None:
+        """The component `prefetch` loaded (waiting for it if still loading), once; None if it was not
+        asked for or its load failed (the stage then loads it itself and meets the error there)."""
+        ahead = self._ahead.pop(name, None)
+        if ahead is None or ahead[0] != source:
+            return None
+        try:
+            return ahead[1].result()
+        except Exception as exc:
+            log.warning("prefetching %s failed (%s: %s); loading it now", name, type(exc).__name__, exc)
+            return None
+
     def drop(self, name: str | None = None) -> None:
         for key in [name] if name else list(self._held):
             self._held.pop(key, None)
@@ -118,12 +167,39 @@ class Residency:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
+    def forget_prefetched(self) -> None:
+        """Wait for loads in flight and let go of what nobody took."""
+        for _, future in self._ahead.values():
+            future.cancel() or future.exception()
+        self._ahead.clear()
+
+
+def _pinned(load: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    """`load()` with its host tensors in page-locked memory, where the card copies from at full speed
+    (and group offloading would pin them anyway, in the stage's time)."""
+    module = load()
+    if torch.cuda.is_available():
+        module._apply(lambda t: t.pin_memory() if t.device.type == "cpu" else t)
+    return module
+
 
 def release_components() -> None:
     """Free every component this process keeps loaded (weights on the card, pinned host copies): when a
     run's GPU stages are over and the card goes to someone else."""
-    _RESIDENCY.drop()
+    _RESIDENCY.forget_prefetched()
+    with _RESIDENCY.lock:
+        _RESIDENCY.drop()
 
+
+LOADERS: dict[str, Callable[[ModelRef], torch.nn.Module]] = {
+    "text_encoder": registry.load_text_encoder,
+    "transformer": registry.load_transformer,
+    "vae": registry.load_vae,
+}
+STAGE_OF = {"text_encoder": "encode", "transformer": "diffuse", "vae": "decode"}
+PREFETCH_ROOM = 2.0
+"""Host memory a prefetch wants free, as a multiple of the component's size: the copy, and as much again
+left for the stage running beside it (its activations, the frames it writes)."""
 
 _PAUSED: set[str] = set()
 """Stages this process has paused at (T2V_PAUSE_AT): once per process, not once per run."""
@@ -187,7 +263,7 @@ class StageRunner:
         keys = JobKeys.of(job, self.model, fp8=self.fp8)
 
         def compute(plan: StagePlan) -> None:
-            encoder = self._component("text_encoder", plan, registry.load_text_encoder)
+            encoder = self._component("text_encoder", plan)
             tensors = {"cond": self._embed(encoder, plan, job.prompt)}
             if job.cfg:
                 tensors["uncond"] = self._embed(encoder, plan, job.negative_prompt)
@@ -200,7 +276,7 @@ class StageRunner:
 
         def compute(plan: StagePlan) -> None:
             embeds = self.store.load_tensors("encode", keys.embeddings)
-            transformer = self._component("transformer", plan, registry.load_transformer)
+            transformer = self._component("transformer", plan)
             device = self._compute_device(plan)
             temporal, spatial = self._vae_factors()
             shape = stages.latent_shape(
@@ -237,12 +313,16 @@ class StageRunner:
     def decode(self, job: JobSpec) -> str:
         keys = JobKeys.of(job, self.model, fp8=self.fp8)
 
-        def compute(plan: StagePlan) -> None:
+        def compute(plan: StagePlan) -> Callable[[], None]:
             latents = self.store.load_tensors("diffuse", keys.latents)["latents"]
-            vae = self._component("vae", plan, registry.load_vae)
+            vae = self._component("vae", plan)
             frames = stages.decode_latents(vae, latents, device=self._compute_device(plan))
-            with self.store.writing("decode", keys.frames) as temp:
-                media.write_frames_lossless(frames, temp, fps=job.fps)
+
+            def write() -> None:  # ~100 MB per 480P clip: written once the card is free again
+                with self.store.writing("decode", keys.frames) as temp:
+                    media.write_frames_lossless(frames, temp, fps=job.fps)
+
+            return write
 
         self._require("diffuse", keys.latents, job)
         return self._run("decode", job, keys, keys.frames, compute, sizes_of="vae")
@@ -287,16 +367,21 @@ class StageRunner:
         for plan in plans:
             try:
                 with self.runlog.stage(**row, plan=plan.name if plan else None) as record:
-                    peak = PeakMemory(self.device)
-                    try:
-                        with peak:
-                            self._maybe_inject_oom(plan, job.template)
-                            compute(plan)
-                    finally:  # a failed attempt's peaks are what the next plan must beat
-                        record.peak_allocated_gib = peak.allocated_gib
-                        record.peak_reserved_gib = peak.reserved_gib
-                        record.peak_nvml_gib = peak.nvml_gib
-                        record.peak_rss_gib = peak.rss_gib
+                    # A planned stage has the card to itself (and its peaks are its own) while it
+                    # computes; what it hands back to write runs after, beside the next job's compute.
+                    with self.residency.lock if plan else nullcontext():
+                        peak = PeakMemory(self.device)
+                        try:
+                            with peak:
+                                self._maybe_inject_oom(plan, job.template)
+                                write = compute(plan)
+                        finally:  # a failed attempt's peaks are what the next plan must beat
+                            record.peak_allocated_gib = peak.allocated_gib
+                            record.peak_reserved_gib = peak.reserved_gib
+                            record.peak_nvml_gib = peak.nvml_gib
+                            record.peak_rss_gib = peak.rss_gib
+                    if write is not None:
+                        write()
                     record.output_key = key
                 return key
             except torch.OutOfMemoryError as exc:
@@ -308,7 +393,8 @@ class StageRunner:
                     plan.name if plan else "-",
                 )
                 # The component may hold hooks and half-moved weights: drop it and load it afresh.
-                self.residency.drop()
+                with self.residency.lock:
+                    self.residency.drop()
         raise NoPlanFits(
             f"{stage} of {job.template!r} ran out of memory on every plan "
             f"({', '.join(p.name for p in plans if p)}): {last_error}"
@@ -321,11 +407,13 @@ class StageRunner:
             self._sizes[component] = ComponentSizes.from_modules(**{component: module})
         return ladder(stage, self._sizes[component], job, device=self.device, fp8=self.fp8)
 
-    def _component(self, name: str, plan: StagePlan, load: Callable) -> torch.nn.Module:
+    def _component(self, name: str, plan: StagePlan) -> torch.nn.Module:
+        load = LOADERS[name]
         compiled = self.compile_blocks and name == "transformer"
 
         def place() -> torch.nn.Module:
-            module = apply(plan, load(self.model))
+            module = self.residency.prefetched(name, self.model.identity)
+            module = apply(plan, load(self.model) if module is None else module)
             if compiled:
                 # Each block is compiled once and reused by all 30 (dynamic=False: a night's shapes
                 # repeat); the first step pays the compile, Inductor's on-disk cache the next night's.
@@ -334,6 +422,26 @@ class StageRunner:
 
         tag = f"{self.model.identity}|{residency_key(plan)}|compiled={compiled}"
         return configure(plan, self.residency.get(name, tag, place))
+
+    def prefetch(self, name: str, jobs: Sequence[JobSpec]) -> bool:
+        """Start loading component `name` into host memory in the background, for the stage of `jobs`
+        that uses it; False (and nothing started) where every job has that stage's output stored, or
+        the host lacks the room to hold it beside what is loaded already: its stage then loads it."""
+        stage = STAGE_OF[name]
+        if all(self.store.has(stage, JobKeys.of(j, self.model, fp8=self.fp8).output(stage)) for j in jobs):
+            return False
+        need = module_bytes(registry.skeleton(self.model, name))
+        free = psutil.virtual_memory().available
+        if free < PREFETCH_ROOM * need:
+            log.info(
+                "not prefetching %s: %.1f GiB of host memory free, %.1f GiB wanted",
+                name,
+                free / 2**30,
+                PREFETCH_ROOM * need / 2**30,
+            )
+            return False
+        self.residency.prefetch(name, self.model.identity, functools.partial(LOADERS[name], self.model))
+        return True
 
     def _embed(self, encoder: torch.nn.Module, plan: StagePlan, text: str) -> torch.Tensor:
         """One text's embeddings, encoded alone as the pipeline encodes each (so a text's embedding does

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -47,7 +48,8 @@ class Store:
         """Yield a temporary path to write; it becomes the stored file only if the block succeeds."""
         final = self.path(stage, key)
         final.parent.mkdir(parents=True, exist_ok=True)
-        temp = final.with_name(f"{_TEMP_MARK}{os.getpid()}-{final.name}")
+        # The thread too: a process writes several outputs at once (frames while the next job decodes).
+        temp = final.with_name(f"{_TEMP_MARK}{os.getpid()}-{threading.get_ident()}-{final.name}")
         try:
             yield temp
             if self.on_written is not None:

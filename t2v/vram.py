@@ -220,6 +220,12 @@ def hold_to_budget(memory: DeviceMemory) -> None:
     _CAPS[index] = fraction
 
 
+_UNCAP_LOCK = threading.Lock()
+_UNCAP_HOLDERS: dict[int, int] = {}
+"""Threads inside `uncapped` per device: a component prefetched in a background thread may be built
+while the stage's own component is; the cap comes back when the last of them leaves."""
+
+
 @contextmanager
 def uncapped() -> Iterator[None]:
     """Lift `hold_to_budget`'s cap on the current CUDA device while inside, then put it back.
@@ -230,16 +236,22 @@ def uncapped() -> Iterator[None]:
     import torch
 
     index = torch.cuda.current_device() if torch.cuda.is_available() else -1
-    fraction = _CAPS.get(index)
-    if fraction is None:
+    if _CAPS.get(index) is None:
         yield
         return
-    torch.cuda.set_per_process_memory_fraction(1.0, index)
+    with _UNCAP_LOCK:
+        if not _UNCAP_HOLDERS.get(index):
+            torch.cuda.set_per_process_memory_fraction(1.0, index)
+        _UNCAP_HOLDERS[index] = _UNCAP_HOLDERS.get(index, 0) + 1
     try:
         yield
     finally:
-        torch.cuda.empty_cache()
-        torch.cuda.set_per_process_memory_fraction(fraction, index)
+        with _UNCAP_LOCK:
+            _UNCAP_HOLDERS[index] -= 1
+            fraction = _CAPS.get(index)
+            if not _UNCAP_HOLDERS[index] and fraction is not None:
+                torch.cuda.empty_cache()
+                torch.cuda.set_per_process_memory_fraction(fraction, index)
 
 
 class PeakMemory:

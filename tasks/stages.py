@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 
 from prefect import task
@@ -101,6 +101,12 @@ def gpu_slot() -> Iterator[None]:
             yield
         finally:
             release_components()
+
+
+def prefetch(component: str, jobs: Sequence[JobSpec], ctx: RunContext) -> bool:
+    """Start loading `component` for a later stage of the run into host memory while the current stage
+    runs (not a task: it returns at once and its load is timed in the stage row that uses it)."""
+    return runner_for(ctx).prefetch(component, jobs)
 
 
 @task(

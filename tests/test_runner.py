@@ -1,0 +1,148 @@
+"""The StageRunner's overlap of work: frames written while the next job decodes, and the next stage's
+component loaded in the background while the current stage runs. Real runner, built-in model, CPU."""
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from t2v import media, runner
+from t2v.jobs import JobSpec
+from t2v.models.registry import resolve_model
+from t2v.runlog import RunLog, sqlite_url
+from t2v.runner import Residency, StageRunner
+from t2v.settings import get_settings
+from t2v.store import Store
+from t2v.vram import probe
+
+SIZE = dict(height=64, width=96, frames=9, steps=2)
+JOBS = [JobSpec(template=t, prompt=f"a {t} at dawn", seed=i, **SIZE) for i, t in enumerate(("fox", "sea"))]
+
+
+@pytest.fixture
+def make_runner(tmp_path: Path, data_dir: Path):
+    def make() -> StageRunner:
+        log = RunLog(sqlite_url(tmp_path / "runs.db"))
+        return StageRunner(
+            model=resolve_model("tiny"),
+            store=Store(tmp_path / "store"),
+            runlog=log,
+            run_id=log.start_run(kind="generate", model="tiny"),
+            settings=get_settings(),
+            memory=probe(),
+            outputs_dir=tmp_path / "out",
+            residency=Residency(),
+        )
+
+    return make
+
+
+def test_a_jobs_frames_are_written_after_the_card_is_free_for_the_next_decode(make_runner, monkeypatch):
+    stage_runner = make_runner()
+    for job in JOBS:
+        stage_runner.encode(job)
+        stage_runner.diffuse(job)
+    second_decoding = threading.Event()
+    real_decode = runner.stages.decode_latents
+    real_write = media.write_frames_lossless
+
+    def decode_latents(vae, latents, **kwargs):
+        if threading.current_thread().name == "second":
+            second_decoding.set()
+        return real_decode(vae, latents, **kwargs)
+
+    def write_frames(frames, path, **kwargs):
+        # The first job's write waits until the second job is decoding: it would wait forever (and
+        # fail below) if the runner held the card while writing.
+        if threading.current_thread().name == "first":
+            assert second_decoding.wait(timeout=30), "the next decode did not start while frames were written"
+        real_write(frames, path, **kwargs)
+
+    monkeypatch.setattr(runner.stages, "decode_latents", decode_latents)
+    monkeypatch.setattr(media, "write_frames_lossless", write_frames)
+    keys, errors = {}, []
+
+    def decode(job: JobSpec) -> None:
+        try:
+            keys[job.template] = stage_runner.decode(job)
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    first = threading.Thread(target=decode, args=(JOBS[0],), name="first")
+    first.start()
+    while not stage_runner.store.root.joinpath("decode").exists() and first.is_alive():
+        threading.Event().wait(0.01)  # the first decode has its frames once the writer made its folder
+    second = threading.Thread(target=decode, args=(JOBS[1],), name="second")
+    second.start()
+    first.join(60)
+    second.join(60)
+
+    assert errors == []
+    assert all(stage_runner.store.has("decode", keys[job.template]) for job in JOBS)
+    rows = stage_runner.runlog.run(stage_runner.run_id)["stages"]
+    decodes = sorted((r["template"], r["status"]) for r in rows if r["stage"] == "decode")
+    assert decodes == [("fox", "ok"), ("sea", "ok")]
+
+
+def test_the_next_component_is_loaded_in_the_background_and_used_by_its_stage(make_runner, monkeypatch):
+    stage_runner = make_runner()
+    loads = []
+    real_load = runner.LOADERS["transformer"]
+
+    def load_transformer(ref):
+        loads.append(threading.current_thread().name)
+        return real_load(ref)
+
+    monkeypatch.setitem(runner.LOADERS, "transformer", load_transformer)
+    for job in JOBS:
+        stage_runner.encode(job)
+
+    assert stage_runner.prefetch("transformer", JOBS[:1]) is True
+    stage_runner.diffuse(JOBS[0])
+
+    assert len(loads) == 1 and loads[0].startswith("t2v-prefetch")
+    # Already loaded: asking again for the other job starts nothing.
+    stage_runner.prefetch("transformer", JOBS[1:])
+    stage_runner.diffuse(JOBS[1])
+    assert len(loads) == 1
+
+
+def test_nothing_is_prefetched_for_a_stage_whose_outputs_are_stored(make_runner, monkeypatch):
+    stage_runner = make_runner()
+    stage_runner.encode(JOBS[0])
+    stage_runner.diffuse(JOBS[0])
+    started = []
+    monkeypatch.setattr(stage_runner.residency, "prefetch", lambda *args: started.append(args))
+
+    assert stage_runner.prefetch("transformer", JOBS[:1]) is False
+    assert stage_runner.prefetch("vae", JOBS[:1]) is True
+    assert [name for name, *_ in started] == ["vae"]
+
+
+def test_nothing_is_prefetched_where_the_host_lacks_the_room(make_runner, monkeypatch):
+    stage_runner = make_runner()
+    monkeypatch.setattr(runner, "PREFETCH_ROOM", 1e12)  # no host has a million times the model free
+    loads = []
+    monkeypatch.setitem(runner.LOADERS, "vae", lambda ref: loads.append(ref))
+
+    assert stage_runner.prefetch("vae", JOBS) is False
+    assert loads == []
+
+
+def test_a_failed_prefetch_leaves_the_stage_to_load_it_and_meet_the_error(make_runner, monkeypatch):
+    stage_runner = make_runner()
+    stage_runner.encode(JOBS[0])
+    real_load = runner.LOADERS["transformer"]
+    calls = []
+
+    def flaky(ref):
+        calls.append(threading.current_thread().name)
+        if len(calls) == 1:
+            raise OSError("disk hiccup")
+        return real_load(ref)
+
+    monkeypatch.setitem(runner.LOADERS, "transformer", flaky)
+    stage_runner.prefetch("transformer", JOBS[:1])
+    stage_runner.diffuse(JOBS[0])
+
+    assert len(calls) == 2 and calls[0].startswith("t2v-prefetch") and not calls[1].startswith("t2v-prefetch")
