@@ -154,6 +154,19 @@ def write_catalogue(path: Path, count: int, *, height: int, width: int, frames: 
     return names
 
 
+def import_probe(env: dict[str, str]) -> dict[str, float]:
+    """Seconds a fresh Python process takes to start and import the nightly flow (what each flow run
+    pays before its flow begins), measured once before the phases: it also warms the file cache and the
+    bytecode for both phases alike."""
+    code = "import time; t = time.perf_counter(); import flows.nightly; print(time.perf_counter() - t)"
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True)
+    total = time.perf_counter() - start
+    if done.returncode != 0:
+        return {"process_s": total, "error": done.stderr[-2000:]}
+    return {"process_s": total, "import_flow_s": float(done.stdout.strip().splitlines()[-1])}
+
+
 def start_server(work: Path, base_env: dict[str, str]) -> tuple[subprocess.Popen, dict[str, str]]:
     """`prefect server start` on a free loopback port with its own PREFECT_HOME; (proc, Prefect env)."""
     port = free_port()
@@ -525,6 +538,9 @@ def main() -> None:
 
         deploy(NightlyDeployment(catalogue=catalogue, model=model, pool=POOL, gpus=args.gpus, timezone="UTC"))
         log(f"deployed {DEPLOYMENT} on pool {POOL}: {args.jobs} job(s) of {results['resolution']} on {model}")
+
+        results["import_probe"] = import_probe(worker_env)
+        log(f"a flow-run process's start and imports: {results['import_probe']}")
 
         phase = dict(work=work, worker_env=worker_env, templates=templates, timeout_s=args.timeout_s)
         shards = {"one": [None], "two": [f"{i}/{args.gpus}" for i in range(args.gpus)]}

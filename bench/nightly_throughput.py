@@ -94,18 +94,25 @@ class ComputeTimer:
         if self.torch.cuda.is_available():
             self.torch.cuda.synchronize()
 
-    def wrap(self, owner, name: str, bucket: str) -> None:
+    def wrap(self, owner, name: str, bucket: str, *, sync: bool = True, by_stage: bool = False) -> None:
+        """Time `owner.name` into `bucket` (and into `bucket_<plan.stage>` with `by_stage`, for calls
+        whose first argument is a plan); `sync=False` for what runs beside the compute (in the flow's
+        task threads or the prefetch thread), which must not wait for the card."""
         original = getattr(owner, name)
 
         def timed(*args, **kwargs):
-            self._sync()
+            if sync:
+                self._sync()
             start = time.perf_counter()
             try:
                 return original(*args, **kwargs)
             finally:
-                self._sync()
-                self.seconds[bucket] = self.seconds.get(bucket, 0.0) + time.perf_counter() - start
-                self.calls[bucket] = self.calls.get(bucket, 0) + 1
+                if sync:
+                    self._sync()
+                took = time.perf_counter() - start
+                for key in [bucket, f"{bucket}_{args[0].stage}"] if by_stage else [bucket]:
+                    self.seconds[key] = self.seconds.get(key, 0.0) + took
+                    self.calls[key] = self.calls.get(key, 0) + 1
 
         setattr(owner, name, timed)
         self._patched.append((owner, name, original))
@@ -146,25 +153,38 @@ def pin_probe(torch, gib: float = 2.0) -> dict:
 def summarise(results: dict) -> dict:
     """The headline figures, from the phases' raw records (also for an existing file: `--summarise`).
 
-    Ours: wall time minus the time inside the model's compute functions is the overhead, split into
-    loads (`plans.apply`: moving, pinning, hooking), the stage methods' own work beside compute and loads
-    (store reads and writes with their fsyncs, run-log rows, keys) and what is left outside the stage
-    methods (Prefect's task and flow machinery, the flow's own steps). Peak reserved memory is the
-    largest of the run-log rows: the runner resets PyTorch's peak counter at each stage, so a window
-    around the whole flow sees only the last stage's."""
+    Ours: wall time minus the time inside the model's compute functions is the overhead (the compute
+    functions hold the card one at a time, so their times add up without overlap). It is split into
+    what the flow waited for, which adds up to it:
+    - loads: `plans.apply` on the stage's path (moving to the card, pinning, hooking); the prefetch
+      thread's reading and pinning ran beside the stages and is reported apart (`prefetch_s`);
+    - encode_diffuse_io: the encode and diffuse stage methods' own work beside compute and loads
+      (store reads and writes with their fsyncs, run-log rows, keys);
+    - decode_watermark_tail: the decode and watermark tasks' time not hidden behind a decode (the last
+      frames' write, the last clips' encoding, task start-up);
+    - prefect_and_flow: the rest (Prefect's task and flow machinery, the flow's own steps).
+    Peak reserved memory is the largest of the run-log rows: the runner resets PyTorch's peak counter at
+    each stage, so a window around the whole flow sees only the last stage's."""
     ours = results["phases"].get("ours")
     if ours:
         wall, seconds = ours["wall_s"], ours["compute_s"]
         compute = seconds["encode"] + seconds["denoise"] + seconds["decode"]
-        runner = sum(v for k, v in seconds.items() if k.startswith("runner_"))
         results["ours_clips_per_hour"] = 3600 * ours["clips"] / wall
         results["ours_overhead_share"] = (wall - compute) / wall
         results["ours_loads_share"] = seconds["apply"] / wall
+        sequential = seconds.get("runner_encode", 0.0) + seconds.get("runner_diffuse", 0.0)
+        overlapped = seconds.get("decode_phase", 0.0) + seconds.get("watermark_tail", 0.0)
+        apply_decode = seconds.get("apply_decode", 0.0)
         results["ours_overhead_s"] = {
             "loads": seconds["apply"],
-            "stage_io_and_runlog": (runner - compute - seconds["apply"]) if runner else None,
-            "prefect_and_flow": (wall - runner) if runner else None,
+            "encode_diffuse_io": sequential
+            - seconds["encode"]
+            - seconds["denoise"]
+            - (seconds["apply"] - apply_decode),
+            "decode_watermark_tail": overlapped - seconds["decode"] - apply_decode,
+            "prefect_and_flow": wall - sequential - overlapped,
         }
+        results["prefetch_s"] = seconds.get("prefetch")
         peaks = [r["peak_reserved_gib"] for r in ours["rows"] if r.get("peak_reserved_gib") is not None]
         results["ours_peak_gib"] = max(peaks) if peaks else ours["peak_reserved_gib"]
         results["ours_peak_nvml_gib"] = ours["peak_nvml_gib"]
@@ -312,19 +332,24 @@ def main() -> None:
     timer.wrap(stages, "encode_texts", "encode")
     timer.wrap(stages, "denoise", "denoise")
     timer.wrap(stages, "decode_latents", "decode")
-    timer.wrap(runner_module, "apply", "apply")
+    timer.wrap(runner_module, "apply", "apply", by_stage=True)
     # Where the rest of the wall time goes: Prefect's task calls, the runner's stage methods (keys, store
     # checks, run-log rows), run-log commits and the store's fsyncs.
     import flows.nightly as nightly_module
     from t2v import store as store_module
     from t2v.runner import StageRunner
 
-    for stage in ("encode", "diffuse", "decode", "watermark"):
+    for stage in ("encode", "diffuse"):  # called one job after another from the flow
         timer.wrap(nightly_module, stage, f"task_{stage}")
-        timer.wrap(StageRunner, stage, f"runner_{stage}")
-    timer.wrap(RunLog, "_insert_stage", "runlog_insert")
-    timer.wrap(RunLog, "_finish_stage", "runlog_finish")
-    timer.wrap(store_module, "_fsync", "fsync")
+    for stage in ("encode", "diffuse", "decode", "watermark"):
+        timer.wrap(StageRunner, stage, f"runner_{stage}", sync=False)
+    # Decodes and watermarks run as submitted tasks beside one another: timed as the flow waits on them.
+    timer.wrap(nightly_module, "_decode_then_watermark", "decode_phase", sync=False)
+    timer.wrap(nightly_module, "_collect", "watermark_tail", sync=False)
+    timer.wrap(runner_module, "_pinned", "prefetch", sync=False)  # in the background thread
+    timer.wrap(RunLog, "_insert_stage", "runlog_insert", sync=False)
+    timer.wrap(RunLog, "_finish_stage", "runlog_finish", sync=False)
+    timer.wrap(store_module, "_fsync", "fsync", sync=False)
     pauses: list[tuple[int, float]] = []
 
     def on_gc(phase, info):

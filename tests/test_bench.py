@@ -51,8 +51,12 @@ def test_nightly_throughput_runs_both_sides_and_accounts_for_the_wall_time(tmp_p
     assert calls["task_diffuse"] == calls["runner_diffuse"] == 3
     split = results["ours_overhead_s"]
     compute = sum(ours["compute_s"][k] for k in ("encode", "denoise", "decode"))
-    parts = compute + split["loads"] + split["stage_io_and_runlog"] + split["prefect_and_flow"]
+    parts = compute + sum(split.values())
+    assert set(split) == {"loads", "encode_diffuse_io", "decode_watermark_tail", "prefect_and_flow"}
     assert abs(parts - ours["wall_s"]) < 1e-6 * ours["wall_s"] + 1e-9
+    assert all(part > 0 for part in split.values())
+    # The transformer and the VAE were read into host memory in the background, while the stage before ran.
+    assert calls["prefetch"] == 2 and results["prefetch_s"] > 0
     assert 0 < results["ours_overhead_share"] < 1
     per_hour = results["ours_clips_per_hour"], results["baseline_clips_per_hour"]
     assert results["ratio"] == pytest.approx(per_hour[0] / per_hour[1])

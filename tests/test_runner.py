@@ -5,6 +5,7 @@ import threading
 from pathlib import Path
 
 import pytest
+import torch
 
 from t2v import media, runner
 from t2v.jobs import JobSpec
@@ -146,3 +147,19 @@ def test_a_failed_prefetch_leaves_the_stage_to_load_it_and_meet_the_error(make_r
     stage_runner.diffuse(JOBS[0])
 
     assert len(calls) == 2 and calls[0].startswith("t2v-prefetch") and not calls[1].startswith("t2v-prefetch")
+
+
+def test_prefetching_while_the_encoder_is_built_changes_no_weight(make_runner, tmp_path):
+    # Both builders draw from torch's global generator, one in the prefetch thread: the latents must be
+    # those of a run that built one component after the other.
+    latents = []
+    for prefetch in (False, True):
+        stage_runner = make_runner()
+        stage_runner.store = Store(tmp_path / f"store-{prefetch}")
+        if prefetch:
+            stage_runner.prefetch("transformer", JOBS[:1])
+        stage_runner.encode(JOBS[0])
+        key = stage_runner.diffuse(JOBS[0])
+        latents.append(stage_runner.store.load_tensors("diffuse", key)["latents"])
+
+    assert torch.equal(latents[0], latents[1])

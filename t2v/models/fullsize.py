@@ -12,6 +12,7 @@ import torch
 from diffusers import AutoencoderKLWan, WanTransformer3DModel
 from transformers import UMT5Config, UMT5EncoderModel
 
+from t2v.models.seeding import seeded
 from t2v.models.wan22 import FULL_SIZE
 
 
@@ -45,8 +46,7 @@ def build(
     seed: int = 0,
 ) -> torch.nn.Module:
     """One full-size component with random weights, `dtype` storage, moved to `keep_on`."""
-    torch.manual_seed(seed)
-    with torch.device(device):
+    with seeded(seed), torch.device(device):
         model = construct(component)
     model = model.eval().requires_grad_(False)
     if dtype != torch.float32:

@@ -10,11 +10,11 @@ built here.
 
 from __future__ import annotations
 
-import torch
 from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
 
+from t2v.models.seeding import seeded
 from t2v.models.wan22 import FULL_SIZE, MAX_SEQUENCE_LENGTH
 
 SEED = 2022
@@ -55,34 +55,34 @@ def build_text_encoder() -> UMT5EncoderModel:
         eos_token_id=1,
         decoder_start_token_id=0,
     )
-    torch.manual_seed(SEED)
     # eval(): a freshly built model is in training mode, whose dropout would make encoding random.
-    return UMT5EncoderModel(config).eval()
+    with seeded(SEED):
+        return UMT5EncoderModel(config).eval()
 
 
 def build_transformer() -> WanTransformer3DModel:
-    torch.manual_seed(SEED + 1)
-    return WanTransformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=2,
-        attention_head_dim=12,
-        in_channels=48,
-        out_channels=48,
-        text_dim=32,
-        freq_dim=256,
-        ffn_dim=32,
-        num_layers=2,
-        cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=32,
-    ).eval()
+    with seeded(SEED + 1):
+        return WanTransformer3DModel(
+            patch_size=(1, 2, 2),
+            num_attention_heads=2,
+            attention_head_dim=12,
+            in_channels=48,
+            out_channels=48,
+            text_dim=32,
+            freq_dim=256,
+            ffn_dim=32,
+            num_layers=2,
+            cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads",
+            rope_max_seq_len=32,
+        ).eval()
 
 
 def build_vae() -> AutoencoderKLWan:
     kwargs = dict(FULL_SIZE["vae"]["kwargs"])
     kwargs.update(base_dim=4, decoder_base_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1)
-    torch.manual_seed(SEED + 2)
-    return AutoencoderKLWan(**kwargs).eval()
+    with seeded(SEED + 2):
+        return AutoencoderKLWan(**kwargs).eval()
 
 
 def build_scheduler() -> UniPCMultistepScheduler:
