@@ -36,6 +36,7 @@ import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,10 +95,12 @@ class ComputeTimer:
         if self.torch.cuda.is_available():
             self.torch.cuda.synchronize()
 
-    def wrap(self, owner, name: str, bucket: str, *, sync: bool = True, by_stage: bool = False) -> None:
-        """Time `owner.name` into `bucket` (and into `bucket_<plan.stage>` with `by_stage`, for calls
-        whose first argument is a plan); `sync=False` for what runs beside the compute (in the flow's
-        task threads or the prefetch thread), which must not wait for the card."""
+    def wrap(
+        self, owner, name: str, bucket: str | Callable[[tuple], str | None], *, sync: bool = True
+    ) -> None:
+        """Time `owner.name` into `bucket`, or into `bucket(args)` (not at all where that is None);
+        `sync=False` for what runs beside the compute (in the flow's task threads or the prefetch
+        thread), which must not wait for the card."""
         original = getattr(owner, name)
 
         def timed(*args, **kwargs):
@@ -109,9 +112,9 @@ class ComputeTimer:
             finally:
                 if sync:
                     self._sync()
-                took = time.perf_counter() - start
-                for key in [bucket, f"{bucket}_{args[0].stage}"] if by_stage else [bucket]:
-                    self.seconds[key] = self.seconds.get(key, 0.0) + took
+                key = bucket(args) if callable(bucket) else bucket
+                if key is not None:
+                    self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - start
                     self.calls[key] = self.calls.get(key, 0) + 1
 
         setattr(owner, name, timed)
@@ -156,13 +159,13 @@ def summarise(results: dict) -> dict:
     Ours: wall time minus the time inside the model's compute functions is the overhead (the compute
     functions hold the card one at a time, so their times add up without overlap). It is split into
     what the flow waited for, which adds up to it:
-    - loads: `plans.apply` on the stage's path (moving to the card, pinning, hooking); the prefetch
+    - loads: `plans.apply` on the stages' path (moving to the card, pinning, hooking); the prefetch
       thread's reading and pinning ran beside the stages and is reported apart (`prefetch_s`);
-    - encode_diffuse_io: the encode and diffuse stage methods' own work beside compute and loads
-      (store reads and writes with their fsyncs, run-log rows, keys);
-    - decode_watermark_tail: the decode and watermark tasks' time not hidden behind a decode (the last
-      frames' write, the last clips' encoding, task start-up);
-    - prefect_and_flow: the rest (Prefect's task and flow machinery, the flow's own steps).
+    - <stage>_tail: the rest of each stage's wall time, whose jobs run as tasks submitted together: what
+      was not hidden behind another job's compute (the last output's write with its fsync, reads,
+      run-log rows, task start-ups);
+    - watermark_tail: the clips still being encoded after the last decode;
+    - prefect_and_flow: the rest (Prefect's flow machinery, the flow's own steps).
     Peak reserved memory is the largest of the run-log rows: the runner resets PyTorch's peak counter at
     each stage, so a window around the whole flow sees only the last stage's."""
     ours = results["phases"].get("ours")
@@ -172,18 +175,13 @@ def summarise(results: dict) -> dict:
         results["ours_clips_per_hour"] = 3600 * ours["clips"] / wall
         results["ours_overhead_share"] = (wall - compute) / wall
         results["ours_loads_share"] = seconds["apply"] / wall
-        sequential = seconds.get("runner_encode", 0.0) + seconds.get("runner_diffuse", 0.0)
-        overlapped = seconds.get("decode_phase", 0.0) + seconds.get("watermark_tail", 0.0)
-        apply_decode = seconds.get("apply_decode", 0.0)
-        results["ours_overhead_s"] = {
-            "loads": seconds["apply"],
-            "encode_diffuse_io": sequential
-            - seconds["encode"]
-            - seconds["denoise"]
-            - (seconds["apply"] - apply_decode),
-            "decode_watermark_tail": overlapped - seconds["decode"] - apply_decode,
-            "prefect_and_flow": wall - sequential - overlapped,
-        }
+        split = {"loads": seconds["apply"]}
+        for stage, fn in (("encode", "encode"), ("diffuse", "denoise"), ("decode", "decode")):
+            took = seconds.get(f"stage_{stage}", 0.0)
+            split[f"{stage}_tail"] = took - seconds[fn] - seconds.get(f"apply_{stage}", 0.0)
+        split["watermark_tail"] = seconds.get("watermark_tail", 0.0)
+        split["prefect_and_flow"] = wall - compute - sum(split.values())
+        results["ours_overhead_s"] = split
         results["prefetch_s"] = seconds.get("prefetch")
         peaks = [r["peak_reserved_gib"] for r in ours["rows"] if r.get("peak_reserved_gib") is not None]
         results["ours_peak_gib"] = max(peaks) if peaks else ours["peak_reserved_gib"]
@@ -208,7 +206,9 @@ def main() -> None:
     parser.add_argument("--cap-gib", type=float, default=8.0)
     parser.add_argument("--tiny", action="store_true", help="built-in model on the CPU: a smoke run")
     parser.add_argument(
-        "--skip", default="", help="comma list of phases to leave out: model-offload,cache,compile"
+        "--skip",
+        default="",
+        help="comma list of phases to leave out: model-offload,baseline,cache,compile,pin-probe",
     )
     parser.add_argument("--work", type=Path, default=Path("/tmp/t2v-throughput"))
     parser.add_argument(
@@ -281,7 +281,7 @@ def main() -> None:
             )
         )
 
-    if cuda:
+    if cuda and "pin-probe" not in skip:
         results["pin_probe"] = pin_probe(torch)
         log(f"pin probe: {results['pin_probe']}")
     start = time.perf_counter()
@@ -332,20 +332,24 @@ def main() -> None:
     timer.wrap(stages, "encode_texts", "encode")
     timer.wrap(stages, "denoise", "denoise")
     timer.wrap(stages, "decode_latents", "decode")
-    timer.wrap(runner_module, "apply", "apply", by_stage=True)
+    timer.wrap(runner_module, "apply", "apply")
+    timer.wrap(runner_module, "apply", lambda args: f"apply_{args[0].stage}")
     # Where the rest of the wall time goes: Prefect's task calls, the runner's stage methods (keys, store
     # checks, run-log rows), run-log commits and the store's fsyncs.
     import flows.nightly as nightly_module
     from t2v import store as store_module
     from t2v.runner import StageRunner
 
-    for stage in ("encode", "diffuse"):  # called one job after another from the flow
-        timer.wrap(nightly_module, stage, f"task_{stage}")
     for stage in ("encode", "diffuse", "decode", "watermark"):
         timer.wrap(StageRunner, stage, f"runner_{stage}", sync=False)
-    # Decodes and watermarks run as submitted tasks beside one another: timed as the flow waits on them.
-    timer.wrap(nightly_module, "_decode_then_watermark", "decode_phase", sync=False)
-    timer.wrap(nightly_module, "_collect", "watermark_tail", sync=False)
+    # A stage's tasks run together in the flow's threads: each stage is timed as the flow waits for it.
+    timer.wrap(nightly_module, "_stage", lambda args: f"stage_{args[0]}", sync=False)
+    timer.wrap(
+        nightly_module,
+        "_collect",
+        lambda args: "watermark_tail" if args[0] == "watermark" else None,
+        sync=False,
+    )
     timer.wrap(runner_module, "_pinned", "prefetch", sync=False)  # in the background thread
     timer.wrap(RunLog, "_insert_stage", "runlog_insert", sync=False)
     timer.wrap(RunLog, "_finish_stage", "runlog_finish", sync=False)
@@ -606,6 +610,11 @@ def main() -> None:
         pipe.vae.to(device)
         pipe.vae.enable_tiling()
 
+    if "baseline" in skip:  # ours alone (at more steps than both sides fit in one device command)
+        runner_phase("compile", compile_phase)
+        server.terminate()
+        print(json.dumps({k: v for k, v in results.items() if k != "phases"}, indent=1, default=str))
+        return
     if cuda and "model-offload" not in skip:
         log("baseline: enable_model_cpu_offload")
         try:

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from datetime import date
 from pathlib import Path
 
-from prefect import flow, get_run_logger
+from prefect import Task, flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 from prefect.futures import PrefectFuture, as_completed
 from tqdm.auto import tqdm
@@ -86,6 +86,11 @@ def run_stages(
 ) -> dict:
     """The night's stages in stage-major order; records how the run ended. Shared with `rerun`."""
     failed: dict[str, str] = {}
+    watermarking: dict[PrefectFuture, JobSpec] = {}
+
+    def watermark_when_decoded(job: JobSpec) -> None:
+        watermarking[watermark.submit(job, ctx)] = job
+
     try:
         # The card is the night's from the first encode to the last decode (tasks.stages.gpu_slot).
         with gpu_slot():
@@ -96,9 +101,8 @@ def run_stages(
             prefetch("vae", jobs, ctx)
             # Transformer: denoised latents of every job.
             _stage("diffuse", diffuse, jobs, ctx, failed, logger)
-            # VAE: lossless frames of every job, one job at a time on the card; each job's frames are
-            # written and its clip encoded on the CPU while the next job decodes.
-            watermarking = _decode_then_watermark(jobs, ctx, failed, logger)
+            # VAE: lossless frames of every job; a job's clip is encoded on the CPU beside later decodes.
+            _stage("decode", decode, jobs, ctx, failed, logger, then=watermark_when_decoded)
         # CPU: the watermarked H.264 clips still being encoded, published under the night's folder.
         clips = _collect("watermark", watermarking, failed, logger)
     except BaseException as exc:
@@ -127,46 +131,19 @@ def _publish_stage_table(runlog: RunLog, run_id: str, logger: logging.Logger | l
 
 def _stage(
     name: str,
-    stage: Callable[[JobSpec, RunContext], str],
+    stage: Task[[JobSpec, RunContext], str],
     jobs: tuple[JobSpec, ...],
     ctx: RunContext,
     failed: dict[str, str],
     logger: logging.Logger | logging.LoggerAdapter,
+    then: Callable[[JobSpec], None] | None = None,
 ) -> dict[str, str]:
-    """Run one stage task for every job that has not failed yet; a failure is recorded in `failed`."""
-    done: dict[str, str] = {}
-    pending = [job for job in jobs if job.template not in failed]
-    for job in tqdm(pending, desc=name, unit="job"):
-        try:
-            done[job.template] = stage(job, ctx)
-        except Exception as exc:
-            _failed(name, job, exc, failed, logger)
-        else:
-            logger.info("%s %s: %s", name, job.template, done[job.template])
-    return done
-
-
-def _decode_then_watermark(
-    jobs: tuple[JobSpec, ...],
-    ctx: RunContext,
-    failed: dict[str, str],
-    logger: logging.Logger | logging.LoggerAdapter,
-) -> dict[PrefectFuture, JobSpec]:
-    """Submit every pending job's decode at once (the runner lets one at a time use the card, and writes
-    its frames after letting go of it) and each job's watermark as soon as its decode is done; returns
-    the watermark futures once every decode has ended."""
-    decoding = {decode.submit(job, ctx): job for job in jobs if job.template not in failed}
-    watermarking: dict[PrefectFuture, JobSpec] = {}
-    for future in tqdm(as_completed(list(decoding)), total=len(decoding), desc="decode", unit="job"):
-        job = decoding[future]
-        try:
-            key = future.result()
-        except Exception as exc:
-            _failed("decode", job, exc, failed, logger)
-        else:
-            logger.info("decode %s: %s", job.template, key)
-            watermarking[watermark.submit(job, ctx)] = job
-    return watermarking
+    """Run one stage task for every job that has not failed yet, all submitted at once, and wait for
+    them: the runner lets one at a time compute on the card and writes each output after letting go of
+    it, so a job's write overlaps the next job's compute. Failures go to `failed`; `then(job)` is called
+    as each job's task succeeds."""
+    futures = {stage.submit(job, ctx): job for job in jobs if job.template not in failed}
+    return _collect(name, futures, failed, logger, then)
 
 
 def _collect(
@@ -174,6 +151,7 @@ def _collect(
     futures: dict[PrefectFuture, JobSpec],
     failed: dict[str, str],
     logger: logging.Logger | logging.LoggerAdapter,
+    then: Callable[[JobSpec], None] | None = None,
 ) -> dict[str, str]:
     """Results of submitted stage tasks by template, in the jobs' order; failures go to `failed`."""
     done: dict[str, str] = {}
@@ -185,6 +163,8 @@ def _collect(
             _failed(name, job, exc, failed, logger)
         else:
             logger.info("%s %s: %s", name, job.template, done[job.template])
+            if then is not None:
+                then(job)
     order = {job.template: i for i, job in enumerate(futures.values())}
     return dict(sorted(done.items(), key=lambda item: order[item[0]]))
 

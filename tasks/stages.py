@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 
@@ -45,13 +46,21 @@ from t2v.store import Store
 from t2v.vram import probe
 
 
-@functools.lru_cache(maxsize=4)
 def runner_for(ctx: RunContext) -> StageRunner:
     """The run's StageRunner in this process, shared by its tasks with their tokenizer and run log.
 
     Settings (T2V_INJECT_OOM, the VRAM budget) are read when a run's first task starts; loaded
     components live in the process-wide residency cache, so they outlast a run's runner.
     """
+    with _MAKING_RUNNER:  # a stage's tasks start together, in threads: one of them makes it
+        return _runner_for(ctx)
+
+
+_MAKING_RUNNER = threading.Lock()
+
+
+@functools.lru_cache(maxsize=4)
+def _runner_for(ctx: RunContext) -> StageRunner:
     settings = get_settings()
     return StageRunner(
         model=resolve_model(ctx.model),
