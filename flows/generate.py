@@ -38,6 +38,7 @@ def generate(job: JobSpec, model: str = "tiny", out: str | None = None, fp8_stor
     logger.info("run %s: %s on model %s", run_id, job.template, ref.identity)
     try:
         with gpu_slot():
+            prefetch("text_encoder", [job], ctx)
             prefetch("transformer", [job], ctx)
             encode(job, ctx)
             prefetch("vae", [job], ctx)

@@ -94,7 +94,9 @@ def run_stages(
     try:
         # The card is the night's from the first encode to the last decode (tasks.stages.gpu_slot).
         with gpu_slot():
-            # Each stage's component is read into host memory while the stage before it runs.
+            # Each stage's component is read into page-locked host memory while the stage before it runs
+            # (the text encoder's first: its stage waits for it).
+            prefetch("text_encoder", jobs, ctx)
             prefetch("transformer", jobs, ctx)
             # Text encoder: embeddings of every prompt.
             _stage("encode", encode, jobs, ctx, failed, logger)
