@@ -137,7 +137,7 @@ class Residency:
         self._held[name] = (tag, module)
         return module
 
-    def prefetch(self, name: str, source: str, load: Callable[[], torch.nn.Module]) -> None:
+    def prefetch(self, name: str, source: str, load: Callable[[], torch.nn.Module | None]) -> None:
         """Start loading component `name` of model `source` (and pinning its host copy) in the
         background, unless it is loaded or on its way."""
         held = self._held.get(name)
@@ -150,7 +150,7 @@ class Residency:
 
     def prefetched(self, name: str, source: str) -> torch.nn.Module | None:
         """The component `prefetch` loaded (waiting for it if still loading), once; None if it was not
-        asked for or its load failed (the stage then loads it itself and meets the error there)."""
+        asked for, not loaded, or its load failed (the stage then loads it itself and meets the error)."""
         ahead = self._ahead.pop(name, None)
         if ahead is None or ahead[0] != source:
             return None
@@ -174,11 +174,11 @@ class Residency:
         self._ahead.clear()
 
 
-def _pinned(load: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+def _pinned(load: Callable[[], torch.nn.Module | None]) -> torch.nn.Module | None:
     """`load()` with its host tensors in page-locked memory, where the card copies from at full speed
     (and group offloading would pin them anyway, one tensor at a time, in the stage's time)."""
     module = load()
-    if torch.cuda.is_available():
+    if module is not None and torch.cuda.is_available():
         pack_host_tensors(module, lambda nbytes: torch.empty(nbytes, dtype=torch.uint8, pin_memory=True))
     return module
 
@@ -304,19 +304,19 @@ class StageRunner:
     def encode(self, job: JobSpec) -> str:
         keys = JobKeys.of(job, self.model, fp8=self.fp8)
 
-        def compute(plan: StagePlan) -> None:
+        def compute(plan: StagePlan) -> Callable[[], object]:
             encoder = self._component("text_encoder", plan)
             tensors = {"cond": self._embed(encoder, plan, job.prompt)}
             if job.cfg:
                 tensors["uncond"] = self._embed(encoder, plan, job.negative_prompt)
-            self.store.save_tensors("encode", keys.embeddings, tensors)
+            return functools.partial(self.store.save_tensors, "encode", keys.embeddings, tensors)
 
         return self._run("encode", job, keys, keys.embeddings, compute, sizes_of="text_encoder")
 
     def diffuse(self, job: JobSpec) -> str:
         keys = JobKeys.of(job, self.model, fp8=self.fp8)
 
-        def compute(plan: StagePlan) -> None:
+        def compute(plan: StagePlan) -> Callable[[], object]:
             embeds = self.store.load_tensors("encode", keys.embeddings)
             transformer = self._component("transformer", plan)
             device = self._compute_device(plan)
@@ -347,7 +347,9 @@ class StageRunner:
                     cfg_batch=plan.cfg_batch,
                     on_step=lambda i, n: bar.update(1),
                 )
-            self.store.save_tensors("diffuse", keys.latents, {"latents": latents})
+            # Off the card while it is ours: the write then runs beside the next job's compute.
+            latents = {"latents": latents.cpu()}
+            return functools.partial(self.store.save_tensors, "diffuse", keys.latents, latents)
 
         self._require("encode", keys.embeddings, job)
         return self._run("diffuse", job, keys, keys.latents, compute, sizes_of="transformer")
@@ -355,7 +357,7 @@ class StageRunner:
     def decode(self, job: JobSpec) -> str:
         keys = JobKeys.of(job, self.model, fp8=self.fp8)
 
-        def compute(plan: StagePlan) -> Callable[[], None]:
+        def compute(plan: StagePlan) -> Callable[[], object]:
             latents = self.store.load_tensors("diffuse", keys.latents)["latents"]
             vae = self._component("vae", plan)
             frames = stages.decode_latents(vae, latents, device=self._compute_device(plan))
@@ -410,7 +412,7 @@ class StageRunner:
             try:
                 with self.runlog.stage(**row, plan=plan.name if plan else None) as record:
                     # A planned stage has the card to itself (and its peaks are its own) while it
-                    # computes; what it hands back to write runs after, beside the next job's compute.
+                    # computes; the write it hands back runs after, beside the next job's compute.
                     with self.residency.lock if plan else nullcontext():
                         peak = PeakMemory(self.device)
                         try:
@@ -467,22 +469,27 @@ class StageRunner:
 
     def prefetch(self, name: str, jobs: Sequence[JobSpec]) -> bool:
         """Start loading component `name` into host memory in the background, for the stage of `jobs`
-        that uses it; False (and nothing started) where every job has that stage's output stored, or
-        the host lacks the room to hold it beside what is loaded already: its stage then loads it."""
+        that uses it; False (and nothing started) where every job has that stage's output stored. The
+        background load first checks that the host has the room to hold it beside what is loaded
+        already, and loads nothing where it lacks it, as on a small machine: its stage then loads it."""
         stage = STAGE_OF[name]
         if all(self.store.has(stage, JobKeys.of(j, self.model, fp8=self.fp8).output(stage)) for j in jobs):
             return False
-        need = module_bytes(registry.skeleton(self.model, name))
-        free = psutil.virtual_memory().available
-        if free < PREFETCH_ROOM * need:
-            log.info(
-                "not prefetching %s: %.1f GiB of host memory free, %.1f GiB wanted",
-                name,
-                free / 2**30,
-                PREFETCH_ROOM * need / 2**30,
-            )
-            return False
-        self.residency.prefetch(name, self.model.identity, functools.partial(LOADERS[name], self.model))
+
+        def load_if_room() -> torch.nn.Module | None:
+            need = PREFETCH_ROOM * module_bytes(registry.skeleton(self.model, name))
+            free = psutil.virtual_memory().available
+            if free < need:
+                log.info(
+                    "not prefetching %s: %.1f GiB of host memory free, %.1f wanted",
+                    name,
+                    free / 2**30,
+                    need / 2**30,
+                )
+                return None
+            return LOADERS[name](self.model)
+
+        self.residency.prefetch(name, self.model.identity, load_if_room)
         return True
 
     def _embed(self, encoder: torch.nn.Module, plan: StagePlan, text: str) -> torch.Tensor:

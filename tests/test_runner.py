@@ -124,10 +124,17 @@ def test_nothing_is_prefetched_where_the_host_lacks_the_room(make_runner, monkey
     stage_runner = make_runner()
     monkeypatch.setattr(runner, "PREFETCH_ROOM", 1e12)  # no host has a million times the model free
     loads = []
-    monkeypatch.setitem(runner.LOADERS, "vae", lambda ref: loads.append(ref))
+    real_load = runner.LOADERS["vae"]
+    monkeypatch.setitem(
+        runner.LOADERS, "vae", lambda ref: loads.append(threading.current_thread().name) or real_load(ref)
+    )
+    for stage in (stage_runner.encode, stage_runner.diffuse):
+        stage(JOBS[0])
 
-    assert stage_runner.prefetch("vae", JOBS) is False
-    assert loads == []
+    stage_runner.prefetch("vae", JOBS[:1])
+    stage_runner.decode(JOBS[0])
+
+    assert len(loads) == 1 and not loads[0].startswith("t2v-prefetch")  # the stage loaded it itself
 
 
 def test_a_failed_prefetch_leaves_the_stage_to_load_it_and_meet_the_error(make_runner, monkeypatch):
