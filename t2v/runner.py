@@ -17,7 +17,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -410,10 +410,13 @@ class StageRunner:
         last_error: BaseException | None = None
         for plan in plans:
             try:
-                with self.runlog.stage(**row, plan=plan.name if plan else None) as record:
-                    # A planned stage has the card to itself (and its peaks are its own) while it
-                    # computes; the write it hands back runs after, beside the next job's compute.
-                    with self.residency.lock if plan else nullcontext():
+                # A planned stage has the card to itself (and its peaks are its own) from before its row
+                # starts (a job waiting for the card has no row yet, so a row's wall time is its own) to
+                # the end of its compute; the write it hands back runs after, beside the next job's.
+                with ExitStack() as card:
+                    if plan:
+                        card.enter_context(self.residency.lock)
+                    with self.runlog.stage(**row, plan=plan.name if plan else None) as record:
                         peak = PeakMemory(self.device)
                         try:
                             with peak:
@@ -424,9 +427,10 @@ class StageRunner:
                             record.peak_reserved_gib = peak.reserved_gib
                             record.peak_nvml_gib = peak.nvml_gib
                             record.peak_rss_gib = peak.rss_gib
-                    if write is not None:
-                        write()
-                    record.output_key = key
+                        card.close()
+                        if write is not None:
+                            write()
+                        record.output_key = key
                 return key
             except torch.OutOfMemoryError as exc:
                 last_error = exc

@@ -2,6 +2,7 @@
 component loaded in the background while the current stage runs. Real runner, built-in model, CPU."""
 
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -195,3 +196,39 @@ def test_packing_host_tensors_into_one_buffer_keeps_values_ties_and_outputs(monk
     )
     assert encoder.shared.weight is encoder.encoder.embed_tokens.weight  # still one tied Parameter
     assert torch.equal(encoder(input_ids=ids).last_hidden_state, before)
+
+
+def test_a_job_waiting_for_the_card_has_no_row_yet_and_its_row_does_not_count_the_wait(
+    make_runner, monkeypatch
+):
+    stage_runner = make_runner()
+    for job in JOBS:
+        stage_runner.encode(job)
+        stage_runner.diffuse(job)
+    inside, go_on = threading.Event(), threading.Event()
+    real_decode = runner.stages.decode_latents
+
+    def decode_latents(vae, latents, **kwargs):
+        if threading.current_thread().name == "first":
+            inside.set()
+            assert go_on.wait(timeout=30)
+        return real_decode(vae, latents, **kwargs)
+
+    monkeypatch.setattr(runner.stages, "decode_latents", decode_latents)
+    first = threading.Thread(target=stage_runner.decode, args=(JOBS[0],), name="first")
+    second = threading.Thread(target=stage_runner.decode, args=(JOBS[1],), name="second")
+    first.start()
+    assert inside.wait(timeout=30)
+    second.start()
+    time.sleep(1.0)  # the second job is waiting for the card all this time
+
+    def decode_rows():
+        return [r for r in stage_runner.runlog.run(stage_runner.run_id)["stages"] if r["stage"] == "decode"]
+
+    assert [(r["template"], r["status"]) for r in decode_rows()] == [("fox", "running")]
+    go_on.set()
+    first.join(60)
+    second.join(60)
+    rows = {r["template"]: r for r in decode_rows()}
+    assert (rows["fox"]["status"], rows["sea"]["status"]) == ("ok", "ok")
+    assert rows["sea"]["wall_s"] < 1.0 < rows["fox"]["wall_s"]
