@@ -155,7 +155,8 @@ def _collect(
     logger: logging.Logger | logging.LoggerAdapter,
     then: Callable[[JobSpec], None] | None = None,
 ) -> dict[str, str]:
-    """Results of submitted stage tasks by template, in the jobs' order; failures go to `failed`."""
+    """Results of submitted stage tasks by template, in the order they were submitted; failures go to
+    `failed`; `then(job)` is called as each succeeds."""
     done: dict[str, str] = {}
     for future in tqdm(as_completed(list(futures)), total=len(futures), desc=name, unit="job"):
         job = futures[future]
