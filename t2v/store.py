@@ -105,15 +105,19 @@ def publish(source: Path, dest: Path) -> Path:
 def _writer_alive(temp: Path) -> bool:
     """Whether the process named in a temporary file's name may still be writing it."""
     pid = temp.name[len(_TEMP_MARK) :].split("-", 1)[0]
-    if not pid.isdigit():
+    # pid_exists, not Process(): on Linux a thread's id names it too, and ids wrap at 32768 in a
+    # container, so a dead writer's pid can come back as some process's thread within one night.
+    if not pid.isdigit() or not psutil.pid_exists(int(pid)):
         return False
     try:
         started = psutil.Process(int(pid)).create_time()
-        written = temp.stat().st_mtime
+        stat = temp.stat()
     except (psutil.NoSuchProcess, FileNotFoundError):
         return False
     except psutil.Error:
         return True  # exists but cannot be inspected: leave its file alone
+    # A hard link (`publish`) has its source's mtime; the link's own time is its inode's ctime.
+    written = max(stat.st_mtime, stat.st_ctime) if stat.st_nlink > 1 else stat.st_mtime
     # A process cannot have written a file before it started: an older file is from an earlier
     # process that had the same pid (containers reuse low pids every night).
     return written + 1.0 >= started

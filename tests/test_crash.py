@@ -107,7 +107,8 @@ def test_kill_9_at_a_stage_then_rerun_finishes_the_night_once(stage, data_dir, t
     assert listed.exit_code == 0, listed.output
     (killed,) = json.loads(listed.stdout)
     assert (killed["kind"], killed["status"]) == ("nightly", "interrupted")
-    assert [r["status"] for r in killed["stages"] if r["stage"] == stage][0] == "interrupted"
+    # The paused job's row (the other job's may have ended beside it before the kill).
+    assert "interrupted" in [r["status"] for r in killed["stages"] if r["stage"] == stage]
 
     result = runner.invoke(app, ["rerun", "--last"])
 

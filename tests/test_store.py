@@ -1,6 +1,7 @@
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -28,3 +29,39 @@ def test_sweep_partials_keeps_files_that_a_live_process_is_writing(tmp_path):
 
     assert store.sweep_partials() == 2
     assert live.exists() and not dead.exists() and not recycled.exists()
+
+
+def test_sweep_partials_does_not_take_a_thread_for_the_dead_writer(tmp_path):
+    # Linux gives threads ids from the pids' counter: once the ids wrap, a dead writer's pid can name a
+    # live thread of another process, which writes nothing under that name.
+    store = Store(tmp_path)
+    started, stop, ids = threading.Event(), threading.Event(), []
+
+    def run() -> None:
+        ids.append(threading.get_native_id())
+        started.set()
+        stop.wait(30)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        assert started.wait(30) and ids[0] != os.getpid()
+        by_a_thread = _partial(store, ids[0], "thread")
+        assert store.sweep_partials() == 1
+        assert not by_a_thread.exists()
+    finally:
+        stop.set()
+        thread.join()
+
+
+def test_sweep_partials_keeps_a_live_publish_whose_link_has_its_sources_old_mtime(tmp_path):
+    source = tmp_path / "clip.mp4"
+    source.write_bytes(b"a whole clip")
+    old = time.time() - 10 * 24 * 3600
+    os.utime(source, (old, old))
+    linked = tmp_path / "outputs" / f".partial-{os.getpid()}-clip.mp4"
+    linked.parent.mkdir()
+    os.link(source, linked)  # as `publish` does, just before it renames the link into place
+
+    assert Store(tmp_path / "outputs").sweep_partials() == 0
+    assert linked.exists()
