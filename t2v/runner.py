@@ -192,8 +192,8 @@ def pack_host_tensors(module: torch.nn.Module, allocate: Callable[[int], torch.T
     views of it, values unchanged and tied weights still tied; returns the bytes moved.
 
     Why not `tensor.pin_memory()` per tensor, as group offloading does: each call allocates and registers
-    its own page-locked block, and for the 10 GB transformer that took ~13 s on the H100 machine (with
-    the VAE) where one registration of the whole size and one copy each take a fraction of it."""
+    its own page-locked block. On the H100 machines that pinned the transformer and VAE in 13.2 s, and
+    the text encoder in 7.0 s; packed, all three took 11.4-18.8 s together (docs/benchmarks.md)."""
     found: dict[int, torch.Tensor] = {}
     uses: list[tuple[torch.nn.Module, str, str, torch.Tensor]] = []
     for owner in module.modules():
