@@ -303,13 +303,9 @@ def main() -> None:
             torch.cuda.set_per_process_memory_fraction(args.cap_gib * GiB / total if on else 1.0)
             torch.cuda.reset_peak_memory_stats()
 
-    def drop_everything() -> None:
-        from t2v.runner import release_components
-
-        gc.collect()  # the baseline's pipeline, which the runner does not hold
-        release_components()  # the runner's components; it collects and empties the CUDA cache
-        if cuda:
-            torch._C._host_emptyCache()  # no pinned blocks handed from one side to the other
+    # Between phases: the runner's components and, by its garbage collection, the baseline's dropped
+    # pipeline; the CUDA and page-locked caches are emptied, so no side inherits the other's blocks.
+    from t2v.runner import release_components as drop_everything
 
     # --- ours: the nightly flow, Prefect included (first, so it pays the process's warm-up) ------
     catalogue = args.work / "night.toml"

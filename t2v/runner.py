@@ -170,7 +170,8 @@ class Residency:
     def forget_prefetched(self) -> None:
         """Wait for loads in flight and let go of what nobody took."""
         for _, future in self._ahead.values():
-            future.cancel() or future.exception()
+            if not future.cancel():
+                future.exception()  # waits for a load in flight; a failure was for a stage not run
         self._ahead.clear()
 
 

@@ -114,7 +114,7 @@ def gpu_slot() -> Iterator[None]:
 
 def prefetch(component: str, jobs: Sequence[JobSpec], ctx: RunContext) -> bool:
     """Start loading `component` for a later stage of the run into host memory while the current stage
-    runs (not a task: it returns at once and its load is timed in the stage row that uses it)."""
+    runs (not a task: it returns at once; a stage that has to wait for it counts the wait in its row)."""
     return runner_for(ctx).prefetch(component, jobs)
 
 
