@@ -34,6 +34,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -89,6 +90,9 @@ class ComputeTimer:
         self.torch = torch
         self.seconds: dict[str, float] = {"encode": 0.0, "denoise": 0.0, "decode": 0.0, "apply": 0.0}
         self.calls: dict[str, int] = {}
+        self.events: list[tuple[str, str, float, float]] = []
+        """(bucket, thread, start, end) of every timed call, in seconds from `t0`: the night's timeline."""
+        self.t0 = time.perf_counter()
         self._patched: list[tuple[object, str, object]] = []
 
     def _sync(self) -> None:
@@ -114,11 +118,16 @@ class ComputeTimer:
                     self._sync()
                 key = bucket(args) if callable(bucket) else bucket
                 if key is not None:
-                    self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - start
+                    end = time.perf_counter()
+                    self.seconds[key] = self.seconds.get(key, 0.0) + end - start
                     self.calls[key] = self.calls.get(key, 0) + 1
+                    self.event(key, start, end)
 
         setattr(owner, name, timed)
         self._patched.append((owner, name, original))
+
+    def event(self, key: str, start: float, end: float) -> None:
+        self.events.append((key, threading.current_thread().name, start - self.t0, end - self.t0))
 
     def restore(self) -> None:
         for owner, name, original in reversed(self._patched):
@@ -128,6 +137,63 @@ class ComputeTimer:
     @property
     def compute_s(self) -> float:
         return self.seconds["encode"] + self.seconds["denoise"] + self.seconds["decode"]
+
+
+class TimedLock:
+    """The runner's card lock, recording each hold as a `card` event: when the card sat idle inside a
+    stage, and how much of each hold was not compute, can then be read off the timeline."""
+
+    def __init__(self, lock, timer: ComputeTimer) -> None:
+        self._lock = lock
+        self._timer = timer
+        self._since = threading.local()
+
+    def acquire(self, *args, **kwargs) -> bool:
+        got = self._lock.acquire(*args, **kwargs)
+        if got:
+            self._since.t = time.perf_counter()
+        return got
+
+    def release(self) -> None:
+        self._timer.event("card", self._since.t, time.perf_counter())
+        self._lock.release()
+
+    def __enter__(self) -> bool:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def card_timeline(events: list, stages: tuple[str, ...] = ("encode", "diffuse", "decode")) -> dict:
+    """Per stage, from the timeline: where its wall time went around the card's holds.
+
+    - before_first_hold: from the stage's start until a job first had the card (a component still
+      being prefetched, task start-ups);
+    - gaps: the card free between two holds inside the stage;
+    - held_not_compute: holds minus the model compute inside them (run-log row, store reads, placing
+      the component, moving the result off the card);
+    - after_last_hold: the last job's write and the stage's tasks ending."""
+    out = {}
+    compute_key = {"encode": "encode", "diffuse": "denoise", "decode": "decode"}
+    for stage in stages:
+        window = [(s, e) for k, _, s, e in events if k == f"stage_{stage}"]
+        if not window:
+            continue
+        begin, end = window[0]
+        holds = sorted((s, e) for k, _, s, e in events if k == "card" and begin <= s <= end)
+        compute = sum(e - s for k, _, s, e in events if k == compute_key[stage] and begin <= s <= end)
+        if not holds:
+            continue
+        out[stage] = {
+            "span_s": end - begin,
+            "holds": len(holds),
+            "before_first_hold_s": holds[0][0] - begin,
+            "gaps_s": sum(max(0.0, b[0] - a[1]) for a, b in zip(holds, holds[1:], strict=False)),
+            "held_not_compute_s": sum(e - s for s, e in holds) - compute,
+            "after_last_hold_s": end - holds[-1][1],
+        }
+    return out
 
 
 def pin_probe(torch, gib: float = 2.0) -> dict:
@@ -184,6 +250,9 @@ def summarise(results: dict) -> dict:
         results["ours_overhead_s"] = split
         results["flow_parts_s"] = {k[5:]: v for k, v in seconds.items() if k.startswith("flow_")}
         results["prefetch_s"] = seconds.get("prefetch")
+        results["pins"] = ours.get("pins")
+        if ours.get("events"):
+            results["card_timeline_s"] = card_timeline(ours["events"])
         peaks = [r["peak_reserved_gib"] for r in ours["rows"] if r.get("peak_reserved_gib") is not None]
         results["ours_peak_gib"] = max(peaks) if peaks else ours["peak_reserved_gib"]
         results["ours_peak_nvml_gib"] = ours["peak_nvml_gib"]
@@ -348,6 +417,27 @@ def main() -> None:
         sync=False,
     )
     timer.wrap(runner_module, "_pinned", "prefetch", sync=False)  # in the background thread
+    pins: list[dict] = []
+    real_pin = runner_module.pin_host_tensors
+
+    def recorded_pin(module, **kwargs):
+        pin = real_pin(module, **kwargs)
+        host = [t for t in (*module.parameters(), *module.buffers()) if t.device.type == "cpu"]
+        pins.append(
+            {
+                "component": type(module).__name__,
+                "s": pin.seconds,
+                "registered_gb": pin.registered_bytes / 1e9,
+                "ranges": len(pin.registered),
+                "packed_gb": pin.packed_bytes / 1e9,
+                "host_tensors_pinned": sum(t.is_pinned() for t in host) / max(1, len(host)),
+            }
+        )
+        return pin
+
+    runner_module.pin_host_tensors = recorded_pin
+    card_lock = runner_module._RESIDENCY.lock
+    runner_module._RESIDENCY.lock = TimedLock(card_lock, timer)
     # Parts of `prefect_and_flow` the flow's own thread spends outside the stages.
     import tasks.stages as tasks_module
 
@@ -375,11 +465,13 @@ def main() -> None:
     retries0 = torch.cuda.memory_stats().get("num_alloc_retries", 0) if cuda else 0
     log("ours: nightly flow")
     peak = PeakMemory(device)
-    start = time.perf_counter()
+    start = timer.t0 = time.perf_counter()
     with peak:
         outcome = nightly(catalogue=str(catalogue), model=model)
     ours_wall = time.perf_counter() - start
     timer.restore()
+    runner_module.pin_host_tensors = real_pin
+    runner_module._RESIDENCY.lock = card_lock
     gc.callbacks.remove(on_gc)
     rows = RunLog(f"sqlite:///{args.work / 'ours' / 'runlog.sqlite'}").run(outcome["run_id"])["stages"]
     results["phases"]["ours"] = {
@@ -388,6 +480,8 @@ def main() -> None:
         "failed": outcome["failed"],
         "compute_s": dict(timer.seconds),
         "calls": dict(timer.calls),
+        "pins": pins,
+        "events": timer.events,
         "gc_pause_s": {g: sum(p for gen, p in pauses if gen == g) for g in (0, 1, 2)},
         "gc_gen2_count": sum(1 for gen, _ in pauses if gen == 2),
         "alloc_retries": (torch.cuda.memory_stats().get("num_alloc_retries", 0) - retries0) if cuda else 0,

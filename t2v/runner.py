@@ -30,6 +30,7 @@ from t2v.errors import NoPlanFits
 from t2v.jobs import JobSpec
 from t2v.models import registry
 from t2v.models.registry import ModelRef
+from t2v.pinning import HostPin, pin_host_tensors
 from t2v.plans import (
     ComponentSizes,
     StagePlan,
@@ -124,6 +125,8 @@ class Residency:
     def __init__(self) -> None:
         self._held: dict[str, tuple[str, torch.nn.Module]] = {}
         self._ahead: dict[str, tuple[str, Future]] = {}
+        self._pins: dict[str, HostPin] = {}
+        """Page-locked host memory of the prefetched components a stage took, given back at their drop."""
         self._loader: ThreadPoolExecutor | None = None
         self.lock = threading.Lock()
 
@@ -155,14 +158,21 @@ class Residency:
         if ahead is None or ahead[0] != source:
             return None
         try:
-            return ahead[1].result()
+            module, pin = ahead[1].result()
         except Exception as exc:
             log.warning("prefetching %s failed (%s: %s); loading it now", name, type(exc).__name__, exc)
             return None
+        if pin is not None:
+            self._pins[name] = pin
+        return module
 
     def drop(self, name: str | None = None) -> None:
         for key in [name] if name else list(self._held):
             self._held.pop(key, None)
+        for key in [name] if name else list(self._pins):
+            pin = self._pins.pop(key, None)
+            if pin is not None:
+                pin.release()
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -170,58 +180,21 @@ class Residency:
     def forget_prefetched(self) -> None:
         """Wait for loads in flight and let go of what nobody took."""
         for _, future in self._ahead.values():
-            if not future.cancel():
-                future.exception()  # waits for a load in flight; a failure was for a stage not run
+            if future.cancel() or future.exception() is not None:
+                continue  # not started, or failed (for a stage not run); else it waited for the load
+            _, pin = future.result()
+            if pin is not None:
+                pin.release()
         self._ahead.clear()
 
 
-def _pinned(load: Callable[[], torch.nn.Module | None]) -> torch.nn.Module | None:
-    """`load()` with its host tensors in page-locked memory, where the card copies from at full speed
-    (and group offloading would pin them anyway, one tensor at a time, in the stage's time)."""
+def _pinned(load: Callable[[], torch.nn.Module | None]) -> tuple[torch.nn.Module | None, HostPin | None]:
+    """`load()` with its host tensors page-locked where they are (`t2v.pinning`), so that the card copies
+    from them at full speed and group offloading has nothing left to pin in the stage's time."""
     module = load()
-    if module is not None and torch.cuda.is_available():
-        pack_host_tensors(module, lambda nbytes: torch.empty(nbytes, dtype=torch.uint8, pin_memory=True))
-    return module
-
-
-PACK_ALIGN = 4096
-"""Byte alignment of each tensor in a packed host buffer: page-aligned copies to the card."""
-
-
-def pack_host_tensors(module: torch.nn.Module, allocate: Callable[[int], torch.Tensor]) -> int:
-    """Move `module`'s host parameters and buffers into one buffer from `allocate(nbytes)` (uint8) as
-    views of it, values unchanged and tied weights still tied; returns the bytes moved.
-
-    Why not `tensor.pin_memory()` per tensor, as group offloading does: each call allocates and registers
-    its own page-locked block. On the H100 machines that pinned the transformer and VAE in 13.2 s, and
-    the text encoder in 7.0 s; packed, all three took 11.4-18.8 s together (docs/benchmarks.md)."""
-    found: dict[int, torch.Tensor] = {}
-    uses: list[tuple[torch.nn.Module, str, str, torch.Tensor]] = []
-    for owner in module.modules():
-        for kind, table in (("param", owner._parameters), ("buffer", owner._buffers)):
-            for name, tensor in table.items():
-                if tensor is None or tensor.device.type != "cpu" or tensor.numel() == 0:
-                    continue
-                found.setdefault(id(tensor), tensor)
-                uses.append((owner, kind, name, tensor))
-    offsets, total = {}, 0
-    for key, tensor in found.items():
-        offsets[key] = total
-        total += -(-tensor.numel() * tensor.element_size() // PACK_ALIGN) * PACK_ALIGN
-    if not total:
-        return 0
-    arena = allocate(total)
-    views = {}
-    for key, tensor in found.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        view = arena[offsets[key] : offsets[key] + nbytes].view(tensor.dtype).view(tensor.shape)
-        views[key] = view.copy_(tensor)
-    for owner, kind, name, tensor in uses:
-        if kind == "param":
-            tensor.data = views[id(tensor)]  # the Parameter object stays: ties and optimiser-free refs hold
-        else:
-            owner._buffers[name] = views[id(tensor)]
-    return total
+    if module is None or not torch.cuda.is_available():
+        return module, None
+    return module, pin_host_tensors(module)
 
 
 def release_components() -> None:
@@ -231,7 +204,7 @@ def release_components() -> None:
     with _RESIDENCY.lock:
         _RESIDENCY.drop()
     if torch.cuda.is_available():
-        torch._C._host_emptyCache()  # page-locked blocks go back to the system, not to a cache
+        torch._C._host_emptyCache()  # packed or per-tensor page-locked blocks go back to the system
 
 
 LOADERS: dict[str, Callable[[ModelRef], torch.nn.Module]] = {

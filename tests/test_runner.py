@@ -173,31 +173,6 @@ def test_prefetching_while_the_encoder_is_built_changes_no_weight(make_runner, t
     assert torch.equal(latents[0], latents[1])
 
 
-def test_packing_host_tensors_into_one_buffer_keeps_values_ties_and_outputs(monkeypatch):
-    from t2v.models import tiny
-
-    encoder = tiny.build_text_encoder()
-    ids = torch.tensor([[5, 9, 17, 1]])
-    before = encoder(input_ids=ids).last_hidden_state
-    arenas = []
-
-    def allocate(nbytes: int) -> torch.Tensor:
-        arenas.append(torch.empty(nbytes, dtype=torch.uint8))
-        return arenas[-1]
-
-    moved = runner.pack_host_tensors(encoder, allocate)
-
-    (arena,) = arenas
-    start, end = arena.data_ptr(), arena.data_ptr() + arena.numel()
-    tensors = [*encoder.parameters(), *encoder.buffers()]
-    assert moved == arena.numel() >= sum(t.numel() * t.element_size() for t in tensors)
-    assert all(
-        start <= t.data_ptr() < end and (t.data_ptr() - start) % runner.PACK_ALIGN == 0 for t in tensors
-    )
-    assert encoder.shared.weight is encoder.encoder.embed_tokens.weight  # still one tied Parameter
-    assert torch.equal(encoder(input_ids=ids).last_hidden_state, before)
-
-
 def test_a_job_waiting_for_the_card_has_no_row_yet_and_its_row_does_not_count_the_wait(
     make_runner, monkeypatch
 ):

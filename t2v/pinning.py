@@ -1,0 +1,175 @@
+"""Page-locked host memory for the weights a stage streams to the card.
+
+The card copies from page-locked ("pinned") host memory at full speed and asynchronously, which is what
+lets group offloading fetch the next block while the current one computes. diffusers pins an offloaded
+component itself, one `tensor.pin_memory()` at a time: each call allocates a new page-locked block and
+copies the tensor into it, so 21 GB of weights cost 21 GB of fresh memory, faulted in page by page, and
+a copy (13.2 s for the transformer and VAE on an H100 host, docs/benchmarks.md). `pin_memory()` returns
+a tensor that is already page-locked as it is, so pinning the component beforehand makes that a no-op.
+
+`pin_host_tensors` page-locks the memory the weights already occupy (`cudaHostRegister`): no new memory
+and no copy. Where a range cannot be registered (memory some other registration covers, a mapping the
+driver refuses), its tensors are copied into one page-locked buffer instead (`pack_host_tensors`).
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+log = logging.getLogger("t2v")
+
+PAGE = mmap.PAGESIZE
+PACK_ALIGN = 4096
+"""Byte alignment of each tensor in a packed host buffer: page-aligned copies to the card."""
+REGISTER_THREADS = 8
+"""Ranges registered at once: page-locking is the kernel's work, page by page, and runs in parallel."""
+
+
+@dataclass
+class HostPin:
+    """What `pin_host_tensors` did to one component, undone by `release` when the component is dropped."""
+
+    registered: list[tuple[int, int]] = field(default_factory=list)
+    """(page-aligned address, bytes) of each range registered in place."""
+    kept: list[torch.UntypedStorage] = field(default_factory=list)
+    """The registered ranges' storages (not their tensors, whose data `.to()` may swap). Registered
+    memory must outlive its registration: were it freed first, a later allocation at the same address
+    would look page-locked while the driver still holds the old pages, and copies from it would read
+    those."""
+    packed_bytes: int = 0
+    seconds: float = 0.0
+    unregister: Callable[[int], object] | None = None
+
+    @property
+    def registered_bytes(self) -> int:
+        return sum(n for _, n in self.registered)
+
+    def release(self) -> None:
+        """Unregister the ranges (the tensors stay valid, in pageable memory) and let go of them."""
+        if self.registered and torch.cuda.is_available():
+            torch.cuda.synchronize()  # no copy from these pages may still be in flight
+        for address, _ in self.registered:
+            if self.unregister is not None:
+                self.unregister(address)
+        self.registered.clear()
+        self.kept.clear()
+
+
+def cuda_register(address: int, nbytes: int) -> bool:
+    """Page-lock `nbytes` of host memory at `address` for the current CUDA device; False if refused."""
+    return int(torch.cuda.cudart().cudaHostRegister(address, nbytes, 0)) == 0
+
+
+def cuda_unregister(address: int) -> None:
+    torch.cuda.cudart().cudaHostUnregister(address)
+
+
+def pinned_buffer(nbytes: int) -> torch.Tensor:
+    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+
+
+def pin_host_tensors(
+    module: torch.nn.Module,
+    *,
+    register: Callable[[int, int], bool] = cuda_register,
+    unregister: Callable[[int], object] = cuda_unregister,
+    allocate: Callable[[int], torch.Tensor] = pinned_buffer,
+    is_pinned: Callable[[torch.Tensor], bool] = torch.Tensor.is_pinned,
+) -> HostPin:
+    """Page-lock the host memory of `module`'s parameters and buffers where it is; what cannot be
+    registered is packed into one page-locked buffer. Values, ties and tensor objects are unchanged."""
+    start = time.perf_counter()
+    tensors = [t for t in _host_tensors(module).values() if not is_pinned(t)]
+    ranges = page_ranges(tensors)
+    # Threads of their own, ended here: a refused registration leaves a CUDA error in its host thread's
+    # "last error", which a later kernel launch in that thread would report as its own.
+    with ThreadPoolExecutor(max_workers=REGISTER_THREADS, thread_name_prefix="t2v-pin") as pool:
+        accepted = list(pool.map(lambda r: register(r[0], r[1] - r[0]), ranges))
+    pin = HostPin(unregister=unregister)
+    refused: set[int] = set()
+    for (begin, end, members), ok in zip(ranges, accepted, strict=True):
+        if ok:
+            pin.registered.append((begin, end - begin))
+            pin.kept.extend(t.untyped_storage() for t in members)
+        else:
+            refused.update(id(t) for t in members)
+    if refused:
+        pin.packed_bytes = pack_host_tensors(module, allocate, only=refused)
+    pin.seconds = time.perf_counter() - start
+    log.info(
+        "page-locked %s: %.2f GB in place, %.2f GB copied, %.2f s",
+        type(module).__name__,
+        pin.registered_bytes / 1e9,
+        pin.packed_bytes / 1e9,
+        pin.seconds,
+    )
+    return pin
+
+
+def page_ranges(tensors: Iterable[torch.Tensor]) -> list[tuple[int, int, list[torch.Tensor]]]:
+    """The whole pages under `tensors`' storages as (start, end, tensors) ranges, sorted, with ranges that
+    share a page merged: the driver registers whole pages, and no page may be registered twice."""
+    spans = sorted(
+        (
+            t.untyped_storage().data_ptr() // PAGE * PAGE,
+            -(-(t.untyped_storage().data_ptr() + t.untyped_storage().nbytes()) // PAGE) * PAGE,
+            t,
+        )
+        for t in tensors
+        if t.untyped_storage().nbytes()
+    )
+    merged: list[tuple[int, int, list[torch.Tensor]]] = []
+    for begin, end, tensor in spans:
+        if merged and begin < merged[-1][1]:
+            last = merged[-1]
+            merged[-1] = (last[0], max(last[1], end), [*last[2], tensor])
+        else:
+            merged.append((begin, end, [tensor]))
+    return merged
+
+
+def pack_host_tensors(
+    module: torch.nn.Module, allocate: Callable[[int], torch.Tensor], *, only: set[int] | None = None
+) -> int:
+    """Move `module`'s host parameters and buffers (those whose `id` is in `only`, if given) into one
+    buffer from `allocate(nbytes)` (uint8) as views of it, values unchanged and tied weights still tied;
+    returns the bytes moved. One buffer, so one allocation and registration instead of one per tensor."""
+    found = {k: t for k, t in _host_tensors(module).items() if only is None or k in only}
+    offsets, total = {}, 0
+    for key, tensor in found.items():
+        offsets[key] = total
+        total += -(-tensor.numel() * tensor.element_size() // PACK_ALIGN) * PACK_ALIGN
+    if not total:
+        return 0
+    arena = allocate(total)
+    views = {}
+    for key, tensor in found.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        view = arena[offsets[key] : offsets[key] + nbytes].view(tensor.dtype).view(tensor.shape)
+        views[key] = view.copy_(tensor)
+    for owner in module.modules():
+        for tensor in owner._parameters.values():
+            if tensor is not None and id(tensor) in views:
+                tensor.data = views[id(tensor)]  # the Parameter object stays: ties and outside refs hold
+        for name, tensor in owner._buffers.items():
+            if tensor is not None and id(tensor) in views:
+                owner._buffers[name] = views[id(tensor)]
+    return total
+
+
+def _host_tensors(module: torch.nn.Module) -> dict[int, torch.Tensor]:
+    """`module`'s non-empty CPU parameters and buffers, each once (tied ones share an entry), by id."""
+    found: dict[int, torch.Tensor] = {}
+    for owner in module.modules():
+        for table in (owner._parameters, owner._buffers):
+            for tensor in table.values():
+                if tensor is not None and tensor.device.type == "cpu" and tensor.numel():
+                    found.setdefault(id(tensor), tensor)
+    return found
