@@ -116,17 +116,14 @@ def pin_host_tensors(
 def page_ranges(tensors: Iterable[torch.Tensor]) -> list[tuple[int, int, list[torch.Tensor]]]:
     """The whole pages under `tensors`' storages as (start, end, tensors) ranges, sorted, with ranges that
     share a page merged: the driver registers whole pages, and no page may be registered twice."""
-    spans = sorted(
-        (
-            t.untyped_storage().data_ptr() // PAGE * PAGE,
-            -(-(t.untyped_storage().data_ptr() + t.untyped_storage().nbytes()) // PAGE) * PAGE,
-            t,
-        )
-        for t in tensors
-        if t.untyped_storage().nbytes()
-    )
+    spans = []
+    for t in tensors:
+        storage = t.untyped_storage()
+        if storage.nbytes():
+            begin = storage.data_ptr()
+            spans.append((begin // PAGE * PAGE, -(-(begin + storage.nbytes()) // PAGE) * PAGE, t))
     merged: list[tuple[int, int, list[torch.Tensor]]] = []
-    for begin, end, tensor in spans:
+    for begin, end, tensor in sorted(spans, key=lambda span: span[:2]):  # views of one storage tie
         if merged and begin < merged[-1][1]:
             last = merged[-1]
             merged[-1] = (last[0], max(last[1], end), [*last[2], tensor])

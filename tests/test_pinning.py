@@ -158,3 +158,23 @@ def test_a_prefetch_nobody_took_gives_its_page_locked_memory_back(monkeypatch):
     residency.prefetch("transformer", "tiny", lambda: torch.nn.Linear(2, 2))
     residency.forget_prefetched()
     assert released == [PAGE]
+
+
+def test_tensors_that_share_one_storage_are_registered_once():
+    # The VAE has such views; sorting their equal spans once compared the tensors themselves.
+    module = torch.nn.Module()
+    base = torch.arange(4096, dtype=torch.float32)
+    module.register_buffer("first", base[:2048])
+    module.register_buffer("second", base[2048:])
+    module.register_buffer("alone", torch.ones(3000))
+    ranges = page_ranges(_host_tensors(module))
+    first_range = [members for _, _, members in ranges if any(m is module.first for m in members)]
+    assert len(first_range) == 1 and any(m is module.second for m in first_range[0])
+    registered = []
+    pin = pin_host_tensors(
+        module,
+        register=lambda a, n: registered.append(a) or True,
+        unregister=lambda a: None,
+        is_pinned=lambda t: False,
+    )
+    assert len(registered) == len(set(registered)) == len(ranges) and pin.packed_bytes == 0
