@@ -12,6 +12,7 @@ import functools
 import gc
 import hashlib
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -127,6 +128,7 @@ class Residency:
         self._ahead: dict[str, tuple[str, Future]] = {}
         self._pins: dict[str, HostPin] = {}
         """Page-locked host memory of the prefetched components a stage took, given back at their drop."""
+        self._releasing: list[Future] = []
         self._loader: ThreadPoolExecutor | None = None
         self.lock = threading.Lock()
 
@@ -147,9 +149,13 @@ class Residency:
         ahead = self._ahead.get(name)
         if (held and held[0].startswith(f"{source}|")) or (ahead and ahead[0] == source):
             return
+        self._ahead[name] = (source, self._background().submit(_pinned, load))
+
+    def _background(self) -> ThreadPoolExecutor:
+        """The one thread that loads components ahead and gives back their page-locked memory."""
         if self._loader is None:
             self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="t2v-prefetch")
-        self._ahead[name] = (source, self._loader.submit(_pinned, load))
+        return self._loader
 
     def prefetched(self, name: str, source: str) -> torch.nn.Module | None:
         """The component `prefetch` loaded (waiting for it if still loading), once; None if it was not
@@ -172,13 +178,16 @@ class Residency:
         for key in [name] if name else list(self._pins):
             pin = self._pins.pop(key, None)
             if pin is not None:
-                pin.release()
+                # Host work that the next stage need not wait for (0.5-0.8 s between stages on the
+                # H200): the pin keeps the memory allocated until its ranges are unregistered.
+                self._releasing.append(self._background().submit(pin.release))
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
     def forget_prefetched(self) -> None:
-        """Wait for loads in flight and let go of what nobody took."""
+        """Wait for loads in flight and let go of what nobody took; wait for page-locked memory still
+        being given back."""
         for _, future in self._ahead.values():
             if future.cancel() or future.exception() is not None:
                 continue  # not started, or failed (for a stage not run); else it waited for the load
@@ -186,6 +195,9 @@ class Residency:
             if pin is not None:
                 pin.release()
         self._ahead.clear()
+        for release in self._releasing:
+            release.result()
+        self._releasing.clear()
 
 
 def _pinned(load: Callable[[], torch.nn.Module | None]) -> tuple[torch.nn.Module | None, HostPin | None]:
@@ -264,7 +276,8 @@ class StageRunner:
         self._tokenizer = None
         self._factors: tuple[int, int] | None = None
         self._scheduler = None
-        self._sizes: dict[str, ComponentSizes] = {}
+        self._sizes: dict[str, tuple[ComponentSizes, int]] = {}
+        self._sizes_lock = threading.Lock()
         self._texts: OrderedDict[str, torch.Tensor] = OrderedDict()
         if settings.pause_at:
             store.on_written = self._maybe_pause
@@ -423,11 +436,19 @@ class StageRunner:
         )
 
     def _ladder(self, stage: str, job: JobSpec, component: str) -> list[StagePlan]:
-        if component not in self._sizes:
-            # A weightless copy built from the config on the meta device: sizes without a 10 GB load.
-            module = registry.skeleton(self.model, component)
-            self._sizes[component] = ComponentSizes.from_modules(**{component: module})
-        return ladder(stage, self._sizes[component], job, device=self.device, fp8=self.fp8)
+        return ladder(stage, self._sizes_of(component)[0], job, device=self.device, fp8=self.fp8)
+
+    def _sizes_of(self, component: str) -> tuple[ComponentSizes, int]:
+        """What the planner needs of `component`, and its bytes: from a weightless copy built from the
+        config on the meta device, once per run (a stage's tasks start together; a prefetch asks first)."""
+        with self._sizes_lock:
+            if component not in self._sizes:
+                module = registry.skeleton(self.model, component)
+                self._sizes[component] = (
+                    ComponentSizes.from_modules(**{component: module}),
+                    module_bytes(module),
+                )
+            return self._sizes[component]
 
     def _component(self, name: str, plan: StagePlan) -> torch.nn.Module:
         load = LOADERS[name]
@@ -439,6 +460,10 @@ class StageRunner:
             if compiled:
                 # Each block is compiled once and reused by all 30 (dynamic=False: a night's shapes
                 # repeat); the first step pays the compile, Inductor's on-disk cache the next night's.
+                # That cache goes beside the store rather than in /tmp, which a reboot may empty.
+                os.environ.setdefault(
+                    "TORCHINDUCTOR_CACHE_DIR", str(self.settings.data_dir.expanduser().resolve() / "inductor")
+                )
                 module.compile_repeated_blocks(dynamic=False)
             return module
 
@@ -455,7 +480,7 @@ class StageRunner:
             return False
 
         def load_if_room() -> torch.nn.Module | None:
-            need = PREFETCH_ROOM * module_bytes(registry.skeleton(self.model, name))
+            need = PREFETCH_ROOM * self._sizes_of(name)[1]
             free = psutil.virtual_memory().available
             if free < need:
                 log.info(

@@ -138,16 +138,22 @@ def test_packing_host_tensors_into_one_buffer_keeps_values_ties_and_outputs():
 
 
 def test_a_dropped_component_gives_its_page_locked_memory_back(monkeypatch):
-    released = []
+    released, threads = [], []
     residency = runner.Residency()
-    pin = pinning.HostPin(registered=[(0, PAGE)], unregister=released.append)
+
+    def unregister(address: int) -> None:
+        released.append(address)
+        threads.append(threading.current_thread().name)
+
+    pin = pinning.HostPin(registered=[(0, PAGE)], unregister=unregister)
     monkeypatch.setattr(runner, "_pinned", lambda load: (load(), pin))
     module = torch.nn.Linear(2, 2)
     residency.prefetch("vae", "tiny", lambda: module)
     assert residency.get("vae", "tag", lambda: residency.prefetched("vae", "tiny")) is module
     assert released == []
     residency.drop()
-    assert released == [0]
+    residency.forget_prefetched()  # what the end of a night does: waits for memory being given back
+    assert released == [0] and threads[0].startswith("t2v-prefetch")  # off the stage's thread
 
 
 def test_a_prefetch_nobody_took_gives_its_page_locked_memory_back(monkeypatch):
