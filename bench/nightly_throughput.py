@@ -521,7 +521,6 @@ def main() -> None:
     timer.wrap(runner_module.Residency, "drop", "drop", sync=False)
     timer.wrap(runner_module.gc, "collect", "gc_collect", sync=False)
     timer.wrap(torch.cuda, "empty_cache", "empty_cache", sync=False)
-    timer.wrap(runner_module, "_import_compiler", "import_compiler", sync=False)
     pins: list[dict] = []
     real_pin = runner_module.pin_host_tensors
 

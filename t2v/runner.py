@@ -151,10 +151,6 @@ class Residency:
             return
         self._ahead[name] = (source, self._background().submit(_pinned, load))
 
-    def in_background(self, work: Callable[[], object]) -> Future:
-        """Run `work` in the loader thread, after the loads already asked for."""
-        return self._background().submit(work)
-
     def _background(self) -> ThreadPoolExecutor:
         """The one thread that loads components ahead and gives back their page-locked memory."""
         if self._loader is None:
@@ -229,11 +225,6 @@ LOADERS: dict[str, Callable[[ModelRef], torch.nn.Module]] = {
     "vae": registry.load_vae,
 }
 STAGE_OF = {"text_encoder": "encode", "transformer": "diffuse", "vae": "decode"}
-
-
-def _import_compiler() -> None:
-    import torch._dynamo  # noqa: F401
-    import torch._inductor.compile_fx  # noqa: F401
 
 
 PREFETCH_ROOM = 2.0
@@ -504,10 +495,6 @@ class StageRunner:
             return LOADERS[name](self.model)
 
         self.residency.prefetch(name, self.model.identity, load_if_room)
-        if name == "transformer" and self.compile_blocks:
-            # torch.compile's first call imports Dynamo and Inductor: 3.3 s on the H200, on the card's
-            # path unless it is done here, behind the stage before (docs/benchmarks.md).
-            self.residency.in_background(_import_compiler)
         return True
 
     def _embed(self, encoder: torch.nn.Module, plan: StagePlan, text: str) -> torch.Tensor:

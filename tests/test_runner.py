@@ -207,19 +207,3 @@ def test_a_job_waiting_for_the_card_has_no_row_yet_and_its_row_does_not_count_th
     rows = {r["template"]: r for r in decode_rows()}
     assert (rows["fox"]["status"], rows["sea"]["status"]) == ("ok", "ok")
     assert rows["sea"]["wall_s"] < 1.0 < rows["fox"]["wall_s"]
-
-
-def test_a_run_that_compiles_imports_the_compiler_in_the_loader_thread_after_the_prefetch(
-    make_runner, monkeypatch
-):
-    stage_runner = make_runner()
-    stage_runner.compile_blocks = True  # as on a GPU with T2V_COMPILE=on
-    order = []
-    real_load = runner.LOADERS["transformer"]
-    monkeypatch.setitem(runner.LOADERS, "transformer", lambda ref: order.append("load") or real_load(ref))
-    monkeypatch.setattr(
-        runner, "_import_compiler", lambda: order.append(("import", threading.current_thread().name))
-    )
-    stage_runner.prefetch("transformer", JOBS[:1])
-    stage_runner.residency.forget_prefetched()
-    assert order[0] == "load" and order[1][0] == "import" and order[1][1].startswith("t2v-prefetch")
