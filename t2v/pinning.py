@@ -91,7 +91,7 @@ def pin_host_tensors(
     # Threads of their own, ended here: a refused registration leaves a CUDA error in its host thread's
     # "last error", which a later kernel launch in that thread would report as its own.
     with ThreadPoolExecutor(max_workers=REGISTER_THREADS, thread_name_prefix="t2v-pin") as pool:
-        accepted = list(pool.map(lambda r: register(r[0], r[1] - r[0]), ranges))
+        accepted = list(pool.map(lambda r: _accepted(register, r[0], r[1] - r[0]), ranges))
     pin = HostPin(unregister=unregister)
     refused: set[int] = set()
     for (begin, end, members), ok in zip(ranges, accepted, strict=True):
@@ -100,8 +100,12 @@ def pin_host_tensors(
             pin.kept.extend(t.untyped_storage() for t in members)
         else:
             refused.update(id(t) for t in members)
-    if refused:
-        pin.packed_bytes = pack_host_tensors(module, allocate, only=refused)
+    try:
+        if refused:
+            pin.packed_bytes = pack_host_tensors(module, allocate, only=refused)
+    except BaseException:
+        pin.release()  # nothing may stay registered that no pin keeps alive
+        raise
     pin.seconds = time.perf_counter() - start
     log.info(
         "page-locked %s: %.2f GB in place, %.2f GB copied, %.2f s",
@@ -111,6 +115,14 @@ def pin_host_tensors(
         pin.seconds,
     )
     return pin
+
+
+def _accepted(register: Callable[[int, int], bool], address: int, nbytes: int) -> bool:
+    try:
+        return bool(register(address, nbytes))
+    except Exception as exc:  # a driver that cannot register at all: the range is packed instead
+        log.debug("registering %d bytes at %#x failed: %s", nbytes, address, exc)
+        return False
 
 
 def page_ranges(tensors: Iterable[torch.Tensor]) -> list[tuple[int, int, list[torch.Tensor]]]:

@@ -178,7 +178,7 @@ class Residency:
         for key in [name] if name else list(self._pins):
             pin = self._pins.pop(key, None)
             if pin is not None:
-                # Host work that the next stage need not wait for (0.5-0.8 s between stages on the
+                # Host work that the next stage need not wait for (0.1-0.3 s a component on the
                 # H200): the pin keeps the memory allocated until its ranges are unregistered.
                 self._releasing.append(self._background().submit(pin.release))
         gc.collect()
@@ -225,8 +225,6 @@ LOADERS: dict[str, Callable[[ModelRef], torch.nn.Module]] = {
     "vae": registry.load_vae,
 }
 STAGE_OF = {"text_encoder": "encode", "transformer": "diffuse", "vae": "decode"}
-
-
 PREFETCH_ROOM = 2.0
 """Host memory a prefetch wants free, as a multiple of the component's size: the copy, and as much again
 left for the stage running beside it (its activations, the frames it writes)."""

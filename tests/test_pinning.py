@@ -184,3 +184,38 @@ def test_tensors_that_share_one_storage_are_registered_once():
         is_pinned=lambda t: False,
     )
     assert len(registered) == len(set(registered)) == len(ranges) and pin.packed_bytes == 0
+
+
+def test_a_pack_that_fails_leaves_nothing_registered():
+    encoder = tiny.build_text_encoder()
+    unregistered = []
+    (refused_range,) = [
+        (begin, end)
+        for begin, end, members in page_ranges(_host_tensors(encoder))
+        if any(m is encoder.shared.weight for m in members)
+    ]
+
+    def allocate(nbytes: int) -> torch.Tensor:
+        raise MemoryError("no page-locked memory left")
+
+    registered = []
+
+    def register(begin: int, nbytes: int) -> bool:
+        if (begin, begin + nbytes) == refused_range:
+            raise RuntimeError("driver says no")  # raised, not returned: counts as refused
+        registered.append(begin)
+        return True
+
+    try:
+        pin_host_tensors(
+            encoder,
+            register=register,
+            unregister=unregistered.append,
+            allocate=allocate,
+            is_pinned=lambda t: False,
+        )
+    except MemoryError:
+        pass
+    else:
+        raise AssertionError("the failed pack should have raised")
+    assert registered and sorted(unregistered) == sorted(registered)
