@@ -543,13 +543,11 @@ def main() -> None:
     card_lock = runner_module._RESIDENCY.lock
     runner_module._RESIDENCY.lock = TimedLock(card_lock, timer)
     # Parts of `prefect_and_flow` the flow's own thread spends outside the stages.
-    import tasks.stages as tasks_module
-
     for owner, name in (
         (nightly_module, "prefetch"),
         (nightly_module, "clean_up_after_crashes"),
         (nightly_module, "_publish_stage_table"),
-        (tasks_module, "release_components"),
+        (runner_module, "release_components"),
         (RunLog, "start_run"),
         (RunLog, "finish_run"),
     ):

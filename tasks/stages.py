@@ -40,7 +40,7 @@ from prefect.cache_policies import NO_CACHE
 from t2v.context import RunContext, open_runlog
 from t2v.jobs import JobSpec
 from t2v.models.registry import resolve_model
-from t2v.runner import StageRunner, release_components
+from t2v.runner import StageRunner, components_held
 from t2v.settings import get_settings
 from t2v.store import Store
 from t2v.vram import probe
@@ -105,11 +105,8 @@ def gpu_slot() -> Iterator[None]:
     else:
         logging.getLogger("t2v").info("no `%s` concurrency limit on this server: no slot to take", GPU_LIMIT)
         held = nullcontext()
-    with held:
-        try:
-            yield
-        finally:
-            release_components()
+    with held, components_held():
+        yield
 
 
 def prefetch(component: str, jobs: Sequence[JobSpec], ctx: RunContext) -> bool:

@@ -207,3 +207,22 @@ def test_a_job_waiting_for_the_card_has_no_row_yet_and_its_row_does_not_count_th
     rows = {r["template"]: r for r in decode_rows()}
     assert (rows["fox"]["status"], rows["sea"]["status"]) == ("ok", "ok")
     assert rows["sea"]["wall_s"] < 1.0 < rows["fox"]["wall_s"]
+
+
+def test_a_run_s_gpu_stages_collect_dropped_components_with_what_came_before_frozen(monkeypatch):
+    import gc
+    import weakref
+
+    residency = Residency()
+    monkeypatch.setattr(runner, "_RESIDENCY", residency)
+    with runner.components_held():
+        assert gc.get_freeze_count() > 0  # what the process held before: out of the collector's walk
+        module = torch.nn.Linear(2, 2)
+        module.loop = [module]  # a reference cycle, as diffusers' hooks make one
+        dropped = weakref.ref(module)
+        residency.get("transformer", "tag", lambda held=module: held)
+        del module
+        residency.get("vae", "tag", lambda: torch.nn.Linear(2, 2))  # the stage change drops it
+        assert dropped() is None  # collected although everything older is frozen
+        assert residency._held
+    assert gc.get_freeze_count() == 0 and not residency._held  # released, and the collector whole again

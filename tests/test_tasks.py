@@ -12,6 +12,7 @@ from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect.context import FlowRunContext
 
+import t2v.runner
 import tasks.stages
 from t2v.context import RunContext
 from t2v.jobs import JobSpec
@@ -64,7 +65,7 @@ def test_the_gpu_stages_hold_one_slot_from_first_to_last_and_give_it_back(client
     probe = _Probe(client)
     monkeypatch.setattr(tasks.stages, "runner_for", lambda ctx: probe)
     released = []
-    monkeypatch.setattr(tasks.stages, "release_components", lambda: released.append(True))
+    monkeypatch.setattr(t2v.runner, "release_components", lambda: released.append(True))
 
     _gpu_stages(ctx)
 
@@ -77,7 +78,7 @@ def test_the_gpu_stages_hold_one_slot_from_first_to_last_and_give_it_back(client
 
 def test_a_failed_gpu_stage_gives_the_slot_back(client, ctx, monkeypatch):
     monkeypatch.setattr(tasks.stages, "runner_for", lambda ctx: _Probe(client, fail=True))
-    monkeypatch.setattr(tasks.stages, "release_components", lambda: None)
+    monkeypatch.setattr(t2v.runner, "release_components", lambda: None)
 
     with pytest.raises(RuntimeError, match="a stage that fails"):
         _gpu_stages(ctx)
@@ -99,7 +100,7 @@ def test_without_a_limit_on_the_server_the_stages_run_and_still_free_the_card(ct
             ran.append("decode")
 
     monkeypatch.setattr(tasks.stages, "runner_for", lambda ctx: Runner())
-    monkeypatch.setattr(tasks.stages, "release_components", lambda: released.append(True))
+    monkeypatch.setattr(t2v.runner, "release_components", lambda: released.append(True))
 
     _gpu_stages(ctx)  # a plain `t2v nightly`: no deployment, no limit named `gpu`
 
