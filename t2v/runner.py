@@ -216,8 +216,8 @@ def components_held() -> Iterator[None]:
 
     Each change of component collects the dropped one's reference cycles (diffusers' hooks), which a
     full `gc.collect()` finds only by walking every object the process tracks: ~0.5 M after the imports,
-    0.44-0.59 s a collection on the H200 host, four times a night, on the card's path (0.3 s on a 2-core
-    CPU host, where it takes under 1 ms once those are frozen). What is frozen stays alive until the end,
+    0.34-0.59 s a collection on the H200 host, four times a night (0.3 s on a 2-core CPU host, where it
+    takes under 1 ms once those are frozen). What is frozen stays alive until the end,
     so garbage that still holds card memory is collected first."""
     if torch.cuda.is_available() and torch.cuda.memory_allocated() > 0:
         gc.collect()
