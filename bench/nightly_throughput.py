@@ -13,10 +13,12 @@ full-size weights, prompts, negative prompt, seeds and steps on both sides:
             cap (T2V_VRAM_BUDGET_GB), run log and store included.
 
 Reports clips/hour for both, their ratio, our time outside model compute (wall time minus the time
-inside `stages.encode_texts` / `denoise` / `decode_latents`, split into loads and the rest: Prefect,
-store and run-log I/O) and each side's peak VRAM. Then, on the same card: the step cache
-(FirstBlockCache) on one job, speed and relative change of its latents against the uncached run, and
-`torch.compile` of the repeated transformer blocks (compile time, step time).
+inside `stages.encode_texts` / `denoise` / `decode_latents`, the compile inside the first compiled
+steps counted as outside; split into compile, loads and the rest: Prefect, store and run-log I/O), the
+night's timeline with the card's holds (`card_timeline_s`) and each side's peak VRAM. Then, on the same
+card: the step cache (FirstBlockCache) on one job, speed and relative change of its latents against the
+uncached run, and `torch.compile` of the repeated transformer blocks from the night's Inductor cache
+(compile time, step time). `--warm-compile` starts the night from such a cache, as a second night does.
 
     python bench/nightly_throughput.py --out bench/results        # on a GPU (the device tool)
     python bench/nightly_throughput.py --tiny --out /tmp/bench    # CPU smoke run, built-in model
