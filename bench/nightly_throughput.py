@@ -337,6 +337,7 @@ def main() -> None:
     from t2v.jobs import JobSpec
     from t2v.models import registry
     from t2v.models.registry import RANDOM_FULL_SIZE, resolve_model
+    from t2v.settings import get_settings
     from t2v.vram import PeakMemory
 
     cuda = torch.cuda.is_available() and not args.tiny
@@ -458,7 +459,7 @@ def main() -> None:
     def warm_compile() -> dict:
         """`--warm-compile`: the blocks compiled once at the night's shapes (random embeddings of the
         encoder's shape), then Dynamo reset: Inductor's on-disk cache is what an earlier night left."""
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(args.work / "ours" / "inductor"))
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(get_settings().inductor_dir)  # the night's
         cap(True)
         start = time.perf_counter()
         plan, transformer = transformer_for_night()

@@ -32,6 +32,15 @@ REGISTER_THREADS = 8
 """Ranges registered at once: page-locking is the kernel's work, page by page, and runs in parallel."""
 
 
+def cuda_register(address: int, nbytes: int) -> bool:
+    """Page-lock `nbytes` of host memory at `address` for the current CUDA device; False if refused."""
+    return int(torch.cuda.cudart().cudaHostRegister(address, nbytes, 0)) == 0
+
+
+def cuda_unregister(address: int) -> None:
+    torch.cuda.cudart().cudaHostUnregister(address)
+
+
 @dataclass
 class HostPin:
     """What `pin_host_tensors` did to one component, undone by `release` when the component is dropped."""
@@ -45,7 +54,7 @@ class HostPin:
     those."""
     packed_bytes: int = 0
     seconds: float = 0.0
-    unregister: Callable[[int], object] | None = None
+    unregister: Callable[[int], object] = cuda_unregister
 
     @property
     def registered_bytes(self) -> int:
@@ -56,19 +65,9 @@ class HostPin:
         if self.registered and torch.cuda.is_available():
             torch.cuda.synchronize()  # no copy from these pages may still be in flight
         for address, _ in self.registered:
-            if self.unregister is not None:
-                self.unregister(address)
+            self.unregister(address)
         self.registered.clear()
         self.kept.clear()
-
-
-def cuda_register(address: int, nbytes: int) -> bool:
-    """Page-lock `nbytes` of host memory at `address` for the current CUDA device; False if refused."""
-    return int(torch.cuda.cudart().cudaHostRegister(address, nbytes, 0)) == 0
-
-
-def cuda_unregister(address: int) -> None:
-    torch.cuda.cudart().cudaHostUnregister(address)
 
 
 def pinned_buffer(nbytes: int) -> torch.Tensor:

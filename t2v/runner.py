@@ -482,10 +482,7 @@ class StageRunner:
             if compiled:
                 # Each block is compiled once and reused by all 30 (dynamic=False: a night's shapes
                 # repeat); the first step pays the compile, Inductor's on-disk cache the next night's.
-                # That cache goes beside the store rather than in /tmp, which a reboot may empty.
-                os.environ.setdefault(
-                    "TORCHINDUCTOR_CACHE_DIR", str(self.settings.data_dir.expanduser().resolve() / "inductor")
-                )
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(self.settings.inductor_dir)
                 module.compile_repeated_blocks(dynamic=False)
             return module
 

@@ -47,6 +47,13 @@ class Settings:
         return self.data_dir / "outputs"
 
     @property
+    def inductor_dir(self) -> Path:
+        """Where torch.compile's kernels are kept between nights (TORCHINDUCTOR_CACHE_DIR wins): beside
+        the store rather than in /tmp, which a reboot may empty."""
+        chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+        return Path(chosen) if chosen else self.data_dir.expanduser().resolve() / "inductor"
+
+    @property
     def runlog_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.data_dir / 'runlog.sqlite').as_posix()}"
 

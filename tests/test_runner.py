@@ -226,3 +226,11 @@ def test_a_run_s_gpu_stages_collect_dropped_components_with_what_came_before_fro
         assert dropped() is None  # collected although everything older is frozen
         assert residency._held
     assert gc.get_freeze_count() == 0 and not residency._held  # released, and the collector whole again
+
+
+def test_compiled_kernels_are_kept_beside_the_store_unless_the_user_says_where(tmp_path, monkeypatch):
+    monkeypatch.setenv("T2V_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    assert get_settings().inductor_dir == (tmp_path / "data").resolve() / "inductor"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert get_settings().inductor_dir == tmp_path / "mine"
