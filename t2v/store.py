@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -90,15 +91,20 @@ def sweep_partials(folder: Path) -> int:
 def publish(source: Path, dest: Path) -> Path:
     """Put a stored clip at a user-facing path atomically (hard link where possible, else a copy)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
+    if dest.exists() and os.path.samefile(source, dest):
+        return dest  # published already (a re-run of a night that was killed after publishing it)
     temp = dest.with_name(f"{_TEMP_MARK}{os.getpid()}-{dest.name}")
     temp.unlink(missing_ok=True)
     try:
-        os.link(source, temp)
-    except OSError:
-        import shutil
-
-        shutil.copyfile(source, temp)
-    os.replace(temp, dest)
+        try:
+            os.link(source, temp)
+        except OSError:
+            shutil.copyfile(source, temp)
+        os.replace(temp, dest)
+    finally:
+        # rename() of two links to one file does nothing and keeps both names: another process
+        # published the same clip between the check above and here.
+        temp.unlink(missing_ok=True)
     return dest
 
 

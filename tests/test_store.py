@@ -5,7 +5,7 @@ import threading
 import time
 from pathlib import Path
 
-from t2v.store import Store
+from t2v.store import Store, publish
 
 
 def _partial(store: Store, pid: int, name: str) -> Path:
@@ -65,3 +65,18 @@ def test_sweep_partials_keeps_a_live_publish_whose_link_has_its_sources_old_mtim
 
     assert Store(tmp_path / "outputs").sweep_partials() == 0
     assert linked.exists()
+
+
+def test_publishing_a_clip_again_leaves_no_temporary_file(tmp_path):
+    # rename() between two hard links to one file is a no-op that keeps the temporary name, so a
+    # re-run that published what the killed night had published left a `.partial-*` in the outputs.
+    source = tmp_path / "store" / "clip.mp4"
+    source.parent.mkdir()
+    source.write_bytes(b"a clip")
+    dest = tmp_path / "outputs" / "fox.mp4"
+
+    assert publish(source, dest) == dest
+    assert publish(source, dest) == dest
+
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["fox.mp4"]
+    assert dest.read_bytes() == b"a clip" and os.path.samefile(source, dest)
