@@ -524,6 +524,7 @@ def main() -> None:
     timer.wrap(runner_module.Residency, "drop", "drop", sync=False)
     timer.wrap(runner_module.gc, "collect", "gc_collect", sync=False)
     timer.wrap(torch.cuda, "empty_cache", "empty_cache", sync=False)
+    timer.wrap(runner_module, "import_compiler", "import_compiler", sync=False)  # in a stage's wait
     pins: list[dict] = []
     real_pin = runner_module.pin_host_tensors
 

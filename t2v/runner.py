@@ -157,12 +157,19 @@ class Residency:
             self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="t2v-prefetch")
         return self._loader
 
-    def prefetched(self, name: str, source: str) -> torch.nn.Module | None:
+    def prefetched(
+        self, name: str, source: str, while_waiting: Callable[[], None] | None = None
+    ) -> torch.nn.Module | None:
         """The component `prefetch` loaded (waiting for it if still loading), once; None if it was not
-        asked for, not loaded, or its load failed (the stage then loads it itself and meets the error)."""
+        asked for, not loaded, or its load failed (the stage then loads it itself and meets the error).
+
+        `while_waiting` is called first if the load is still going: work the stage needs later, done
+        while it would sit idle."""
         ahead = self._ahead.pop(name, None)
         if ahead is None or ahead[0] != source:
             return None
+        if while_waiting is not None and not ahead[1].done():
+            while_waiting()
         try:
             module, pin = ahead[1].result()
         except Exception as exc:
@@ -247,6 +254,14 @@ LOADERS: dict[str, Callable[[ModelRef], torch.nn.Module]] = {
     "vae": registry.load_vae,
 }
 STAGE_OF = {"text_encoder": "encode", "transformer": "diffuse", "vae": "decode"}
+
+
+def import_compiler() -> None:
+    """What `torch.compile`'s first call imports (Inductor; diffusers has imported Dynamo already)."""
+    import torch._dynamo  # noqa: F401
+    import torch._inductor.compile_fx  # noqa: F401
+
+
 PREFETCH_ROOM = 2.0
 """Host memory a prefetch wants free, as a multiple of the component's size: the copy, and as much again
 left for the stage running beside it (its activations, the frames it writes)."""
@@ -477,7 +492,11 @@ class StageRunner:
         compiled = self.compile_blocks and name == "transformer"
 
         def place() -> torch.nn.Module:
-            module = self.residency.prefetched(name, self.model.identity)
+            # The stage waits for its prefetched component (the text encoder's, at the night's start):
+            # the compiler's import (2.6-3.3 s on the H200 host) can take that idle time. In the loader
+            # thread, beside a stage's compute, it slowed the compute as much (run 10, docs/benchmarks.md).
+            waiting = import_compiler if self.compile_blocks else None
+            module = self.residency.prefetched(name, self.model.identity, while_waiting=waiting)
             module = apply(plan, load(self.model) if module is None else module)
             if compiled:
                 # Each block is compiled once and reused by all 30 (dynamic=False: a night's shapes

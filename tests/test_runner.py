@@ -234,3 +234,44 @@ def test_compiled_kernels_are_kept_beside_the_store_unless_the_user_says_where(t
     assert get_settings().inductor_dir == (tmp_path / "data").resolve() / "inductor"
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
     assert get_settings().inductor_dir == tmp_path / "mine"
+
+
+def test_a_compiling_run_imports_the_compiler_while_its_stage_waits_for_the_prefetch(
+    make_runner, monkeypatch
+):
+    stage_runner = make_runner()
+    stage_runner.compile_blocks = True  # as on a GPU with T2V_COMPILE=on; the encode stage compiles nothing
+    imported = threading.Event()
+    seen = {}
+    real_load = runner.LOADERS["text_encoder"]
+
+    def slow_load(ref):
+        # Still loading until the stage has imported the compiler (or 10 s, and the test fails).
+        seen["import_came_first"] = imported.wait(timeout=10)
+        return real_load(ref)
+
+    def import_compiler():
+        seen["importer"] = threading.current_thread().name
+        imported.set()
+
+    monkeypatch.setitem(runner.LOADERS, "text_encoder", slow_load)
+    monkeypatch.setattr(runner, "import_compiler", import_compiler)
+    stage_runner.prefetch("text_encoder", JOBS[:1])
+    stage_runner.encode(JOBS[0])
+
+    assert seen == {"import_came_first": True, "importer": threading.current_thread().name}
+
+
+def test_a_load_that_is_done_or_a_run_that_does_not_compile_waits_for_nothing_else(make_runner, monkeypatch):
+    calls = []
+    monkeypatch.setattr(runner, "import_compiler", lambda: calls.append("import"))
+    plain = make_runner()
+    plain.prefetch("text_encoder", JOBS[:1])
+    plain.encode(JOBS[0])  # compiles nothing: no import, loaded ahead or not
+    compiling = make_runner()
+    compiling.compile_blocks = True
+    assert compiling.prefetch("text_encoder", JOBS[1:])  # the other job: the store has the first's
+    compiling.residency._ahead["text_encoder"][1].result()  # loaded before its stage asks
+    compiling.encode(JOBS[1])
+
+    assert calls == []
