@@ -235,15 +235,7 @@ def run_ours(
 
     def denoise():
         def body(plan, tr):
-            shape = stages.latent_shape(
-                tr.config.in_channels,
-                temporal=4,
-                spatial=16,
-                height=job.height,
-                width=job.width,
-                frames=job.frames,
-            )
-            noise = stages.initial_noise(shape, seed=job.seed, device=device)
+            noise = stages.job_noise(job, tr.config.in_channels, temporal=4, spatial=16, device=device)
             times.clear()
             last[0] = time.perf_counter()
             return stages.denoise(

@@ -421,15 +421,9 @@ def main() -> None:
         if embeds is None:  # the night's, from its store
             embeds = store.load_tensors("encode", JobKeys.of(job, ref).embeddings)
         temporal, spatial = registry.vae_factors(ref)
-        shape = stages.latent_shape(
-            transformer.config.in_channels,
-            temporal=temporal,
-            spatial=spatial,
-            height=job.height,
-            width=job.width,
-            frames=job.frames,
+        noise = stages.job_noise(
+            job, transformer.config.in_channels, temporal=temporal, spatial=spatial, device=device
         )
-        noise = stages.initial_noise(shape, seed=job.seed, device=device)
         times = []
         last = [time.perf_counter()]
 

@@ -345,15 +345,9 @@ class StageRunner:
             transformer = self._component("transformer", plan)
             device = self._compute_device(plan)
             temporal, spatial = self._vae_factors()
-            shape = stages.latent_shape(
-                transformer.config.in_channels,
-                temporal=temporal,
-                spatial=spatial,
-                height=job.height,
-                width=job.width,
-                frames=job.frames,
+            noise = stages.job_noise(
+                job, transformer.config.in_channels, temporal=temporal, spatial=spatial, device=device
             )
-            noise = stages.initial_noise(shape, seed=job.seed, device=device)
             with (
                 tqdm(total=job.steps, desc=f"{job.template} denoise", unit="step", leave=False) as bar,
                 step_cache(transformer, job.step_cache),

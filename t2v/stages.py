@@ -11,12 +11,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import nullcontext
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from diffusers import WanPipeline
 from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
+
+if TYPE_CHECKING:
+    from t2v.jobs import JobSpec
 
 
 @torch.no_grad()
@@ -51,6 +55,16 @@ def initial_noise(shape: tuple[int, ...], *, seed: int, device: torch.device | s
     # Drawn on the CPU so a seed gives the same clip on any card (and on no card).
     generator = torch.Generator("cpu").manual_seed(seed)
     return randn_tensor(shape, generator=generator, device=torch.device(device), dtype=torch.float32)
+
+
+def job_noise(
+    job: JobSpec, channels: int, *, temporal: int, spatial: int, device: torch.device | str
+) -> torch.Tensor:
+    """A job's starting latents: its seed's noise, in the shape the pipeline gives its size."""
+    shape = latent_shape(
+        channels, temporal=temporal, spatial=spatial, height=job.height, width=job.width, frames=job.frames
+    )
+    return initial_noise(shape, seed=job.seed, device=device)
 
 
 @torch.no_grad()

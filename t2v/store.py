@@ -91,8 +91,6 @@ def sweep_partials(folder: Path) -> int:
 def publish(source: Path, dest: Path) -> Path:
     """Put a stored clip at a user-facing path atomically (hard link where possible, else a copy)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    if dest.exists() and os.path.samefile(source, dest):
-        return dest  # published already (a re-run of a night that was killed after publishing it)
     temp = dest.with_name(f"{_TEMP_MARK}{os.getpid()}-{dest.name}")
     temp.unlink(missing_ok=True)
     try:
@@ -102,8 +100,8 @@ def publish(source: Path, dest: Path) -> Path:
             shutil.copyfile(source, temp)
         os.replace(temp, dest)
     finally:
-        # rename() of two links to one file does nothing and keeps both names: another process
-        # published the same clip between the check above and here.
+        # rename() of two links to one file does nothing and keeps both names: the clip was published
+        # already (a re-run of a night killed after publishing it), and the temporary name must go.
         temp.unlink(missing_ok=True)
     return dest
 

@@ -189,6 +189,20 @@ def test_seed_decides_the_noise():
     assert not torch.equal(a, stages.initial_noise(shape, seed=2, device="cpu"))
 
 
+def test_a_jobs_noise_has_its_sizes_latent_shape_and_comes_from_its_seed():
+    from t2v.jobs import JobSpec
+
+    job = JobSpec(
+        template="fox", prompt="a fox", seed=SEED, height=HEIGHT, width=WIDTH, frames=FRAMES, steps=2
+    )
+    noise = stages.job_noise(job, 48, temporal=4, spatial=16, device="cpu")
+
+    assert noise.shape == (1, 48, (FRAMES - 1) // 4 + 1, HEIGHT // 16, WIDTH // 16)
+    torch.testing.assert_close(
+        noise, stages.initial_noise(noise.shape, seed=SEED, device="cpu"), rtol=0, atol=0
+    )
+
+
 def test_fp8_storage_is_a_visible_opt_in_change(parts, reference):
     from t2v.jobs import JobSpec
     from t2v.plans import ComponentSizes, apply, ladder
