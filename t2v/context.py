@@ -1,56 +1,67 @@
-"""What one pipeline run hands to each of its stages, and the checks made before a run starts.
+"""What one pipeline run hands to each of its stages, the set-up the flows share, and the checks made
+before a run starts.
 
 The flows build a `RunContext` and pass it to every stage task beside the job; both are small frozen
-values, so they hash (the tasks keep one StageRunner per context) and read well in logs.
+values that read well in logs.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from t2v.errors import CatalogueError, InvalidInput
 from t2v.jobs import JobSpec, template_line
 from t2v.models import registry
-from t2v.models.registry import ModelRef
-from t2v.runlog import RunLog, sqlite_url
+from t2v.models.registry import ModelRef, resolve_model
+from t2v.plans import compile_pays
+from t2v.runlog import RunLog
 from t2v.settings import Settings
 
 
 @dataclass(frozen=True)
 class RunContext:
-    """One run's identity and places: everything a stage needs besides its job."""
+    """One run's identity, places and settings: everything a stage needs besides its job."""
 
     run_id: str
     """Id of the run's row in the run log."""
     model: str
     """The `--model` value (`tiny`, a folder or a hub id); resolved again where it is used."""
-    data_dir: Path
-    """Root of the store and of the default run log."""
     outputs_dir: Path
     """Where the clips of this run are published as `<template>.mp4`."""
-    database_url: str
-    """SQLAlchemy URL of the run log."""
+    settings: Settings
+    """The environment as the run read it when it started: tasks read no other."""
     fp8_storage: bool = False
     """Store the transformer's weights in float8 (opt-in: it changes the output; see docs/benchmarks.md)."""
     compile_blocks: bool = False
     """`torch.compile` the transformer's repeated blocks (on a GPU): `plans.compile_pays` decides."""
 
-    @property
-    def store_dir(self) -> Path:
-        return self.data_dir / "store"
 
-
-def data_dir(settings: Settings) -> Path:
-    """The data folder as an absolute path, so that nothing depends on a later working directory."""
-    return settings.data_dir.expanduser().resolve()
-
-
-def runlog_url(settings: Settings) -> str:
-    """The run log URL: $T2V_DATABASE_URL, else an absolute SQLite path under the data folder."""
-    return settings.database_url or sqlite_url(data_dir(settings) / "runlog.sqlite")
+def start_run(
+    kind: str,
+    jobs: Sequence[JobSpec],
+    *,
+    settings: Settings,
+    model: str,
+    outputs_dir: Path,
+    fp8_storage: bool = False,
+    **row: Any,
+) -> RunContext:
+    """The set-up every flow shares: the run's row in the run log and its context. `row` goes to
+    `RunLog.start_run` (catalogue, parent run, the night's jobs)."""
+    ref = resolve_model(model)
+    run_id = open_runlog(settings.runlog_url).start_run(kind=kind, model=ref.source or ref.spec, **row)
+    return RunContext(
+        run_id=run_id,
+        model=model,
+        outputs_dir=outputs_dir,
+        settings=settings,
+        fp8_storage=fp8_storage,
+        compile_blocks=compile_pays((j.steps for j in jobs), settings.compile),
+    )
 
 
 @functools.lru_cache(maxsize=8)

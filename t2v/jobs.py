@@ -10,32 +10,40 @@ from pathlib import Path
 
 from t2v.errors import CatalogueError, InvalidInput
 from t2v.media import Watermark
-from t2v.models.wan22 import DEFAULT_NEGATIVE_PROMPT, ModelRules
+from t2v.models.wan22 import DEFAULT_NEGATIVE_PROMPT, WAN22_RULES, ModelRules
 
 MAX_SEED = 2**63 - 1
 MAX_STEPS = 200
 MAX_FPS = 60
 TEMPLATE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 """Template names become file names under data/outputs: no dots, slashes or upper case."""
+_SIDE_HELP = f"Pixels; a multiple of {WAN22_RULES.spatial_multiple} up to {WAN22_RULES.max_side}."
 
 
 @dataclass(frozen=True)
 class JobSpec:
     """One clip to make. Every field below, and the model, decides the output."""
 
+    # `metadata["help"]` is the one-line help of the field's `t2v generate` option (t2v_cli reads it with
+    # the default from `dataclasses.fields`), so the CLI never restates a default or a rule.
     template: str
     """Catalogue name; also the clip's file name."""
-    prompt: str
-    negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
-    seed: int = 0
-    height: int = 480
-    width: int = 832
-    frames: int = 81
+    prompt: str = field(metadata={"help": "What the clip shows."})
+    negative_prompt: str = field(
+        default=DEFAULT_NEGATIVE_PROMPT, metadata={"help": "What the clip should not show."}
+    )
+    seed: int = field(default=0, metadata={"help": "Same seed, same clip, on any device."})
+    height: int = field(default=480, metadata={"help": _SIDE_HELP})
+    width: int = field(default=832, metadata={"help": _SIDE_HELP})
+    frames: int = field(
+        default=81,
+        metadata={"help": f"{WAN22_RULES.temporal_factor}k+1 frames, at most {WAN22_RULES.max_frames}."},
+    )
     """`4k + 1` frames; 81 is 3.4 s at 24 fps."""
-    steps: int = 50
-    guidance: float = 5.0
+    steps: int = field(default=50, metadata={"help": "Denoising steps."})
+    guidance: float = field(default=5.0, metadata={"help": "Classifier-free guidance; <= 1 turns it off."})
     """Classifier-free guidance scale; <= 1 turns guidance off (one transformer pass a step)."""
-    fps: int = 24
+    fps: int = field(default=24, metadata={"help": "Frames per second of the MP4."})
     step_cache: float = 0.0
     """First-block cache threshold (diffusers' FirstBlockCacheConfig); 0 turns it off (the default).
     Above 0, a step whose first block barely changed reuses the other blocks' last residual: faster,

@@ -1,21 +1,39 @@
-"""Video I/O for the pipeline: lossless intermediates, watermarking and the final size-capped MP4.
+"""Video I/O for the pipeline: lossless intermediates and the final size-capped MP4 with its post steps.
 
 Everything goes through imageio-ffmpeg's bundled binary because the GPU hosts have no system ffmpeg.
 """
 
 from __future__ import annotations
 
-import math
 import re
-from dataclasses import dataclass
+import tempfile
+from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
-from typing import Literal, get_args
 
 import ffmpeg
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
 
-Corner = Literal["top-left", "top-right", "bottom-left", "bottom-right"]
+# The post steps live in t2v.post; they are re-exported here because jobs, the CLI and the tests import
+# them from the module that encodes with them.
+from t2v.post import POST_STEPS, Corner, FrameInfo, PostStep, Watermark, render_watermark_png
+
+__all__ = [
+    "FFMPEG",
+    "POST_STEPS",
+    "Codec",
+    "Corner",
+    "FrameInfo",
+    "MediaError",
+    "PostStep",
+    "Watermark",
+    "encode_clip",
+    "encode_mp4",
+    "ffmpeg_exe",
+    "read_frames",
+    "render_watermark_png",
+    "write_frames_lossless",
+]
 
 # Keep ffmpeg quiet unless something goes wrong, so the stderr we attach to errors is the actual cause.
 _GLOBAL_ARGS = ("-hide_banner", "-nostdin", "-loglevel", "error")
@@ -31,43 +49,6 @@ _SIZE_HEADROOM = 0.9
 
 class MediaError(Exception):
     """ffmpeg failed or a media input is unusable."""
-
-
-@dataclass(frozen=True)
-class Watermark:
-    """What to stamp on each clip: an image file, or text rendered with Pillow when no image is given."""
-
-    text: str = "t2v"
-    image: Path | None = None  # takes precedence over text
-    corner: Corner = "bottom-right"
-    opacity: float = 0.85  # 0..1, multiplied into the watermark's alpha
-    scale: float = 0.12  # text: height as a share of frame height; image: width as a share of frame width
-    margin: float = 0.03  # share of frame height kept between the watermark and the edges
-
-    def validate(self) -> None:
-        corners = get_args(Corner)
-        if self.corner not in corners:
-            raise ValueError(f"`watermark.corner` must be one of {', '.join(corners)} but is {self.corner!r}")
-        if not 0.0 <= self.opacity <= 1.0:
-            raise ValueError(f"`watermark.opacity` must be within 0..1 but is {self.opacity!r}")
-        if not 0.0 < self.scale <= 1.0:
-            raise ValueError(f"`watermark.scale` must be within (0, 1] but is {self.scale!r}")
-        if not 0.0 <= self.margin < 0.5:
-            raise ValueError(f"`watermark.margin` must be within [0, 0.5) but is {self.margin!r}")
-        if self.image is None:
-            if not self.text.strip():
-                raise ValueError(
-                    f"`watermark.text` must not be blank when no image is given but is {self.text!r}"
-                )
-            return
-        image = Path(self.image)
-        if not image.is_file():
-            raise ValueError(f"`watermark.image` must be an existing file but is '{image}'")
-        try:
-            with Image.open(image) as im:
-                im.verify()
-        except Exception as exc:  # Pillow raises a zoo of types for broken files
-            raise ValueError(f"`watermark.image` '{image}' is not an image ({exc})") from exc
 
 
 def ffmpeg_exe() -> str:
@@ -137,69 +118,24 @@ def _probe(path: Path) -> tuple[int, int, int]:
     return width, height, int(frames[-1])
 
 
-def render_watermark_png(watermark: Watermark, *, frame_width: int, frame_height: int, dest: Path) -> Path:
-    """Render `watermark` as an RGBA PNG sized for a frame_width x frame_height frame; returns dest."""
-    watermark.validate()
-    margin = round(watermark.margin * frame_height)
-    # Whatever the scale asks for, the mark has to fit inside the margins.
-    max_w, max_h = max(1, frame_width - 2 * margin), max(1, frame_height - 2 * margin)
-    if watermark.image is not None:
-        with Image.open(watermark.image) as im:
-            mark = im.convert("RGBA")
-        target_w = max(1, round(watermark.scale * frame_width))
-        target_h = max(1, round(mark.height * target_w / mark.width))
-    else:
-        mark = _draw_text(watermark.text)
-        target_h = max(1, round(watermark.scale * frame_height))
-        target_w = max(1, round(mark.width * target_h / mark.height))
-    shrink = min(1.0, max_w / target_w, max_h / target_h)
-    size = (max(1, math.floor(target_w * shrink)), max(1, math.floor(target_h * shrink)))
-    mark = mark.resize(size, Image.Resampling.LANCZOS)
-    alpha = mark.getchannel("A").point(lambda a: round(a * watermark.opacity))
-    mark.putalpha(alpha)
-    mark.save(dest, format="PNG")
-    return dest
-
-
-def _draw_text(text: str) -> Image.Image:
-    # Drawn large and downscaled afterwards: small font sizes hint badly, and the resize lands on the
-    # exact target height regardless of the font's ascent/descent.
-    size = 96
-    stroke = size // 12  # dark outline so white text reads on light and dark footage alike
-    font = ImageFont.load_default(size=size)
-    left, top, right, bottom = ImageDraw.Draw(Image.new("RGBA", (1, 1))).textbbox(
-        (0, 0), text, font=font, stroke_width=stroke
-    )
-    canvas = Image.new("RGBA", (right - left, bottom - top), (0, 0, 0, 0))
-    ImageDraw.Draw(canvas).text(
-        (-left, -top),
-        text,
-        font=font,
-        fill=(255, 255, 255, 255),
-        stroke_width=stroke,
-        stroke_fill=(0, 0, 0, 255),
-    )
-    return canvas
-
-
-def _corner_position(corner: Corner, margin: int) -> tuple[str, str]:
-    x = str(margin) if corner.endswith("left") else f"main_w-overlay_w-{margin}"
-    y = str(margin) if corner.startswith("top") else f"main_h-overlay_h-{margin}"
-    return x, y
-
-
-def encode_mp4(
+def encode_clip(
     source: Path,
     dest: Path,
     *,
     fps: int,
-    watermark: Watermark | None,
+    steps: Sequence[PostStep],
     max_bytes: int = 20_000_000,
     crf: int = 18,
 ) -> None:
-    """Encode `source` to a watermarked H.264/yuv420p faststart MP4 at constant `fps`, within max_bytes."""
+    """Encode `source` through `steps` (in order) to an H.264/yuv420p faststart MP4 at constant `fps`,
+    within max_bytes, in one ffmpeg graph.
+
+    Every step is validated before ffmpeg starts, so a bad step costs no probe or encode.
+    """
     if fps <= 0 or max_bytes <= 0:
         raise ValueError(f"`fps` and `max_bytes` must be positive but are {fps!r} and {max_bytes!r}")
+    for step in steps:
+        step.validate()
     width, height, frame_count = _probe(source)
     duration = frame_count / fps
     # VBV bounds the total at maxrate * duration plus the initially full part of the buffer; size maxrate
@@ -211,13 +147,19 @@ def encode_mp4(
 
     # Input -r discards the container's millisecond timestamps so every frame maps to exactly one output slot.
     video = ffmpeg.input(str(source), r=fps)["v:0"]
-    png = dest.with_name(dest.name + ".watermark.png")
-    try:
-        if watermark is not None:
-            render_watermark_png(watermark, frame_width=width, frame_height=height, dest=png)
-            x, y = _corner_position(watermark.corner, round(watermark.margin * height))
-            # Overlay in RGB so the mark's edges are blended before chroma subsampling, not after.
-            video = ffmpeg.overlay(video, ffmpeg.input(str(png)), x=x, y=y, format="gbrp")
+    # Outside the store's folder: its cleanup of dead writers' leftovers removes files, not folders.
+    with tempfile.TemporaryDirectory(prefix="t2v-post-") as tmp:
+        frame = FrameInfo(width=width, height=height, frames=frame_count, fps=fps)
+        for index, step in enumerate(steps):
+            workdir = Path(tmp, f"{index}-{step.name}")
+            workdir.mkdir()
+            video = step.apply(video, frame, workdir)
+            out_w, out_h = step.output_size(frame.width, frame.height)
+            if out_w <= 0 or out_h <= 0:
+                raise ValueError(
+                    f"post step `{step.name}` turns {frame.width}x{frame.height} frames into {out_w}x{out_h}"
+                )
+            frame = replace(frame, width=out_w, height=out_h)
         # yuv420p needs even dimensions; pad rather than crop so no picture is lost. No-op for even sizes.
         video = video.filter("pad", "ceil(iw/2)*2", "ceil(ih/2)*2")
         # Explicit BT.709 conversion plus matching tags, so players don't guess the matrix differently.
@@ -239,9 +181,8 @@ def encode_mp4(
             movflags="+faststart",
             an=None,
         )
-        _run(stream.overwrite_output(), f"encode {dest}")
-    finally:
-        png.unlink(missing_ok=True)
+        names = ", ".join(step.name for step in steps) or "none"
+        _run(stream.overwrite_output(), f"encode {dest} (post steps: {names})")
     size = dest.stat().st_size
     if size > max_bytes:
         # x264's rate control is best effort at its minimum quality; a cap that was silently exceeded
@@ -249,3 +190,44 @@ def encode_mp4(
         raise MediaError(
             f"{dest} is {size} bytes, over the {max_bytes} byte cap despite maxrate {maxrate} b/s"
         )
+
+
+def encode_mp4(
+    source: Path,
+    dest: Path,
+    *,
+    fps: int,
+    watermark: Watermark | None,
+    max_bytes: int = 20_000_000,
+    crf: int = 18,
+) -> None:
+    """`encode_clip` with the watermark as the only post step (none when `watermark` is None)."""
+    # Kept for callers that still pass one watermark (the runner, bench/night.py's replacement).
+    steps = [watermark] if watermark is not None else []
+    encode_clip(source, dest, fps=fps, steps=steps, max_bytes=max_bytes, crf=crf)
+
+
+class Codec:
+    """The runner's video file I/O, as one object a caller can replace.
+
+    A benchmark on a machine without ffmpeg passes a subclass (frames as .npy, a copy for the encode)
+    instead of patching this module's functions. The methods look the module functions up when called,
+    so a test that patches `t2v.media.write_frames_lossless` still reaches the default codec.
+    """
+
+    def write_frames(self, frames: np.ndarray, dest: Path, *, fps: int) -> None:
+        """Store uint8 (F, H, W, 3) RGB frames at `dest` so that `read_frames` gives them back exactly."""
+        write_frames_lossless(frames, dest, fps=fps)
+
+    def read_frames(self, path: Path) -> np.ndarray:
+        """uint8 (F, H, W, 3) RGB frames of the video at `path`."""
+        return read_frames(path)
+
+    def encode_clip(
+        self, source: Path, dest: Path, *, fps: int, steps: Sequence[PostStep], max_bytes: int = 20_000_000
+    ) -> None:
+        """Turn stored frames into the published clip, applying `steps` in order."""
+        encode_clip(source, dest, fps=fps, steps=steps, max_bytes=max_bytes)
+
+
+FFMPEG = Codec()

@@ -12,12 +12,15 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from t2v.errors import T2VError
 from t2v.jobs import JobSpec
 from t2v.media import Watermark
-from t2v.runlog import RunLog
+
+if TYPE_CHECKING:  # annotations only: importing this module loads neither SQLAlchemy nor torch
+    from t2v.models.registry import ModelRef
+    from t2v.runlog import RunLog
 
 RERUNNABLE_KINDS = ("nightly", "rerun")
 """Runs that record their night; a one-off `generate` is simply run again."""
@@ -105,3 +108,35 @@ def night_to_rerun(runlog: RunLog, run_id: str | None) -> tuple[dict[str, Any], 
             "(finished stages are skipped)."
         )
     return run, Night.from_json(run["jobs_json"])
+
+
+@dataclass(frozen=True)
+class Rerun:
+    """A night checked and ready to finish: what `t2v rerun` and the rerun flow both start from."""
+
+    parent: dict[str, Any]
+    """The run being finished, as `RunLog.run` gives it (its stage rows included)."""
+    night: Night
+    model: ModelRef
+    """The parent's `--model` value resolved again: the folder or hub id may have changed since."""
+
+
+def prepare_rerun(runlog: RunLog, run_id: str | None) -> Rerun:
+    """Check that the run (`None`: the newest nightly or rerun) can be finished now, without weights.
+
+    Raises NoSuchRun (no such id), AlreadyDone (it finished ok), NothingToRerun (it cannot be re-run),
+    ModelNotFound or InvalidInput (its model or jobs no longer pass the checks a new night would).
+    """
+    # Imported here: t2v.context imports the registry (torch) and the run log, and flows/nightly.py
+    # imports this module for `Night`; at the top they would make this module heavy and cycle-prone.
+    from t2v.context import check_jobs
+    from t2v.models.registry import resolve_model
+
+    # Before reading the run: a night killed a minute ago must read as interrupted, not as running.
+    runlog.mark_interrupted()
+    parent, night = night_to_rerun(runlog, run_id)
+    # The model is recorded as a folder, hub id or "tiny": the same value `--model` took.
+    model = resolve_model(parent["model"])
+    # The model folder or a watermark image may have changed since the night: check again before any work.
+    check_jobs(night.jobs, model)
+    return Rerun(parent=parent, night=night, model=model)

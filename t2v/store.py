@@ -14,38 +14,47 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Protocol
 
 import psutil
 import torch
 from safetensors.torch import load_file, save_file
 
-SUFFIX = {"encode": ".safetensors", "diffuse": ".safetensors", "decode": ".mkv", "watermark": ".mp4"}
 _TEMP_MARK = ".partial-"
 
 
-def make_key(stage: str, **parts: object) -> str:
-    """Hash of a stage name and its inputs (JSON-able values, other keys among them)."""
-    blob = json.dumps({"stage": stage, **parts}, sort_keys=True, default=str, separators=(",", ":"))
+class Kind(Protocol):
+    """What the store needs of a stage (`t2v.pipeline.Stage`): its folder and its files' suffix."""
+
+    @property
+    def folder(self) -> str: ...
+
+    suffix: str
+
+
+def make_key(name: str, **parts: object) -> str:
+    """Hash of a stage's store name and its key parts (JSON-able values, other keys among them)."""
+    blob = json.dumps({"stage": name, **parts}, sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
 class Store:
-    """Files under `root/<stage>/<key[:2]>/<key><suffix>`."""
+    """Files under `root/<stage folder>/<key[:2]>/<key><suffix>`."""
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
-        self.on_written: Callable[[str, Path], None] | None = None
+        self.on_written: Callable[[Kind, Path], None] | None = None
         """Called with (stage, temporary path) once a file is written and before it is renamed into
         place; the runner's crash drill (T2V_PAUSE_AT) waits there to be killed."""
 
-    def path(self, stage: str, key: str) -> Path:
-        return self.root / stage / key[:2] / f"{key}{SUFFIX[stage]}"
+    def path(self, stage: Kind, key: str) -> Path:
+        return self.root / stage.folder / key[:2] / f"{key}{stage.suffix}"
 
-    def has(self, stage: str, key: str) -> bool:
+    def has(self, stage: Kind, key: str) -> bool:
         return self.path(stage, key).is_file()
 
     @contextmanager
-    def writing(self, stage: str, key: str) -> Iterator[Path]:
+    def writing(self, stage: Kind, key: str) -> Iterator[Path]:
         """Yield a temporary path to write; it becomes the stored file only if the block succeeds."""
         final = self.path(stage, key)
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -60,12 +69,12 @@ class Store:
         finally:
             temp.unlink(missing_ok=True)
 
-    def save_tensors(self, stage: str, key: str, tensors: dict[str, torch.Tensor]) -> Path:
+    def save_tensors(self, stage: Kind, key: str, tensors: dict[str, torch.Tensor]) -> Path:
         with self.writing(stage, key) as temp:
             save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(temp))
         return self.path(stage, key)
 
-    def load_tensors(self, stage: str, key: str) -> dict[str, torch.Tensor]:
+    def load_tensors(self, stage: Kind, key: str) -> dict[str, torch.Tensor]:
         return load_file(str(self.path(stage, key)))
 
     def sweep_partials(self) -> int:

@@ -17,6 +17,8 @@ from typing import Any, Self
 
 import psutil
 
+from t2v.settings import VRAM_BUDGET_ENV, read_vram_budget
+
 __all__ = [
     "BUDGET_ENV",
     "GIB",
@@ -30,7 +32,7 @@ __all__ = [
 ]
 
 GIB = 2**30
-BUDGET_ENV = "T2V_VRAM_BUDGET_GB"
+BUDGET_ENV = VRAM_BUDGET_ENV
 
 
 @dataclass(frozen=True)
@@ -126,16 +128,6 @@ def _nvml_handle(nvml: ModuleType, target: int | str) -> Any:
         return matches[0]
 
 
-def _budget_from_env() -> float | None:
-    raw = os.environ.get(BUDGET_ENV, "").strip()
-    if not raw:
-        return None
-    try:
-        return float(raw)
-    except ValueError:
-        raise ValueError(f"{BUDGET_ENV}={raw!r} is not a number of GiB") from None
-
-
 def _cpu_memory(note: str) -> DeviceMemory:
     vm = psutil.virtual_memory()
     return DeviceMemory(
@@ -152,7 +144,7 @@ def probe(*, device_index: int = 0, budget_gib: float | None = None) -> DeviceMe
     note saying why.
     """
     if budget_gib is None:
-        budget_gib = _budget_from_env()
+        budget_gib = read_vram_budget(os.environ)
     if budget_gib is not None and budget_gib <= 0:
         raise ValueError(f"a VRAM budget must be positive, not {budget_gib} GiB")
     ignored = f"; the VRAM budget of {budget_gib:g} GiB is ignored" if budget_gib is not None else ""

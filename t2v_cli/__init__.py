@@ -4,10 +4,11 @@ Prefect are imported; values already set by the user win."""
 import os
 import warnings
 
-# Under a tight VRAM cap the caching allocator's fixed-size segments fragment: freed blocks cannot be
-# reused for tensors of another size, so a plan that fits in total still runs out of memory.
-# Expandable segments grow one mapping instead. Torch reads this when it first touches CUDA.
-os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+# `import t2v` sets PYTORCH_CUDA_ALLOC_CONF (expandable segments, pinning through cudaHostRegister) unless
+# the user set it. That one definition serves the library, the benchmarks and the CLI alike; setting a
+# value here would run first and silently drop the pinned-memory options.
+import t2v  # noqa: F401
+
 # No usage telemetry from the Prefect client. The temporary server Prefect starts when no
 # PREFECT_API_URL is set ignores DO_NOT_TRACK and logs errors on hosts without internet access.
 os.environ.setdefault("DO_NOT_TRACK", "1")

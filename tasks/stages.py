@@ -1,4 +1,4 @@
-"""The four stages of a job as Prefect tasks.
+"""The pipeline's stages as Prefect tasks: one per stage of the registry (`t2v.pipeline.PIPELINE`).
 
 Each task hands one job to this process's StageRunner for the run and returns a short string: a store
 key, or the published clip's path; tensors never pass through Prefect. Skipping stored outputs,
@@ -12,7 +12,7 @@ Prefect cache keyed on the same store key would be a second record of "done" kep
 result storage), which can say done when the file was deleted or never renamed into place after a
 kill -9; the file itself cannot.
 
-GPU slot. The GPU stages of a run (encode, diffuse, decode over all of its jobs) run inside
+GPU slot. The GPU stages of a run (those with a component, over all of its jobs) run inside
 `gpu_slot`, which holds one slot of the global concurrency limit `gpu` that `t2v deploy` sets to one per
 GPU: from the run's first encode to its last decode, when the components it kept loaded have left the
 card. A `generate` sent to the same server waits for the night's GPU stages as a whole, not only for
@@ -28,51 +28,44 @@ so that a server restart does not lose a held lease and leave its slot counted.
 
 from __future__ import annotations
 
-import functools
 import logging
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 
-from prefect import task
+from prefect import Task, task
 from prefect.cache_policies import NO_CACHE
 
-from t2v.context import RunContext, open_runlog
+from t2v.context import RunContext
+from t2v.engine import Hooks, StageRunner
 from t2v.jobs import JobSpec
-from t2v.models.registry import resolve_model
-from t2v.runner import StageRunner, components_held
-from t2v.settings import get_settings
-from t2v.store import Store
-from t2v.vram import probe
+from t2v.pipeline import PIPELINE, Stage
+
+_RUNNERS: dict[str, StageRunner] = {}
+"""The runner of each run going on in this process, by run id: Prefect hands a task its arguments, and
+a run's tasks (threads of the flow's process) must share its runner, card and loaded components."""
+_RUNNERS_LOCK = threading.Lock()
 
 
 def runner_for(ctx: RunContext) -> StageRunner:
-    """The run's StageRunner in this process, shared by its tasks with their tokenizer and run log.
-
-    Settings (T2V_INJECT_OOM, the VRAM budget) are read when a run's first task starts; loaded
-    components live in the process-wide residency cache, so they outlast a run's runner.
-    """
-    with _MAKING_RUNNER:  # a stage's tasks start together, in threads: one of them makes it
-        return _runner_for(ctx)
+    """The run's StageRunner in this process (made by `gpu_slot`, or here for a task run alone)."""
+    with _RUNNERS_LOCK:  # a stage's tasks start together, in threads: one of them makes it
+        if ctx.run_id not in _RUNNERS:
+            _RUNNERS[ctx.run_id] = StageRunner(ctx)
+        return _RUNNERS[ctx.run_id]
 
 
-_MAKING_RUNNER = threading.Lock()
-
-
-@functools.lru_cache(maxsize=4)
-def _runner_for(ctx: RunContext) -> StageRunner:
-    settings = get_settings()
-    return StageRunner(
-        model=resolve_model(ctx.model),
-        store=Store(ctx.store_dir),
-        runlog=open_runlog(ctx.database_url),
-        run_id=ctx.run_id,
-        settings=settings,
-        memory=probe(budget_gib=settings.vram_budget_gib),
-        outputs_dir=ctx.outputs_dir,
-        fp8=ctx.fp8_storage,
-        compile_blocks=ctx.compile_blocks,
-    )
+@contextmanager
+def run_open(ctx: RunContext, hooks: Hooks | None = None) -> Iterator[StageRunner]:
+    """The run's runner for the tasks inside (with `hooks`, from a benchmark or a test); forgotten at
+    the end."""
+    with _RUNNERS_LOCK:
+        runner = _RUNNERS[ctx.run_id] = StageRunner(ctx, hooks=hooks)
+    try:
+        yield runner
+    finally:
+        with _RUNNERS_LOCK:
+            _RUNNERS.pop(ctx.run_id, None)
 
 
 GPU_LIMIT = "gpu"
@@ -82,7 +75,7 @@ LEASE_S = 60
 
 
 @contextmanager
-def gpu_slot() -> Iterator[None]:
+def gpu_slot(ctx: RunContext) -> Iterator[None]:
     """Hold a slot of the `gpu` limit for the GPU stages inside, as a lease owned by this flow run; on
     the way out, free what the stages kept on the card, then give the slot back. Without such a limit
     on the server (a plain `t2v nightly`, no deployment) there is nothing to wait for."""
@@ -105,59 +98,34 @@ def gpu_slot() -> Iterator[None]:
     else:
         logging.getLogger("t2v").info("no `%s` concurrency limit on this server: no slot to take", GPU_LIMIT)
         held = nullcontext()
-    with held, components_held():
+    with held, runner_for(ctx).residency.held():
         yield
 
 
-def prefetch(component: str, jobs: Sequence[JobSpec], ctx: RunContext) -> bool:
-    """Start loading `component` for a later stage of the run into host memory while the current stage
-    runs (not a task: it returns at once; a stage that has to wait for it counts the wait in its row)."""
-    return runner_for(ctx).prefetch(component, jobs)
+def prefetch(stage: Stage, jobs: Sequence[JobSpec], ctx: RunContext) -> bool:
+    """Start loading `stage`'s component into host memory while the current stage runs (not a task: it
+    returns at once; a stage that has to wait for it counts the wait in its row)."""
+    return runner_for(ctx).prefetch(stage, jobs)
 
 
-@task(
-    name="encode-prompt",
-    task_run_name="encode-{job.template}",
-    retries=0,
-    cache_policy=NO_CACHE,
-    persist_result=False,
-)
-def encode(job: JobSpec, ctx: RunContext) -> str:
-    """Encode the job's prompt (and negative prompt) to embeddings; returns their store key."""
-    return runner_for(ctx).encode(job)
+def stage_task(stage: Stage) -> Task[[JobSpec, RunContext], str]:
+    """The Prefect task of `stage`: it hands the job to the run's runner and returns a short string (a
+    store key, or the published clip's path); tensors never pass through Prefect."""
+
+    def run_stage(job: JobSpec, ctx: RunContext) -> str:
+        return str(runner_for(ctx).run(stage, job))
+
+    run_stage.__doc__ = stage.summary
+    run_stage.__name__ = run_stage.__qualname__ = stage.name
+    return task(
+        run_stage,
+        name=stage.task_name,
+        task_run_name=f"{stage.name}-{{job.template}}",
+        retries=0,
+        cache_policy=NO_CACHE,
+        persist_result=False,
+    )
 
 
-@task(
-    name="diffuse-latents",
-    task_run_name="diffuse-{job.template}",
-    retries=0,
-    cache_policy=NO_CACHE,
-    persist_result=False,
-)
-def diffuse(job: JobSpec, ctx: RunContext) -> str:
-    """Denoise the job's latents from its seed; returns their store key."""
-    return runner_for(ctx).diffuse(job)
-
-
-@task(
-    name="decode-frames",
-    task_run_name="decode-{job.template}",
-    retries=0,
-    cache_policy=NO_CACHE,
-    persist_result=False,
-)
-def decode(job: JobSpec, ctx: RunContext) -> str:
-    """Decode the job's latents to lossless frames; returns their store key."""
-    return runner_for(ctx).decode(job)
-
-
-@task(
-    name="watermark-clip",
-    task_run_name="watermark-{job.template}",
-    retries=0,
-    cache_policy=NO_CACHE,
-    persist_result=False,
-)
-def watermark(job: JobSpec, ctx: RunContext) -> str:
-    """Watermark the frames into an H.264 MP4 and publish it; returns the clip's path."""
-    return str(runner_for(ctx).watermark(job))
+TASKS: dict[str, Task[[JobSpec, RunContext], str]] = {stage.name: stage_task(stage) for stage in PIPELINE}
+"""One task per stage of the pipeline, by stage name."""

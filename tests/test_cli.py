@@ -1,6 +1,9 @@
 """The `t2v` command line: help, one-line errors before any work, exit codes, `runs`."""
 
+import dataclasses
 import json
+import subprocess
+import sys
 
 import pytest
 import typer
@@ -8,7 +11,12 @@ from typer.testing import CliRunner
 
 import flows.generate
 import flows.nightly
-from t2v.runlog import RunLog, sqlite_url
+import flows.rerun
+from t2v.errors import InvalidInput
+from t2v.jobs import JobSpec
+from t2v.models.registry import resolve_model
+from t2v.rerun import AlreadyDone, Night, NothingToRerun, Rerun, prepare_rerun
+from t2v.runlog import NoSuchRun, RunLog, sqlite_url
 from t2v_cli.main import app
 
 runner = CliRunner()
@@ -54,6 +62,35 @@ def test_bad_input_is_one_line_exit_2_and_nothing_runs(args, names, data_dir, mo
     assert result.stdout == ""
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and names in lines[0], result.stderr
+    assert not data_dir.exists()
+
+
+def test_generate_takes_its_defaults_and_help_from_jobspec():
+    params = {p.name: p for p in typer.main.get_command(app).commands["generate"].params}
+    job_fields = [f for f in dataclasses.fields(JobSpec) if f.name in params]
+
+    assert {f.name for f in job_fields} >= {"prompt", "negative_prompt", "seed", "height", "width"}
+    for field in job_fields:
+        assert params[field.name].help == field.metadata["help"], field.name
+        if field.default is not dataclasses.MISSING:
+            assert params[field.name].default == field.default, field.name
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"T2V_VRAM_BUDGET_GB": "lots"}, "`T2V_VRAM_BUDGET_GB`"),
+        ({"T2V_VRAM_BUDGET_GB": "-1"}, "`T2V_VRAM_BUDGET_GB` must be positive"),
+        ({"T2V_COMPILE": "always"}, "`T2V_COMPILE`"),
+    ],
+)
+@pytest.mark.parametrize("args", [["runs"], ["rerun", "--last"], ["dashboard"], ["generate", "a cat"]])
+def test_bad_settings_are_one_line_exit_2(args, env, message, data_dir):
+    result = runner.invoke(app, args, env=env)
+
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
     assert not data_dir.exists()
 
 
@@ -129,3 +166,69 @@ def test_nightly_exits_1_when_a_job_fails(data_dir, write_catalogue, monkeypatch
     assert result.exit_code == 1, result.output
     assert "0 clip(s), 1 failed" in result.stdout
     assert "failed  sea  diffuse: NoPlanFits" in result.stdout
+
+
+# --- the re-run preparation that `t2v rerun` (and the rerun flow) start from ---------------------
+
+FOX = JobSpec(template="fox", prompt="a red fox", height=64, width=96, frames=9, steps=2)
+
+
+def _killed_night(url: str, night: Night) -> str:
+    """A nightly run started by a process that is gone now, as after kill -9: its row still says running."""
+    code = (
+        "import sys; from t2v.runlog import RunLog; "
+        "print(RunLog(sys.argv[1]).start_run(kind='nightly', model='tiny', jobs_json=sys.argv[2]))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, url, night.to_json()], capture_output=True, text=True, check=True
+    )
+    return done.stdout.strip()
+
+
+def test_prepare_rerun_finishes_a_killed_night(tmp_path):
+    url = sqlite_url(tmp_path / "runlog.sqlite")
+    night = Night(jobs=(FOX,), outputs_dir=tmp_path / "outputs" / "2026-11-24")
+    run_id = _killed_night(url, night)
+
+    prepared = prepare_rerun(RunLog(url), None)
+
+    assert isinstance(prepared, Rerun)
+    assert prepared.parent["id"] == run_id and prepared.parent["status"] == "interrupted"
+    assert prepared.night == night
+    assert prepared.model == resolve_model("tiny")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        prepared.night = night  # type: ignore[misc]
+
+
+def test_prepare_rerun_refuses_what_cannot_be_finished(tmp_path):
+    url = sqlite_url(tmp_path / "runlog.sqlite")
+    log = RunLog(url)
+    with pytest.raises(NothingToRerun, match="no nightly run"):
+        prepare_rerun(log, None)
+    with pytest.raises(NoSuchRun):
+        prepare_rerun(log, "no-such-run")
+    done = log.start_run(kind="nightly", model="tiny", jobs_json=Night((FOX,), tmp_path).to_json())
+    log.finish_run(done, status="ok")
+    with pytest.raises(AlreadyDone):
+        prepare_rerun(log, done)
+    # A job that no longer passes the checks (here one that never did) stops it before any work.
+    bad = _killed_night(url, Night((dataclasses.replace(FOX, height=33),), tmp_path))
+    with pytest.raises(InvalidInput, match="`height`"):
+        prepare_rerun(log, bad)
+
+
+def test_cli_rerun_starts_the_flow_on_the_prepared_night(data_dir, monkeypatch):
+    calls = []
+
+    def fake_flow(**kwargs):
+        calls.append(kwargs)
+        return {"run_id": "new", "clips": {"fox": "/clips/fox.mp4"}, "failed": {}}
+
+    monkeypatch.setattr(flows.rerun, "rerun", fake_flow)
+    run_id = _killed_night(sqlite_url(data_dir / "runlog.sqlite"), Night((FOX,), data_dir / "outputs"))
+
+    result = runner.invoke(app, ["rerun", "--last"])
+
+    assert result.exit_code == 0, result.output
+    assert calls == [{"run_id": run_id}]
+    assert result.stdout.splitlines()[0] == f"run new (re-run of {run_id}): 1 clip(s), 0 failed"

@@ -94,7 +94,7 @@ def test_nightly_on_postgres(pg_url, data_dir, write_catalogue, monkeypatch):
         ("encode", "ok"),
         ("diffuse", "ok"),
         ("decode", "ok"),
-        ("watermark", "ok"),
+        ("finish", "ok"),
     ]
     # Nothing went to the SQLite default beside it.
     assert not (data_dir / "runlog.sqlite").exists()

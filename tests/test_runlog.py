@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, update
+from sqlalchemy import create_engine, insert, update
 from sqlalchemy.exc import OperationalError
 
 from t2v.runlog import NoSuchRun, Run, RunLog, RunLogUnavailable, StageRun, sqlite_url
@@ -92,6 +92,45 @@ def test_reopening_keeps_rows(url: str, log: RunLog) -> None:
     assert RunLog(url).run(run_id)["status"] == "running"
 
 
+def test_reopening_renames_the_old_last_stage(url: str, log: RunLog) -> None:
+    run_id = log.start_run(kind="nightly", model="tiny")
+    with log.stage(run_id=run_id, **STAGE):
+        pass
+    # A row of an older release, which called the last stage "watermark", written straight to the table.
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(
+            insert(StageRun).values(
+                run_id=run_id,
+                job_key="job-a",
+                template="beach",
+                stage="watermark",
+                model="tiny",
+                attempt=1,
+                started=datetime(2025, 1, 1, tzinfo=UTC),
+                status="failed",
+                pid=1,
+            )
+        )
+    engine.dispose()
+
+    reopened = RunLog(url)
+    assert [s["stage"] for s in reopened.run(run_id)["stages"]] == ["diffuse", "finish"]
+    with reopened.stage(run_id=run_id, **(STAGE | {"stage": "finish"})) as record:
+        assert record.attempt == 2
+    RunLog(url)  # a second upgrade finds nothing to do
+    stages = [_pick(s, "stage", "attempt", "status") for s in reopened.run(run_id)["stages"]]
+    assert stages == [["diffuse", 1, "ok"], ["finish", 1, "failed"], ["finish", 2, "ok"]]
+
+
+def test_attempts_count_rows_an_older_process_writes_under_the_old_name(log: RunLog) -> None:
+    # A process of the older release may still write "watermark" after this one opened the run log.
+    run_id = log.start_run(kind="nightly", model="tiny")
+    log.record_skip(run_id=run_id, **(STAGE | {"stage": "watermark"}), output_key="k")
+    with log.stage(run_id=run_id, **(STAGE | {"stage": "finish"})) as record:
+        assert record.attempt == 2
+
+
 # -- runs ------------------------------------------------------------------------------------------
 
 
@@ -133,9 +172,26 @@ def test_unknown_runs_and_values(log: RunLog) -> None:
         log.start_run(kind="weekly", model="tiny")
     with pytest.raises(ValueError, match="status"):
         log.finish_run(run_id, status="running")
-    with pytest.raises(ValueError, match="stage"):
-        with log.stage(run_id=run_id, **(STAGE | {"stage": "upscale"})):
+
+
+@pytest.mark.parametrize("stage", ["", "s" * 17, None])
+def test_stage_names_must_fit_the_column(log: RunLog, stage: object) -> None:
+    run_id = log.start_run(kind="generate", model="tiny")
+    with pytest.raises(ValueError, match="stage name"):
+        with log.stage(run_id=run_id, **(STAGE | {"stage": stage})):
             pass
+    with pytest.raises(ValueError, match="stage name"):
+        log.record_skip(run_id=run_id, **(STAGE | {"stage": stage}), output_key=None)
+    assert log.run(run_id)["stages"] == []
+
+
+def test_any_stage_name_that_fits_is_recorded(log: RunLog) -> None:
+    # The stage registry lives above the run log, so a stage the run log has never heard of is fine.
+    run_id = log.start_run(kind="generate", model="tiny")
+    with log.stage(run_id=run_id, **(STAGE | {"stage": "upscale"})):
+        pass
+    log.record_skip(run_id=run_id, **(STAGE | {"stage": "s" * 16}), output_key="k")
+    assert [s["stage"] for s in log.run(run_id)["stages"]] == ["upscale", "s" * 16]
 
 
 # -- stages ----------------------------------------------------------------------------------------

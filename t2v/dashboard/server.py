@@ -2,7 +2,7 @@
 
 The standard library's threading HTTP server is enough for one person's browser on loopback and adds
 no dependency. Clips are served by store key only: a key is 32 hex digits and the file is looked up
-in the store's `watermark` folder, so no request path ever becomes a file path, and `..` or an
+in the store's folder of the last stage's outputs, so no request path ever becomes a file path, and `..` or an
 absolute path cannot reach another file.
 """
 
@@ -19,6 +19,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from t2v.dashboard import summary
+from t2v.pipeline import FINAL
 from t2v.runlog import NoSuchRun, RunLog
 from t2v.store import Store
 
@@ -125,7 +126,10 @@ class _Handler(BaseHTTPRequestHandler):
                 self._error(HTTPStatus.BAD_REQUEST, "`limit` must be a whole number")
                 return
         runs = self.server.dashboard.runlog.runs(limit=limit)
-        self._json({"nights": summary.nights(runs), "trends": summary.trends(runs)}, body=body)
+        self._json(
+            {"stages": list(summary.STAGES), "nights": summary.nights(runs), "trends": summary.trends(runs)},
+            body=body,
+        )
 
     def _night(self, run_id: str, *, body: bool) -> None:
         if not _RUN_ID.fullmatch(run_id):
@@ -140,10 +144,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _clip(self, key: str, *, body: bool) -> None:
         store = self.server.dashboard.store
-        if not _KEY.fullmatch(key) or not store.has("watermark", key):
+        if not _KEY.fullmatch(key) or not store.has(FINAL, key):
             self._error(HTTPStatus.NOT_FOUND, "no such clip")
             return
-        path = store.path("watermark", key)
+        path = store.path(FINAL, key)
         size = path.stat().st_size
         start, end = 0, size - 1
         status = HTTPStatus.OK

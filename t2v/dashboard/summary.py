@@ -10,7 +10,10 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from t2v.runlog import STAGES
+from t2v.pipeline import FINAL, PIPELINE
+
+STAGES = tuple(stage.name for stage in PIPELINE)
+"""The stages in pipeline order, as the run log names them."""
 
 __all__ = ["night", "nights", "stage_table", "trends"]
 
@@ -69,7 +72,7 @@ def night(run: dict[str, Any]) -> dict[str, Any]:
     failures = []
     for template, stage_rows in by_job.items():
         stages = {stage: _stage_figures(stage_rows[stage]) for stage in STAGES if stage in stage_rows}
-        final = stages.get("watermark")
+        final = stages.get(FINAL.name)
         if final and final["status"] in ("ok", "skipped"):
             status = "ok"
         elif run["status"] == "running" and not any(s["status"] in _BAD for s in stages.values()):

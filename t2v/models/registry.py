@@ -215,3 +215,15 @@ def vae_factors(ref: ModelRef) -> tuple[int, int]:
 
         config = AutoencoderKLWan.load_config(ref.source, subfolder="vae")
     return config["scale_factor_temporal"], config["scale_factor_spatial"]
+
+
+COMPONENTS = ("text_encoder", "transformer", "vae")
+"""What a stage may load; each has a loader below and a `skeleton`."""
+
+
+def load_component(ref: ModelRef, component: str) -> torch.nn.Module:
+    """Load one of `COMPONENTS` onto the host, in its storage dtype."""
+    loaders = {"text_encoder": load_text_encoder, "transformer": load_transformer, "vae": load_vae}
+    if component not in loaders:
+        raise ValueError(f"`component` must be one of {COMPONENTS} but is {component!r}")
+    return loaders[component](ref)

@@ -3,8 +3,10 @@
 // messages and template names are not ours to trust.
 "use strict";
 
-const STAGES = ["encode", "diffuse", "decode", "watermark"];
-const COLOURS = { encode: "#4e79a7", diffuse: "#e15759", decode: "#59a14f", watermark: "#f28e2b" };
+// The stages come from the server (the pipeline's registry), in pipeline order, with /api/nights.
+let STAGES = [];
+const PALETTE = ["#4e79a7", "#e15759", "#59a14f", "#f28e2b", "#76b7b2", "#edc948", "#b07aa1", "#ff9da7"];
+const COLOURS = new Proxy({}, { get: (_, stage) => PALETTE[Math.max(STAGES.indexOf(stage), 0) % PALETTE.length] });
 // Kept on window so that tests (and a curious user in the console) can read what was drawn.
 window.t2v = { charts: {}, nights: null, night: null, ready: false };
 
@@ -137,6 +139,7 @@ async function load() {
   window.t2v.ready = false;
   try {
     const data = await getJSON("/api/nights");
+    STAGES = data.stages;
     window.t2v.nights = data;
     const selected = location.hash.slice(1) || (data.nights[0] && data.nights[0].id);
     drawNights(data.nights, selected);

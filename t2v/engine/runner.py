@@ -1,0 +1,223 @@
+"""Runs one stage of one job: skip it if its output is stored, else pick a memory plan, compute, store,
+and log every attempt. What a Prefect task wraps; it knows the store, the run log and the models, not
+Prefect. The work is split among objects the runner owns: the card (`Card`), what is loaded
+(`Residency`), the attempts and their rows (`Attempts`); drills and benchmarks come in as `Hooks`.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from t2v.context import RunContext, open_runlog
+from t2v.engine.attempts import Attempts
+from t2v.engine.card import Card
+from t2v.engine.drills import Drills
+from t2v.engine.hooks import Hooks, hooks_from
+from t2v.engine.residency import Residency, host_has_room
+from t2v.jobs import JobSpec
+from t2v.models import registry
+from t2v.models.registry import ModelRef, resolve_model
+from t2v.pipeline import PIPELINE, JobKeys, KeyInputs, Stage, Work
+from t2v.placement import apply, configure
+from t2v.plans import ComponentSizes, StagePlan, choose, module_bytes
+from t2v.store import Store
+from t2v.vram import DeviceMemory, hold_to_budget, probe
+
+log = logging.getLogger("t2v")
+
+
+def import_compiler() -> None:
+    """What `torch.compile`'s first call imports (Inductor; diffusers has imported Dynamo already)."""
+    import torch._dynamo  # noqa: F401
+    import torch._inductor.compile_fx  # noqa: F401
+
+
+class StageRunner:
+    """The stages of one run's jobs, against one model, store, run log and card."""
+
+    def __init__(
+        self,
+        ctx: RunContext,
+        *,
+        hooks: Hooks | None = None,
+        memory: DeviceMemory | None = None,
+        pipeline: Sequence[Stage] = PIPELINE,
+    ) -> None:
+        self.ctx = ctx
+        self.settings = ctx.settings
+        self.model: ModelRef = resolve_model(ctx.model)
+        self.store = Store(ctx.settings.store_dir)
+        self.runlog = open_runlog(ctx.settings.runlog_url)
+        self.outputs_dir: Path = ctx.outputs_dir
+        self.pipeline = tuple(pipeline)
+        self.memory = memory or probe(budget_gib=self.settings.vram_budget_gib)
+        self.hooks = (hooks or Hooks()) + Drills(self.settings).hooks() + hooks_from(self.settings.hooks)
+        self.card = Card(self.memory.device)
+        self.residency = Residency()
+        self.attempts = Attempts(
+            runlog=self.runlog,
+            run_id=ctx.run_id,
+            model=self.model.identity,
+            card=self.card,
+            residency=self.residency,
+            hooks=self.hooks,
+        )
+        self.compile_blocks = ctx.compile_blocks and self.device.startswith("cuda")
+        if self.hooks.on_written:
+            self.store.on_written = self._written
+        hold_to_budget(self.memory)
+        m = self.memory
+        log.info(
+            "planning for %s (%s): %.1f GiB free of %.1f, from %s%s",
+            m.name,
+            m.device,
+            m.budget_bytes / 2**30,
+            m.total_bytes / 2**30,
+            m.source,
+            f"; {m.note}" if m.note else "",
+        )
+        self._lock = threading.Lock()
+        self._keys: dict[JobSpec, JobKeys] = {}
+        self._sizes: dict[str, tuple[ComponentSizes, int]] = {}
+        self._state = {stage.name: stage.state() for stage in self.pipeline if stage.state}
+        self._tokenizer = None
+        self._scheduler = None
+        self._factors: tuple[int, int] | None = None
+
+    @property
+    def device(self) -> str:
+        return self.memory.device
+
+    @property
+    def run_id(self) -> str:
+        return self.ctx.run_id
+
+    @property
+    def codec(self) -> Any:
+        return self.hooks.codec
+
+    # --- a stage of a job ------------------------------------------------------------------------
+
+    def keys(self, job: JobSpec) -> JobKeys:
+        """The job's store keys, built once per job and run."""
+        with self._lock:
+            if job not in self._keys:
+                self._keys[job] = JobKeys.of(self.pipeline, KeyInputs(job, self.model, fp8=self.ctx.fp8_storage))
+            return self._keys[job]
+
+    def run(self, stage: Stage, job: JobSpec) -> str:
+        """Make `stage`'s output for `job` unless it is stored; returns its key, or what the stage's
+        `result` gives (the published clip's path)."""
+        keys = self.keys(job)
+        key = keys[stage]
+        if self.store.has(stage, key):
+            self.attempts.skip(stage, job, keys.final, key)
+        else:
+            for source in stage.inputs:
+                if not self.store.has(source, keys[source]):
+                    raise FileNotFoundError(
+                        f"{job.template}: the {source.name} output {keys[source]} is not in the store; "
+                        f"run the {source.name} stage first"
+                    )
+            state = self._state.get(stage.name)
+
+            def compute(plan: StagePlan | None):
+                return stage.compute(Work(stage=stage, job=job, keys=keys, run=self, plan=plan, state=state))
+
+            self.attempts.run(stage, job, job_key=keys.final, key=key, plans=self.plans(stage, job), compute=compute)
+        if stage.result is None:
+            return key
+        return stage.result(Work(stage=stage, job=job, keys=keys, run=self))
+
+    def plans(self, stage: Stage, job: JobSpec) -> list[StagePlan | None]:
+        """The plans to try in order: the fastest that fits the card's budget, then the leaner ones."""
+        if not stage.on_card:
+            return [None]
+        ladder = stage.ladder(self.sizes(stage.component)[0], job, device=self.device, fp8=self.ctx.fp8_storage)
+        return choose(ladder, self.memory.budget_bytes)
+
+    def sizes(self, component: str) -> tuple[ComponentSizes, int]:
+        """What the planner needs of `component`, and its bytes: from a weightless copy built from the
+        config on the meta device, once per run (a stage's tasks start together; a prefetch asks first)."""
+        with self._lock:
+            if component not in self._sizes:
+                module = registry.skeleton(self.model, component)
+                self._sizes[component] = (ComponentSizes.from_modules(**{component: module}), module_bytes(module))
+            return self._sizes[component]
+
+    # --- components ------------------------------------------------------------------------------
+
+    def component(self, stage: Stage, plan: StagePlan) -> torch.nn.Module:
+        """`stage`'s component placed as `plan` says: the one already placed so if it is, else the
+        prefetched host copy (or a fresh load) put in place."""
+        name = stage.component
+        compiled = self.compile_blocks and name == "transformer"
+
+        def place() -> torch.nn.Module:
+            # The stage waits for its prefetched component (the text encoder's, at the night's start):
+            # the compiler's import (2.6-3.3 s on the H200 host) can take that idle time. In the loader
+            # thread, beside a stage's compute, it slowed the compute as much (docs/benchmarks.md).
+            waiting = import_compiler if self.compile_blocks else None
+            with self.hooks.span("place", stage, None, plan):
+                module = self.residency.prefetched(name, self.model.identity, while_waiting=waiting)
+                if module is None:
+                    with self.hooks.span("load", stage, None, plan):
+                        module = self.hooks.load(self.model, name)
+                module = apply(plan, module)
+            if compiled:
+                # Each block is compiled once and reused by all 30 (dynamic=False: a night's shapes
+                # repeat); the first step pays the compile, Inductor's on-disk cache the next night's.
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(self.settings.inductor_dir)
+                module.compile_repeated_blocks(dynamic=False)
+            return module
+
+        tag = f"{self.model.identity}|{plan.residency_key}|compiled={compiled}"
+        return configure(plan, self.residency.get(name, tag, place))
+
+    def prefetch(self, stage: Stage, jobs: Sequence[JobSpec]) -> bool:
+        """Start loading `stage`'s component into host memory in the background; False (and nothing
+        started) where it has none or every job has that stage's output stored. The background load
+        first checks that the host has the room to hold it beside what is loaded already, and loads
+        nothing where it lacks it, as on a small machine: its stage then loads it."""
+        if not stage.on_card or all(self.store.has(stage, self.keys(j)[stage]) for j in jobs):
+            return False
+        name = stage.component
+
+        def load_if_room() -> torch.nn.Module | None:
+            if not host_has_room(name, self.sizes(name)[1]):
+                return None
+            with self.hooks.span("load", stage):
+                return self.hooks.load(self.model, name)
+
+        self.residency.prefetch(name, self.model.identity, load_if_room)
+        return True
+
+    def _written(self, stage: Stage, temp: Path) -> None:
+        for listener in self.hooks.on_written:
+            listener(stage, temp)
+
+    # --- what the stages share for a run ---------------------------------------------------------
+
+    @property
+    def tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            self._tokenizer = registry.load_tokenizer(self.model)
+        return self._tokenizer
+
+    def scheduler(self) -> Any:
+        if self._scheduler is None:
+            self._scheduler = registry.load_scheduler(self.model)
+        return copy.deepcopy(self._scheduler)  # schedulers keep per-run state
+
+    def vae_factors(self) -> tuple[int, int]:
+        if self._factors is None:  # the same for every job of the run; tiny builds a VAE to read them
+            self._factors = registry.vae_factors(self.model)
+        return self._factors

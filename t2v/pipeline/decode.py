@@ -1,0 +1,111 @@
+"""Decode: the latents to lossless RGB frames with the VAE."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from t2v import stages
+from t2v.jobs import JobSpec
+from t2v.pipeline import diffuse
+from t2v.pipeline.stage import KeyInputs, Stage, Work, Writer
+from t2v.plans import ComponentSizes, Placement, PlanOptions, StagePlan, option
+
+
+@dataclass(frozen=True)
+class DecodeOptions(PlanOptions):
+    vae_dtype: str = option(
+        "float32", label=lambda dtype: "bf16" if dtype == "bfloat16" else "fp32", moves_weights=True
+    )
+    vae_tile: int | None = option(None, label=lambda tile: f"tile{tile}" if tile else "whole")
+    """Tile side in pixels for tiled decoding; None decodes whole frames."""
+
+    def prepare(self, module: torch.nn.Module) -> torch.nn.Module:
+        dtype = getattr(torch, self.vae_dtype)
+        return module.to(dtype=dtype) if module.dtype != dtype else module
+
+    def configure(self, module: torch.nn.Module) -> torch.nn.Module:
+        if self.vae_tile:
+            module.enable_tiling(
+                tile_sample_min_height=self.vae_tile,
+                tile_sample_min_width=self.vae_tile,
+                tile_sample_stride_height=self.vae_tile * 3 // 4,
+                tile_sample_stride_width=self.vae_tile * 3 // 4,
+            )
+        else:
+            module.disable_tiling()
+        return module
+
+
+def key(k: KeyInputs) -> dict[str, object]:
+    return dict(model=k.model.identity)
+
+
+def ladder(s: ComponentSizes, job: JobSpec, *, device: str, fp8: bool = False) -> list[StagePlan]:
+    if not device.startswith("cuda"):
+        cpu = StagePlan(STAGE.name, Placement.CPU, device="cpu", options=DecodeOptions())
+        return [cpu, cpu.with_options(vae_tile=64)] if max(job.height, job.width) > 64 else [cpu]
+    pixels = job.height * job.width
+
+    def estimate(size: int, tile: int | None) -> int:
+        # Measured on an H100 (docs/benchmarks.md): ~6.5k activation values per pixel decoded at once
+        # (a whole frame, or one tile), one latent frame at a time with the causal cache carrying the
+        # rest; tiling also holds the decoded tiles and the blended video (~3.5 copies of the output).
+        out = 3 * job.frames * pixels * size
+        if tile is None:
+            return s.vae_params * size + 6_500 * size * pixels + 2 * out
+        return s.vae_params * size + 6_500 * size * tile * tile + int(3.5 * out)
+
+    # Order: speed, then fidelity. Whole frames in fp32 are the pipeline's own decode; measured on
+    # random weights, tiles of 256 px moved frames by ~5/255 on average and 128 px tiles by ~14/255,
+    # bf16 by <1/255, so bf16 comes before smaller tiles. Fewer, larger tiles are faster as well as
+    # closer: the decoder runs frame by frame per tile, so 15 tiles of 256 px at 480P launch 5x the
+    # kernels of 3 tiles of 512 px and recompute ~1.7x the pixels in the overlaps (8.8 s against
+    # 4.2 s whole, docs/benchmarks.md).
+    options = [
+        ("float32", None),
+        ("bfloat16", None),
+        ("float32", 512),
+        ("bfloat16", 512),
+        ("float32", 256),
+        ("bfloat16", 256),
+        ("bfloat16", 128),
+    ]
+    return [
+        StagePlan(
+            STAGE.name,
+            Placement.GPU,
+            device=device,
+            options=DecodeOptions(vae_dtype=dtype, vae_tile=tile),
+            estimate_bytes=estimate(4 if dtype == "float32" else 2, tile),
+        )
+        for dtype, tile in options
+        if not (tile and tile >= max(job.height, job.width))
+    ]
+
+
+def compute(work: Work) -> Writer:
+    latents = work.load_tensors(diffuse.STAGE)["latents"]
+    frames = stages.decode_latents(work.component(), latents, device=work.device)
+    run, stage, key, fps = work.run, work.stage, work.key, work.job.fps
+
+    def write() -> None:  # ~100 MB per 480P clip: written once the card is free again
+        with run.store.writing(stage, key) as temp:
+            run.codec.write_frames(frames, temp, fps=fps)
+
+    return write
+
+
+STAGE = Stage(
+    name="decode",
+    output="frames",
+    suffix=".mkv",
+    summary="Decode the job's latents to lossless frames; returns their store key.",
+    task_name="decode-frames",
+    key=key,
+    compute=compute,
+    inputs=(diffuse.STAGE,),
+    component="vae",
+    ladder=ladder,
+)

@@ -1,0 +1,171 @@
+"""Diffuse: the job's seed noise denoised by the transformer, guided by the prompt's embeddings."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from t2v import stages
+from t2v.jobs import JobSpec
+from t2v.pipeline import encode
+from t2v.pipeline.stage import KeyInputs, Stage, Work, Writer
+from t2v.placement import chunk_feed_forward
+from t2v.plans import ComponentSizes, Placement, PlanOptions, StagePlan, option
+
+
+@dataclass(frozen=True)
+class DiffuseOptions(PlanOptions):
+    cfg_batch: int = option(2, label=lambda n: f"cfg{n}")
+    """Conditional and unconditional passes as one batch of 2 (half the weight traffic when
+    offloading) or as two batches of 1 (half the activations)."""
+    shared_timestep: bool = option(True, label=lambda shared: None if shared else "token-ts")
+    """One timestep per sample instead of one per token (the same values in text-to-video)."""
+    ffn_chunks: int = option(1, label=lambda n: f"ffn{n}" if n > 1 else None)
+    """The feed-forward run over this many slices of the sequence (its N x 14336 intermediate is the
+    largest activation)."""
+    fp8_storage: bool = option(False, label=lambda on: "fp8" if on else None, moves_weights=True)
+    """Weights stored in float8_e4m3fn and cast to bf16 per layer; loses fidelity, opt-in."""
+
+    def prepare(self, module: torch.nn.Module) -> torch.nn.Module:
+        chunk_feed_forward(module, self.ffn_chunks)
+        if self.fp8_storage:
+            module.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=module.dtype)
+        return module
+
+    def configure(self, module: torch.nn.Module) -> torch.nn.Module:
+        chunk_feed_forward(module, self.ffn_chunks)
+        return module
+
+
+def key(k: KeyInputs) -> dict[str, object]:
+    job = k.job
+    return dict(
+        model=k.model.identity,
+        seed=job.seed,
+        height=job.height,
+        width=job.width,
+        frames=job.frames,
+        steps=job.steps,
+        guidance=job.guidance,
+        fp8=k.fp8,
+        step_cache=job.step_cache,
+    )
+
+
+def diffusion_tokens(job: JobSpec) -> int:
+    return ((job.frames - 1) // 4 + 1) * (job.height // 32) * (job.width // 32)
+
+
+def activation_bytes(s: ComponentSizes, job: JobSpec, *, batch: int, ffn_chunks: int) -> int:
+    n = diffusion_tokens(job)
+    # Bytes per token and sample, fitted to the full-size model on an H100 (docs/benchmarks.md):
+    # 86 kB allocated with the FFN whole, 72 kB with it in 4 chunks, so ~22 dim-wide bytes-per-channel
+    # (fp32 norms and residuals, bf16 q/k/v and attention output) plus ~1.3 bytes per FFN channel that
+    # chunking divides.
+    per_token = 22 * s.transformer_dim + 1.3 * s.transformer_ffn_dim / ffn_chunks
+    # Reserved runs 20-30% above allocated while weights stream in on a second CUDA stream (each stream
+    # has its own pool in PyTorch's caching allocator): measured +0.5 GiB at 480P, +0.9-1.5 GiB at 720P.
+    return int(1.3 * batch * n * per_token)
+
+
+def ladder(s: ComponentSizes, job: JobSpec, *, device: str, fp8: bool = False) -> list[StagePlan]:
+    if not device.startswith("cuda"):
+        # No card: RAM is the budget and it is ample for one component, but the same options exist,
+        # so the out-of-memory fallback has somewhere to go (and is tested on this path).
+        cpu = StagePlan(STAGE.name, Placement.CPU, device="cpu", options=DiffuseOptions(fp8_storage=fp8))
+        return [cpu] + ([cpu.with_options(cfg_batch=1)] if job.cfg else [])
+    weights = s.transformer_bytes // (2 if fp8 else 1)
+    block = s.transformer_block_bytes // (2 if fp8 else 1)
+    blocks = max(1, round(s.transformer_bytes / max(s.transformer_block_bytes, 1)))
+    non_block = max(s.transformer_bytes - blocks * s.transformer_block_bytes, 0)
+    streamed = non_block + 2 * block  # the unmatched group, the block computing, the block prefetched
+    # (batch, ffn_chunks) fastest first: CFG as one batch halves the weight traffic of offloading,
+    # chunking the FFN costs little; two passes double the traffic.
+    shapes = [(2, 1), (2, 4), (1, 1), (1, 8)] if job.cfg else [(1, 1), (1, 8)]
+    plans = []
+    for placement, resident in ((Placement.GPU, weights), (Placement.GROUP, streamed)):
+        streaming = placement is Placement.GROUP
+        for batch, chunks in shapes:
+            act = activation_bytes(s, job, batch=batch, ffn_chunks=chunks)
+            plans.append(
+                StagePlan(
+                    STAGE.name,
+                    placement,
+                    device=device,
+                    options=DiffuseOptions(cfg_batch=batch, ffn_chunks=chunks, fp8_storage=fp8),
+                    block_bytes=block if streaming else 0,
+                    blocks=blocks if streaming else 0,
+                    estimate_bytes=resident + act,
+                )
+            )
+    leaf = StagePlan(
+        STAGE.name,
+        Placement.LEAF,
+        device=device,
+        options=DiffuseOptions(cfg_batch=1, ffn_chunks=8, fp8_storage=fp8),
+        estimate_bytes=2 * s.transformer_largest_leaf_bytes + activation_bytes(s, job, batch=1, ffn_chunks=8),
+    )
+    return plans + [leaf]
+
+
+@contextmanager
+def step_cache(transformer: torch.nn.Module, threshold: float) -> Iterator[None]:
+    """diffusers' first-block cache on `transformer` for one job; the component outlives the job, the
+    cache must not (the next job may not ask for it, and its state belongs to this job's steps)."""
+    if threshold <= 0:
+        yield
+        return
+    from diffusers import FirstBlockCacheConfig
+
+    transformer.enable_cache(FirstBlockCacheConfig(threshold=threshold))
+    try:
+        yield
+    finally:
+        transformer.disable_cache()
+
+
+def compute(work: Work) -> Writer:
+    job, options = work.job, work.plan.options
+    embeds = work.load_tensors(encode.STAGE)
+    transformer = work.component()
+    temporal, spatial = work.run.vae_factors()
+    noise = stages.job_noise(
+        job, transformer.config.in_channels, temporal=temporal, spatial=spatial, device=work.device
+    )
+    with (
+        tqdm(total=job.steps, desc=f"{job.template} denoise", unit="step", leave=False) as bar,
+        step_cache(transformer, job.step_cache),
+    ):
+        latents = stages.denoise(
+            transformer,
+            work.run.scheduler(),
+            noise,
+            embeds["cond"],
+            embeds.get("uncond"),
+            steps=job.steps,
+            guidance=job.guidance,
+            compute_dtype=work.run.model.weight_dtype,
+            shared_timestep=options.shared_timestep,
+            cfg_batch=options.cfg_batch,
+            on_step=lambda i, n: bar.update(1),
+        )
+    # Off the card while it is ours: the write then runs beside the next job's compute.
+    return work.save_tensors({"latents": latents.cpu()})
+
+
+STAGE = Stage(
+    name="diffuse",
+    output="latents",
+    suffix=".safetensors",
+    summary="Denoise the job's latents from its seed; returns their store key.",
+    task_name="diffuse-latents",
+    key=key,
+    compute=compute,
+    inputs=(encode.STAGE,),
+    component="transformer",
+    ladder=ladder,
+)

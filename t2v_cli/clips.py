@@ -1,0 +1,170 @@
+"""`t2v generate`, `t2v nightly` and `t2v rerun`: the commands that make clips.
+
+Each checks everything it can without weights (settings, model, job or catalogue with prompt token
+counts, the run log, the Prefect API) and only then starts its Prefect flow; a failed check is one line
+on stderr and exit status 2. The flows, and with them torch and Prefect, are imported only once the
+checks pass, and the model registry and run log only inside the commands, so `--help` stays fast.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from t2v.errors import InvalidInput
+from t2v.jobs import JobSpec
+from t2v.media import Watermark
+from t2v.settings import Settings
+from t2v_cli.app import RUN_FAILED, fail
+from t2v_cli.checks import (
+    check_catalogue,
+    check_prefect_api,
+    open_runlog,
+    resolve_model,
+    template_name,
+)
+from t2v_cli.options import DEFAULT_CATALOGUE, CatalogueOption, Fp8Option, ModelOption, job_help, job_option
+
+_WATERMARK = Watermark()
+"""The watermark a one-off clip gets besides its text: the defaults, which also give the option's."""
+
+
+def generate(
+    prompt: Annotated[str, typer.Argument(metavar="PROMPT", help=job_help("prompt"), show_default=False)],
+    model: ModelOption = "tiny",
+    height: int = job_option("height"),
+    width: int = job_option("width"),
+    frames: int = job_option("frames"),
+    steps: int = job_option("steps"),
+    seed: int = job_option("seed"),
+    guidance: float = job_option("guidance"),
+    fps: int = job_option("fps"),
+    negative_prompt: str = job_option("negative_prompt"),
+    watermark_text: Annotated[
+        str, typer.Option(help=f"Text stamped in the {_WATERMARK.corner} corner.")
+    ] = _WATERMARK.text,
+    out: Annotated[
+        str | None,
+        typer.Option(help="Where to put the MP4 [default: <data dir>/outputs/generate/<prompt words>.mp4]."),
+    ] = None,
+    fp8_storage: Fp8Option = False,
+) -> None:
+    """Make one clip from a prompt and print its path.
+
+    Example:
+
+    \b
+        t2v generate "a red fox running through snow" --height 64 --width 96 --frames 9 --steps 4
+    """
+    from t2v.context import check_jobs
+
+    settings = Settings.from_env()
+    ref = resolve_model(model)
+    job = JobSpec(
+        template=template_name(prompt),
+        prompt=prompt,
+        negative_prompt=negative_prompt,
+        seed=seed,
+        height=height,
+        width=width,
+        frames=frames,
+        steps=steps,
+        guidance=guidance,
+        fps=fps,
+        watermark=Watermark(text=watermark_text),
+    )
+    check_jobs([job], ref)
+    if out is not None and Path(out).suffix.lower() != ".mp4":
+        raise typer.BadParameter(f"must be a file name ending in .mp4 but is {out!r}", param_hint="'--out'")
+    open_runlog(settings)
+    check_prefect_api()
+
+    from flows.generate import generate as generate_flow
+
+    try:
+        clip = generate_flow(job, model=model, out=out, fp8_storage=fp8_storage)
+    except Exception as exc:
+        fail(f"generate failed: {type(exc).__name__}: {exc}", RUN_FAILED)
+    typer.echo(clip)
+
+
+def nightly(
+    catalogue: CatalogueOption = DEFAULT_CATALOGUE,
+    model: ModelOption = "tiny",
+    fp8_storage: Fp8Option = False,
+) -> None:
+    """Make a clip for every template in the catalogue, stage by stage; exit 1 if any job failed.
+
+    Clips go to <data dir>/outputs/<YYYY-MM-DD>/<template>.mp4; stages whose output is stored are skipped.
+
+    Example:
+
+        t2v nightly --catalogue data/templates.toml --model tiny
+    """
+    settings = Settings.from_env()
+    check_catalogue(catalogue, resolve_model(model))
+    open_runlog(settings)
+    check_prefect_api()
+
+    from flows.nightly import nightly as nightly_flow
+
+    try:
+        summary = nightly_flow(catalogue=catalogue, model=model, fp8_storage=fp8_storage)
+    except Exception as exc:
+        fail(f"nightly failed: {type(exc).__name__}: {exc}", RUN_FAILED)
+    _report(summary, f"run {summary['run_id']}")
+
+
+def rerun(
+    run_id: Annotated[
+        str | None, typer.Argument(metavar="RUN_ID", help="The run to finish.", show_default=False)
+    ] = None,
+    last: Annotated[bool, typer.Option("--last", help="Finish the newest nightly run (or re-run).")] = False,
+) -> None:
+    """Finish a failed or interrupted night: only stages whose outputs are missing run; exit 1 if a job fails.
+
+    The night's jobs come from the run log, as they were when the night started, not from the catalogue
+    file; the new run is logged as kind "rerun" with the original as its parent.
+
+    Example:
+
+        t2v rerun --last
+    """
+    from t2v.rerun import AlreadyDone, prepare_rerun
+    from t2v.runlog import NoSuchRun
+
+    if (run_id is None) == (not last):
+        raise typer.BadParameter("give a RUN_ID or --last, not both and not neither", param_hint="'RUN_ID'")
+    settings = Settings.from_env()
+    runlog = open_runlog(settings)
+    try:
+        prepared = prepare_rerun(runlog, run_id)
+    except NoSuchRun as exc:
+        raise InvalidInput(f"no run {run_id!r} in the run log at {runlog.url}; see `t2v runs`.") from exc
+    except AlreadyDone as exc:  # nothing to do is not an error: exit 0
+        typer.echo(str(exc))
+        return
+    check_prefect_api()
+
+    from flows.rerun import rerun as rerun_flow
+
+    parent_id = prepared.parent["id"]
+    try:
+        summary = rerun_flow(run_id=parent_id)
+    except Exception as exc:
+        fail(f"rerun failed: {type(exc).__name__}: {exc}", RUN_FAILED)
+    _report(summary, f"run {summary['run_id']} (re-run of {parent_id})")
+
+
+def _report(summary: dict[str, Any], headline: str) -> None:
+    """A night's outcome, one line per clip; exit 1 if any job failed, so cron and CI notice."""
+    clips, failed = summary["clips"], summary["failed"]
+    typer.echo(f"{headline}: {len(clips)} clip(s), {len(failed)} failed")
+    for template, path in clips.items():
+        typer.echo(f"  ok      {template}  {path}")
+    for template, error in failed.items():
+        typer.echo(f"  failed  {template}  {error}")
+    if failed:
+        raise typer.Exit(RUN_FAILED)
