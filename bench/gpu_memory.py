@@ -18,7 +18,6 @@ The 50-step total is extrapolated: encode + first step + 49 x median of the late
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import statistics
@@ -28,71 +27,27 @@ import traceback
 from dataclasses import replace
 from pathlib import Path
 
-os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+# t2v first: its PYTORCH_CUDA_ALLOC_CONF (expandable segments, pinning through cudaHostRegister) is
+# set before torch touches the card, so that this measures what the product runs with.
+import t2v  # noqa: E402, F401
+
+# isort: split
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+from bench.clock import Clock, GiB, free_cuda, rel, step_timer, total_50  # noqa: E402
 from t2v import stages  # noqa: E402
 from t2v.jobs import JobSpec  # noqa: E402
 from t2v.models import fullsize, tiny  # noqa: E402
-from t2v.plans import ComponentSizes, apply, choose, ladder  # noqa: E402
+from t2v.pipeline import decode, diffuse, encode  # noqa: E402
+from t2v.placement import apply  # noqa: E402
+from t2v.plans import ComponentSizes, choose  # noqa: E402
 
-GiB = 2**30
 PROMPT = "A corgi in a red scarf runs through fresh snow at golden hour, slow motion, shallow depth of field"
 NEGATIVE = "blurry, low quality, static"
 RESOLUTIONS = {"1280x704x121": (704, 1280, 121), "832x480x81": (480, 832, 81), "96x64x9": (64, 96, 9)}
-
-
-class Clock:
-    """Wall time of a region with the device synchronised at both ends; peak memory per phase."""
-
-    def __init__(self, device: str) -> None:
-        self.cuda = device.startswith("cuda")
-        self.phase_peaks: dict[str, float] = {}
-
-    def sync(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
-
-    def phase(self, name: str, fn):
-        self.sync()
-        if self.cuda:
-            torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
-        out = fn()
-        self.sync()
-        elapsed = time.perf_counter() - start
-        if self.cuda:
-            self.phase_peaks[name] = torch.cuda.max_memory_allocated() / GiB
-            self.phase_peaks[name + "_reserved"] = torch.cuda.max_memory_reserved() / GiB
-        return out, elapsed
-
-
-def free_cuda() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-
-
-def step_timer(clock: Clock, times: list[float]):
-    last = [time.perf_counter()]
-
-    def on_step(*_args):
-        clock.sync()
-        now = time.perf_counter()
-        times.append(now - last[0])
-        last[0] = now
-
-    return on_step, last
-
-
-def total_50(encode_s: float, steps: list[float], decode_s: float) -> float:
-    later = steps[1:] or steps
-    return encode_s + steps[0] + 49 * statistics.median(later) + decode_s
 
 
 # --- stock diffusers ---------------------------------------------------------------------------
@@ -136,7 +91,7 @@ def run_stock(case: str, masters: dict, tokenizer, job: JobSpec, device: str, st
         torch.cuda.reset_peak_memory_stats()
 
     (pe, ne), encode_s = clock.phase(
-        "encode",
+        encode.STAGE.name,
         lambda: pipe.encode_prompt(
             PROMPT,
             NEGATIVE,
@@ -168,7 +123,9 @@ def run_stock(case: str, masters: dict, tokenizer, job: JobSpec, device: str, st
         ).frames
 
     latents, _ = clock.phase("denoise", denoise)
-    frames, decode_s = clock.phase("decode", lambda: stages.decode_latents(pipe.vae, latents, device=device))
+    frames, decode_s = clock.phase(
+        decode.STAGE.name, lambda: stages.decode_latents(pipe.vae, latents, device=device)
+    )
     result = dict(
         setup_s=setup_s,
         encode_s=encode_s,
@@ -204,32 +161,32 @@ def run_ours(
     if clock.cuda:
         torch.cuda.reset_peak_memory_stats()
 
-    def with_plans(stage: str, component: str, body):
-        for plan in choose(ladder(stage, sizes[component], job, device=device, fp8=fp8), budget):
+    def with_plans(stage, body):
+        component = stage.component
+        for plan in choose(stage.ladder(sizes[component], job, device=device, fp8=fp8), budget):
             plan = replace(plan, record_stream=record_stream)
             module = None
             try:
                 module = apply(plan, fullsize.clone(masters[component]))
                 out = body(plan, module)
-                plans_used[stage] = plan.name
+                plans_used[stage.name] = plan.name
                 return out
             except torch.OutOfMemoryError as exc:
                 attempts.append(f"{plan.name}: OOM ({str(exc).splitlines()[0][:80]})")
             finally:
                 del module
                 free_cuda()
-        raise RuntimeError(f"{stage}: no plan fits")
+        raise RuntimeError(f"{stage.name}: no plan fits")
 
-    def encode():
+    def encode_prompts():
         return with_plans(
-            "encode",
-            "text_encoder",
+            encode.STAGE,
             lambda plan, te: stages.encode_texts(
                 te, tokenizer, [PROMPT, NEGATIVE], device=device, max_sequence_length=512
             ),
         )
 
-    embeds, encode_s = clock.phase("encode", encode)
+    embeds, encode_s = clock.phase(encode.STAGE.name, encode_prompts)
     times: list[float] = []
     on_step, last = step_timer(clock, times)
 
@@ -247,18 +204,18 @@ def run_ours(
                 steps=steps,
                 guidance=job.guidance,
                 compute_dtype=tr.dtype if device != "cpu" else torch.float32,
-                shared_timestep=plan.shared_timestep,
-                cfg_batch=plan.cfg_batch,
+                shared_timestep=plan.options.shared_timestep,
+                cfg_batch=plan.options.cfg_batch,
                 on_step=on_step,
             )
 
-        return with_plans("diffuse", "transformer", body)
+        return with_plans(diffuse.STAGE, body)
 
     latents, _ = clock.phase("denoise", denoise)
     frames, decode_s = clock.phase(
-        "decode",
+        decode.STAGE.name,
         lambda: with_plans(
-            "decode", "vae", lambda plan, vae: stages.decode_latents(vae, latents, device=device)
+            decode.STAGE, lambda plan, vae: stages.decode_latents(vae, latents, device=device)
         ),
     )
     return (
@@ -275,11 +232,7 @@ def run_ours(
     )
 
 
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
-
-
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -290,136 +243,127 @@ def main() -> None:
         "--cases", default="stock-gpu,stock-model-offload,stock-group-offload,ours,ours-cap8,ours-cap6"
     )
     parser.add_argument("--steps", type=int, default=3)
-    args = parser.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    device = "cpu" if args.tiny else "cuda"
-    gpu = torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
-    total_mem = torch.cuda.get_device_properties(0).total_memory if device == "cuda" else 0
+    return parser.parse_args()
 
-    t0 = time.perf_counter()
-    if args.tiny:
-        masters = {
+
+def build_masters(small: bool) -> dict:
+    """The three components, built once; each case clones them (sharing their tensors)."""
+    if small:
+        return {
             "text_encoder": tiny.build_text_encoder(),
             "transformer": tiny.build_transformer(),
             "vae": tiny.build_vae(),
         }
-    else:
-        masters = {
-            c: fullsize.build(c, dtype=torch.float32 if c == "vae" else torch.bfloat16)
-            for c in ("text_encoder", "transformer", "vae")
-        }
-    build_s = time.perf_counter() - t0
-    print(
-        f"built masters in {build_s:.1f} s on {gpu}; torch {torch.__version__}; "
-        f"PYTORCH_CUDA_ALLOC_CONF={os.environ.get('PYTORCH_CUDA_ALLOC_CONF')}",
-        flush=True,
+    return {
+        c: fullsize.build(c, dtype=torch.float32 if c == "vae" else torch.bfloat16)
+        for c in ("text_encoder", "transformer", "vae")
+    }
+
+
+def bench_job(res: str, steps: int) -> JobSpec:
+    height, width, frames = RESOLUTIONS[res]
+    return JobSpec(
+        template="bench",
+        prompt=PROMPT,
+        negative_prompt=NEGATIVE,
+        seed=42,
+        height=height,
+        width=width,
+        frames=frames,
+        steps=steps,
+        guidance=5.0,
     )
-    tokenizer = tiny.build_tokenizer()  # byte-level ids: the encoder's compute does not depend on them
-    sizes = {c: ComponentSizes.from_modules(**{c: m}) for c, m in masters.items()}
 
-    records = []
-    for res in args.resolutions.split(","):
-        height, width, frames = RESOLUTIONS[res]
-        job = JobSpec(
-            template="bench",
-            prompt=PROMPT,
-            negative_prompt=NEGATIVE,
-            seed=42,
-            height=height,
-            width=width,
-            frames=frames,
-            steps=args.steps,
-            guidance=5.0,
-        )
-        reference = None
-        for case in args.cases.split(","):
-            cap = {"8": 8, "6": 6}.get(case.split("cap")[-1][:1]) if "cap" in case else None
-            if device == "cuda":
-                torch.cuda.set_per_process_memory_fraction((cap * GiB / total_mem) if cap else 1.0)
-                free_cuda()
-            print(f"--- {res} {case}", flush=True)
-            try:
-                if case.startswith("stock"):
-                    result, latents, video = run_stock(case, masters, tokenizer, job, device, args.steps)
-                else:
-                    budget = cap * GiB if cap else (torch.cuda.mem_get_info()[0] if device == "cuda" else 0)
-                    result, latents, video = run_ours(
-                        case,
-                        masters,
-                        sizes,
-                        tokenizer,
-                        job,
-                        device,
-                        args.steps,
-                        budget,
-                        record_stream=case.endswith("-rs"),
-                        fp8="fp8" in case,
-                    )
-            except Exception as exc:  # one failed case must not lose the others' numbers
-                traceback.print_exc()
-                records.append(
-                    dict(
-                        config=case,
-                        resolution=res,
-                        cap_gib=cap,
-                        error=f"{type(exc).__name__}: {exc}",
-                        gpu=gpu,
-                    )
-                )
-                free_cuda()
-                continue
-            peaks = result["peaks"]
-            record = dict(
-                config=case,
-                resolution=res,
-                cap_gib=cap,
-                peak_allocated_gib=max(
-                    (v for k, v in peaks.items() if not k.endswith("_reserved")), default=None
-                ),
-                peak_reserved_gib=max((v for k, v in peaks.items() if k.endswith("_reserved")), default=None),
-                encode_s=result["encode_s"],
-                step_s=statistics.median(result["step_times"][1:] or result["step_times"]),
-                decode_s=result["decode_s"],
-                total_50_steps_s=total_50(result["encode_s"], result["step_times"], result["decode_s"]),
-                total_note=f"extrapolated from {args.steps} measured steps",
-                gpu=gpu,
-                phase_peaks_gib=peaks,
-                step_times_s=result["step_times"],
-                plans=result["plans"],
-                oom_attempts=result.get("oom_attempts"),
-                setup_s=result.get("setup_s"),
+
+def run_case(case: str, setup: dict, job: JobSpec, steps: int) -> tuple[dict, torch.Tensor, np.ndarray]:
+    """One case under its cap (`-cap8`, `-cap6`: a card of that size)."""
+    device, total_mem = setup["device"], setup["total_mem"]
+    cap = case_cap(case)
+    if device == "cuda":
+        torch.cuda.set_per_process_memory_fraction((cap * GiB / total_mem) if cap else 1.0)
+        free_cuda()
+    if case.startswith("stock"):
+        return run_stock(case, setup["masters"], setup["tokenizer"], job, device, steps)
+    budget = cap * GiB if cap else (torch.cuda.mem_get_info()[0] if device == "cuda" else 0)
+    return run_ours(
+        case,
+        setup["masters"],
+        setup["sizes"],
+        setup["tokenizer"],
+        job,
+        device,
+        steps,
+        budget,
+        record_stream=case.endswith("-rs"),
+        fp8="fp8" in case,
+    )
+
+
+def case_cap(case: str) -> int | None:
+    return {"8": 8, "6": 6}.get(case.split("cap")[-1][:1]) if "cap" in case else None
+
+
+def make_record(case: str, res: str, result: dict, steps: int, gpu: str) -> dict:
+    peaks = result["peaks"]
+    return dict(
+        config=case,
+        resolution=res,
+        cap_gib=case_cap(case),
+        peak_allocated_gib=max((v for k, v in peaks.items() if not k.endswith("_reserved")), default=None),
+        peak_reserved_gib=max((v for k, v in peaks.items() if k.endswith("_reserved")), default=None),
+        encode_s=result["encode_s"],
+        step_s=statistics.median(result["step_times"][1:] or result["step_times"]),
+        decode_s=result["decode_s"],
+        total_50_steps_s=total_50(result["encode_s"], result["step_times"], result["decode_s"]),
+        total_note=f"extrapolated from {steps} measured steps",
+        gpu=gpu,
+        phase_peaks_gib=peaks,
+        step_times_s=result["step_times"],
+        plans=result["plans"],
+        oom_attempts=result.get("oom_attempts"),
+        setup_s=result.get("setup_s"),
+    )
+
+
+def compare(record: dict, reference, latents: torch.Tensor, video: np.ndarray) -> None:
+    """Deviation from stock diffusers on the same inputs and seed (the first case, stock-gpu)."""
+    record["latents_rel_diff_vs_stock_gpu"] = rel(latents, reference[0])
+    record["frames_mean_abs_diff_vs_stock_gpu"] = float(
+        np.abs(video.astype(np.int16) - reference[1].astype(np.int16)).mean()
+    )
+
+
+SHOWN = ("config", "resolution", "peak_allocated_gib", "peak_reserved_gib", "encode_s", "step_s")
+
+
+def run_resolution(res: str, args: argparse.Namespace, setup: dict, records: list) -> None:
+    job, reference = bench_job(res, args.steps), None
+    for case in args.cases.split(","):
+        print(f"--- {res} {case}", flush=True)
+        try:
+            result, latents, video = run_case(case, setup, job, args.steps)
+        except Exception as exc:  # one failed case must not lose the others' numbers
+            traceback.print_exc()
+            error = f"{type(exc).__name__}: {exc}"
+            records.append(
+                dict(config=case, resolution=res, cap_gib=case_cap(case), error=error, gpu=setup["gpu"])
             )
-            if reference is None and case == "stock-gpu":
-                reference = (latents, video)
-            elif reference is not None:
-                record["latents_rel_diff_vs_stock_gpu"] = rel(latents, reference[0])
-                record["frames_mean_abs_diff_vs_stock_gpu"] = float(
-                    np.abs(video.astype(np.int16) - reference[1].astype(np.int16)).mean()
-                )
-            records.append(record)
-            (args.out / "gpu_memory.json").write_text(json.dumps(records, indent=1))
-            print(
-                json.dumps(
-                    {
-                        k: record[k]
-                        for k in (
-                            "config",
-                            "resolution",
-                            "peak_allocated_gib",
-                            "peak_reserved_gib",
-                            "encode_s",
-                            "step_s",
-                            "decode_s",
-                            "total_50_steps_s",
-                            "plans",
-                        )
-                    }
-                ),
-                flush=True,
-            )
-            del latents, video
             free_cuda()
+            continue
+        record = make_record(case, res, result, args.steps, setup["gpu"])
+        if reference is None and case == "stock-gpu":
+            reference = (latents, video)
+        elif reference is not None:
+            compare(record, reference, latents, video)
+        records.append(record)
+        (args.out / "gpu_memory.json").write_text(json.dumps(records, indent=1))
+        shown = SHOWN + ("decode_s", "total_50_steps_s", "plans")
+        print(json.dumps({k: record[k] for k in shown}), flush=True)
+        del latents, video
+        free_cuda()
 
+
+def print_table(records: list) -> None:
     print(
         f"\n{'resolution':<14}{'config':<22}{'alloc GiB':>10}{'resv GiB':>10}{'enc s':>8}{'s/step':>8}"
         f"{'dec s':>8}{'50-step s':>10}  plans"
@@ -434,6 +378,33 @@ def main() -> None:
             f"{r['decode_s']:>8.1f}"
             f"{r['total_50_steps_s']:>10.1f}  {r['plans'] or ''}"
         )
+
+
+def main() -> None:
+    args = parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    device = "cpu" if args.tiny else "cuda"
+    gpu = torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
+    t0 = time.perf_counter()
+    masters = build_masters(args.tiny)
+    print(
+        f"built masters in {time.perf_counter() - t0:.1f} s on {gpu}; torch {torch.__version__}; "
+        f"PYTORCH_CUDA_ALLOC_CONF={os.environ.get('PYTORCH_CUDA_ALLOC_CONF')}",
+        flush=True,
+    )
+    setup = dict(
+        device=device,
+        gpu=gpu,
+        total_mem=torch.cuda.get_device_properties(0).total_memory if device == "cuda" else 0,
+        masters=masters,
+        # byte-level ids: the encoder's compute does not depend on them
+        tokenizer=tiny.build_tokenizer(),
+        sizes={c: ComponentSizes.from_modules(**{c: m}) for c, m in masters.items()},
+    )
+    records: list = []
+    for res in args.resolutions.split(","):
+        run_resolution(res, args, setup, records)
+    print_table(records)
 
 
 if __name__ == "__main__":

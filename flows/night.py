@@ -19,8 +19,8 @@ from tqdm.auto import tqdm
 from t2v.context import RunContext, open_runlog
 from t2v.dashboard.summary import stage_table
 from t2v.jobs import JobSpec
-from t2v.pipeline import PIPELINE, Stage
-from tasks.stages import TASKS, gpu_slot, prefetch
+from t2v.pipeline import Stage, stages
+from tasks.stages import gpu_slot, prefetch, task_for
 
 Logger = logging.Logger | logging.LoggerAdapter
 
@@ -30,8 +30,9 @@ def run_stages(jobs: Sequence[JobSpec], ctx: RunContext, logger: Logger, *, tabl
     last stage's result (the published clip) by template, and each failed job's error."""
     runlog = open_runlog(ctx.settings.runlog_url)
     failed: dict[str, str] = {}
-    on_card = [s for s in PIPELINE if s.on_card]
-    off_card = _Chains([s for s in PIPELINE if not s.on_card], ctx, failed, logger)
+    pipeline = stages()
+    on_card = [s for s in pipeline if s.on_card]
+    off_card = _Chains([s for s in pipeline if not s.on_card], ctx, failed, logger)
     try:
         # The card is the run's from the first card stage to the last (tasks.stages.gpu_slot).
         with gpu_slot(ctx):
@@ -63,7 +64,7 @@ def _stage(
     """Run one stage task for every job that has not failed yet, all submitted at once, and wait for
     them: the runner lets one at a time compute on the card and writes each output after letting go of
     it, so a job's write overlaps the next job's compute. `then(job)` is called as each one succeeds."""
-    futures = {TASKS[stage.name].submit(job, ctx): job for job in jobs if job.template not in failed}
+    futures = {task_for(stage).submit(job, ctx): job for job in jobs if job.template not in failed}
     for future in tqdm(as_completed(list(futures)), total=len(futures), desc=stage.name, unit="job"):
         job = futures[future]
         try:
@@ -84,7 +85,7 @@ class _Chains:
         self._pending: dict[PrefectFuture, tuple[JobSpec, int]] = {}
 
     def start(self, job: JobSpec, index: int = 0) -> None:
-        self._pending[TASKS[self.stages[index].name].submit(job, self.ctx)] = (job, index)
+        self._pending[task_for(self.stages[index]).submit(job, self.ctx)] = (job, index)
 
     def collect(self, jobs: Sequence[JobSpec]) -> dict[str, str]:
         """Wait for every chain; the last stage's results by template, in the jobs' order."""

@@ -127,5 +127,16 @@ def stage_task(stage: Stage) -> Task[[JobSpec, RunContext], str]:
     )
 
 
-TASKS: dict[str, Task[[JobSpec, RunContext], str]] = {stage.name: stage_task(stage) for stage in PIPELINE}
-"""One task per stage of the pipeline, by stage name."""
+_TASKS: dict[str, Task[[JobSpec, RunContext], str]] = {}
+
+
+def task_for(stage: Stage) -> Task[[JobSpec, RunContext], str]:
+    """The task of `stage`, made the first time it is asked for."""
+    with _RUNNERS_LOCK:
+        if stage.name not in _TASKS:
+            _TASKS[stage.name] = stage_task(stage)
+        return _TASKS[stage.name]
+
+
+TASKS = {stage.name: task_for(stage) for stage in PIPELINE}
+"""The built-in stages' tasks by stage name."""

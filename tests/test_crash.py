@@ -26,7 +26,7 @@ from t2v.runlog import RunLog, sqlite_url
 from t2v_cli.main import app
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ["encode", "diffuse", "decode", "watermark"]
+STAGES = ["encode", "diffuse", "decode", "finish"]  # t2v.pipeline.PIPELINE, without importing torch here
 TINY = "[defaults]\nheight = 64\nwidth = 96\nframes = 9\nsteps = 2\n"
 
 

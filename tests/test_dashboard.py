@@ -14,6 +14,7 @@ import pytest
 from flows.nightly import nightly
 from t2v.dashboard import Dashboard, make_server, summary
 from t2v.runlog import RunLog, sqlite_url
+from t2v.pipeline import CLIP, PIPELINE
 from t2v.store import Store
 
 CHROMIUM = "/usr/bin/chromium"
@@ -70,7 +71,7 @@ def test_night_adds_attempts_keeps_peaks_and_lists_only_unrecovered_failures():
             _row("fox", "diffuse", "failed", plan="gpu", wall_s=2.0, peak_reserved_gib=7.5, error="OOM"),
             _row("fox", "diffuse", plan="offload", wall_s=3.0, peak_reserved_gib=5.0, peak_nvml_gib=9.0),
             _row("fox", "decode", peak_nvml_gib=1.5),  # no torch counter: NVML is the fallback
-            _row("fox", "watermark", output_key="a" * 32),
+            _row("fox", "finish", output_key="a" * 32),
             _row("sea", "encode"),
             _row("sea", "diffuse", "failed", error="RuntimeError: boom\nsecond line"),
         ]
@@ -166,11 +167,11 @@ def test_server_answers_json_clips_in_ranges_and_nothing_outside_the_store(tmp_p
     runlog = RunLog(sqlite_url(tmp_path / "runlog.sqlite"))
     store = Store(tmp_path / "store")
     key = "0123456789abcdef0123456789abcdef"
-    with store.writing("watermark", key) as temp:
+    with store.writing(CLIP, key) as temp:
         temp.write_bytes(bytes(range(256)) * 4)
     (tmp_path / "secret.mp4").write_bytes(b"not yours")
     run_id = runlog.start_run(kind="nightly", model="tiny")
-    with runlog.stage(run_id=run_id, job_key="k", template="fox", stage="watermark", model="tiny") as record:
+    with runlog.stage(run_id=run_id, job_key="k", template="fox", stage=CLIP.name, model="tiny") as record:
         record.output_key = key
     runlog.finish_run(run_id, status="ok")
     base = serve(Dashboard(runlog=runlog, store=store))
@@ -263,7 +264,7 @@ def test_page_charts_the_night_and_plays_its_clips_in_chromium(data_dir, write_c
                    return {labels: c.data.labels, data: c.data.datasets.map(d => d.data)}; }"""
             )
             expected = [(r["template"], r["stage"]) for r in run["stages"]]
-            expected.sort(key=lambda ts: (ts[0], ["encode", "diffuse", "decode", "watermark"].index(ts[1])))
+            expected.sort(key=lambda ts: (ts[0], [s.name for s in PIPELINE].index(ts[1])))
             assert sorted(drawn["labels"]) == sorted(f"{t} · {s}" for t, s in expected)
             by_label = {f"{r['template']} · {r['stage']}": r for r in run["stages"]}
             for i, label in enumerate(drawn["labels"]):

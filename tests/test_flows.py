@@ -12,9 +12,11 @@ from flows.nightly import nightly
 from t2v.context import RunContext
 from t2v.jobs import JobSpec
 from t2v.runlog import RunLog, sqlite_url
-from tasks.stages import decode, diffuse, encode, watermark
+from t2v.pipeline import PIPELINE
+from t2v.settings import get_settings
+from tasks.stages import TASKS
 
-STAGES = ["encode", "diffuse", "decode", "watermark"]
+STAGES = [stage.name for stage in PIPELINE]
 FOX = {"name": "fox", "prompt": "a red fox running through snow"}
 SEA = {
     "name": "sea",
@@ -68,8 +70,8 @@ def test_nightly_makes_every_clip_then_skips_every_stage(data_dir, write_catalog
     # a job's clip is encoded once its frames are, beside the other job's decode.
     order = [(r["stage"], r["template"]) for r in run["stages"]]
     assert [stage for stage, _ in order[:4]] == ["encode", "encode", "diffuse", "diffuse"]
-    assert {stage for stage, _ in order[4:]} == {"decode", "watermark"}
-    assert all(order.index(("decode", t)) < order.index(("watermark", t)) for t in ("fox", "sea"))
+    assert {stage for stage, _ in order[4:]} == {"decode", "finish"}
+    assert all(order.index(("decode", t)) < order.index(("finish", t)) for t in ("fox", "sea"))
 
     stored = _store_files(data_dir)
     again = nightly(str(catalogue), "tiny")
@@ -98,7 +100,7 @@ def test_nightly_falls_back_to_a_leaner_plan_on_out_of_memory(data_dir, write_ca
             ("diffuse", "failed", "diffuse:cpu-cfg2"),
             ("diffuse", "ok", "diffuse:cpu-cfg1"),
             ("decode", "ok", "decode:cpu-fp32-whole"),
-            ("watermark", "ok", None),
+            ("finish", "ok", None),
         ]
         failed = next(r for r in run["stages"] if r["template"] == template and r["status"] == "failed")
         assert failed["error"].startswith("OutOfMemoryError: injected by T2V_INJECT_OOM")
@@ -170,13 +172,10 @@ def test_stage_tasks_return_strings(data_dir):
     # `.fn` runs a task's body without the Prefect engine.
     url = sqlite_url(data_dir / "runlog.sqlite")
     run_id = RunLog(url).start_run(kind="generate", model="tiny")
-    ctx = RunContext(
-        run_id=run_id, model="tiny", data_dir=data_dir, outputs_dir=data_dir / "out", database_url=url
-    )
+    ctx = RunContext(run_id=run_id, model="tiny", outputs_dir=data_dir / "out", settings=get_settings())
     job = JobSpec(template="owl", prompt="an owl", height=32, width=32, frames=1, steps=1)
 
-    keys = [stage.fn(job, ctx) for stage in (encode, diffuse, decode)]
-    clip = watermark.fn(job, ctx)
+    *keys, clip = [TASKS[stage.name].fn(job, ctx) for stage in PIPELINE]
 
     assert all(isinstance(key, str) and len(key) == 32 for key in keys)
     assert clip == str(data_dir / "out" / "owl.mp4") and Path(clip).is_file()

@@ -5,7 +5,8 @@ import threading
 
 import torch
 
-from t2v import pinning, runner
+from t2v import pinning
+from t2v.engine import residency as residency_module
 from t2v.models import tiny
 from t2v.pinning import PAGE, pack_host_tensors, page_ranges, pin_host_tensors
 
@@ -139,14 +140,14 @@ def test_packing_host_tensors_into_one_buffer_keeps_values_ties_and_outputs():
 
 def test_a_dropped_component_gives_its_page_locked_memory_back(monkeypatch):
     released, threads = [], []
-    residency = runner.Residency()
+    residency = residency_module.Residency()
 
     def unregister(address: int) -> None:
         released.append(address)
         threads.append(threading.current_thread().name)
 
     pin = pinning.HostPin(registered=[(0, PAGE)], unregister=unregister)
-    monkeypatch.setattr(runner, "_pinned", lambda load: (load(), pin))
+    monkeypatch.setattr(residency_module, "_pinned", lambda load: (load(), pin))
     module = torch.nn.Linear(2, 2)
     residency.prefetch("vae", "tiny", lambda: module)
     assert residency.get("vae", "tag", lambda: residency.prefetched("vae", "tiny")) is module
@@ -158,9 +159,9 @@ def test_a_dropped_component_gives_its_page_locked_memory_back(monkeypatch):
 
 def test_a_prefetch_nobody_took_gives_its_page_locked_memory_back(monkeypatch):
     released = []
-    residency = runner.Residency()
+    residency = residency_module.Residency()
     pin = pinning.HostPin(registered=[(PAGE, PAGE)], unregister=released.append)
-    monkeypatch.setattr(runner, "_pinned", lambda load: (load(), pin))
+    monkeypatch.setattr(residency_module, "_pinned", lambda load: (load(), pin))
     residency.prefetch("transformer", "tiny", lambda: torch.nn.Linear(2, 2))
     residency.forget_prefetched()
     assert released == [PAGE]

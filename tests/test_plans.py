@@ -1,14 +1,19 @@
 """Memory plans: order, choice under a budget, and the estimates against what the H100 measured."""
 
 import json
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import pytest
 
 from t2v.jobs import JobSpec
 from t2v.models import registry
-from t2v.plans import ComponentSizes, GiB, Placement, choose, ladder, residency_key, resident_indices
+from t2v.pipeline import decode, diffuse, encode
+from t2v.pipeline.decode import DecodeOptions
+from t2v.pipeline.diffuse import DiffuseOptions
+from t2v.pipeline.encode import EncodeOptions
+from t2v.placement import resident_indices
+from t2v.plans import ComponentSizes, GiB, Placement, StagePlan, choose
 
 # Sizes of the full-size architecture as t2v.models.fullsize builds it (bf16 transformer and encoder).
 FULL = ComponentSizes(
@@ -27,6 +32,11 @@ FULL = ComponentSizes(
 P720 = JobSpec(template="x", prompt="p", height=704, width=1280, frames=121)
 P480 = JobSpec(template="x", prompt="p", height=480, width=832, frames=81)
 RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results" / "gpu_memory.json"
+STAGES = {"encode": encode.STAGE, "diffuse": diffuse.STAGE, "decode": decode.STAGE}
+
+
+def ladder(stage: str, sizes: ComponentSizes, job: JobSpec, *, device: str, fp8: bool = False):
+    return STAGES[stage].ladder(sizes, job, device=device, fp8=fp8)
 
 
 def chosen(job: JobSpec, cap_gib: float) -> dict[str, str]:
@@ -91,7 +101,7 @@ def test_spare_room_keeps_blocks_resident_with_the_streaming_plan_behind():
         assert filled.estimate_bytes + streamed.block_bytes > 0.75 * cap * GiB or filled.resident_blocks == 28
     assert choose(plans, 6 * GiB)[0].resident_blocks < choose(plans, 8 * GiB)[0].resident_blocks
     # Resident blocks are where the weights live: the loaded component differs.
-    assert residency_key(choose(plans, 8 * GiB)[0]) != residency_key(choose(plans, 8 * GiB)[1])
+    assert choose(plans, 8 * GiB)[0].residency_key != choose(plans, 8 * GiB)[1].residency_key
 
 
 def test_resident_blocks_are_spread_evenly():
@@ -149,13 +159,13 @@ def test_sizes_from_a_meta_skeleton_match_the_loaded_components():
 
 
 def test_plans_that_differ_only_in_cheap_switches_share_a_loaded_component():
-    from t2v.runner import Residency
+    from t2v.engine.residency import Residency
 
     plans = ladder("diffuse", FULL, P720, device="cuda")
     group = [p for p in plans if p.placement is Placement.GROUP]
-    assert len({residency_key(p) for p in group}) == 1  # CFG batch and FFN chunks don't move weights
-    assert residency_key(group[0]) != residency_key(replace(group[0], fp8_storage=True))
-    assert residency_key(group[0]) != residency_key(plans[0])  # resident vs streamed do
+    assert len({p.residency_key for p in group}) == 1  # CFG batch and FFN chunks don't move weights
+    assert group[0].residency_key != group[0].with_options(fp8_storage=True).residency_key
+    assert group[0].residency_key != plans[0].residency_key  # resident vs streamed do
 
     residency, loads = Residency(), []
 
@@ -163,10 +173,10 @@ def test_plans_that_differ_only_in_cheap_switches_share_a_loaded_component():
         loads.append(1)
         return object()
 
-    first = residency.get("transformer", residency_key(group[0]), load)
-    assert residency.get("transformer", residency_key(group[-1]), load) is first
+    first = residency.get("transformer", group[0].residency_key, load)
+    assert residency.get("transformer", group[-1].residency_key, load) is first
     residency.get("vae", "decode|gpu", load)  # another component: the transformer leaves
-    residency.get("transformer", residency_key(group[0]), load)
+    residency.get("transformer", group[0].residency_key, load)
     assert len(loads) == 3
 
 
@@ -179,3 +189,46 @@ def test_compile_pays_back_only_on_long_runs_unless_asked():
     assert compile_pays([4], "on") and not compile_pays([50] * 10, "off")
     with pytest.raises(InvalidInput, match="auto, on or off"):
         compile_pays([4], "always")
+
+
+def test_a_plans_name_and_residency_key_are_derived_from_its_option_fields():
+    base = StagePlan("diffuse", Placement.GROUP, options=DiffuseOptions(), estimate_bytes=5 * GiB)
+    assert base.name == "diffuse:group-cfg2"
+    assert replace(base, resident_blocks=12).with_options(ffn_chunks=4).name == "diffuse:group-r12-cfg2-ffn4"
+    # with_options changes the options alone and keeps the plan's own fields.
+    moved = base.with_options(fp8_storage=True)
+    assert (moved.stage, moved.placement, moved.device, moved.estimate_bytes) == (
+        base.stage,
+        base.placement,
+        base.device,
+        base.estimate_bytes,
+    )
+    assert moved.options == DiffuseOptions(fp8_storage=True) and base.options == DiffuseOptions()
+    # A field that moves weights changes the residency key; the cheap switches leave it, but are named.
+    assert moved.residency_key != base.residency_key and moved.name == "diffuse:group-cfg2-fp8"
+    for change in (dict(cfg_batch=1), dict(ffn_chunks=8), dict(shared_timestep=False)):
+        cheap = base.with_options(**change)
+        assert cheap.residency_key == base.residency_key, change
+        assert cheap.name != base.name, change
+    assert replace(base, resident_blocks=3).residency_key != base.residency_key
+    assert replace(base, device="cuda:1").residency_key != base.residency_key
+
+    every = replace(base, resident_blocks=12).with_options(
+        cfg_batch=1, shared_timestep=False, ffn_chunks=8, fp8_storage=True
+    )
+    assert every.name == "diffuse:group-r12-cfg1-token-ts-ffn8-fp8"
+    labelled = [f for f in fields(DiffuseOptions) if f.metadata.get("label")]
+    assert {f.name for f in labelled} == {"cfg_batch", "shared_timestep", "ffn_chunks", "fp8_storage"}
+    labels = [f.metadata["label"](getattr(every.options, f.name)) for f in labelled]
+    assert all(labels) and every.options.labels() == labels == ["cfg1", "token-ts", "ffn8", "fp8"]
+    assert every.name == "diffuse:group-r12-" + "-".join(labels)  # every label, in field order
+
+    tiled = StagePlan("decode", Placement.GPU, options=DecodeOptions(vae_dtype="bfloat16", vae_tile=256))
+    assert tiled.name == "decode:gpu-bf16-tile256" and tiled.options.vae_tile == 256
+    assert tiled.with_options(vae_tile=None).name == "decode:gpu-bf16-whole"
+    assert tiled.with_options(vae_tile=None).residency_key == tiled.residency_key  # tiles are a switch
+    assert tiled.with_options(vae_dtype="float32").residency_key != tiled.residency_key  # the dtype moves
+    assert tiled.with_options(vae_dtype="float32").name == "decode:gpu-fp32-tile256"
+    assert StagePlan("encode", Placement.CPU, device="cpu", options=EncodeOptions()).name == "encode:cpu"
+    with pytest.raises(TypeError):
+        base.with_options(vae_tile=256)  # another stage's option

@@ -261,6 +261,19 @@ def test_builtin_loaders_are_the_tiny_build(loader: str, builder: str) -> None:
     assert _digest(loaded) == TINY_DIGESTS[builder]
 
 
+def test_load_component_loads_each_stage_component_by_name() -> None:
+    from t2v.pipeline import PIPELINE
+
+    ref = resolve_model("tiny")
+    builders = {"text_encoder": "build_text_encoder", "transformer": "build_transformer", "vae": "build_vae"}
+    assert set(registry.COMPONENTS) == set(builders)
+    assert {s.component for s in PIPELINE if s.on_card} <= set(registry.COMPONENTS)
+    for name in registry.COMPONENTS:
+        assert _digest(registry.load_component(ref, name)) == TINY_DIGESTS[builders[name]]
+    with pytest.raises(ValueError, match="tokenizer"):
+        registry.load_component(ref, "tokenizer")
+
+
 def test_builtin_tokenizer_and_scheduler() -> None:
     ref = resolve_model("tiny")
     assert registry.load_tokenizer(ref)(TEXTS[0]).input_ids == tiny.build_tokenizer()(TEXTS[0]).input_ids

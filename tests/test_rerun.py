@@ -14,11 +14,12 @@ from flows.nightly import nightly
 from flows.rerun import rerun
 from t2v.jobs import JobSpec
 from t2v.media import Watermark
+from t2v.pipeline import PIPELINE
 from t2v.rerun import AlreadyDone, Night, NothingToRerun, night_to_rerun
 from t2v.runlog import RunLog, sqlite_url
 from t2v_cli.main import app
 
-STAGES = ["encode", "diffuse", "decode", "watermark"]
+STAGES = [stage.name for stage in PIPELINE]
 FOX = {"name": "fox", "prompt": "a red fox running through snow"}
 SEA = {"name": "sea", "prompt": "waves rolling onto a beach", "guidance": 1.0}
 
@@ -57,8 +58,8 @@ def test_rerun_computes_only_what_the_failed_night_left(data_dir, write_catalogu
         ("sea", "diffuse", "ok"),
         ("fox", "decode", "skipped"),
         ("sea", "decode", "ok"),
-        ("fox", "watermark", "skipped"),
-        ("sea", "watermark", "ok"),
+        ("fox", "finish", "skipped"),
+        ("sea", "finish", "ok"),
     ]
     # What the first night made was not touched, let alone remade.
     assert {p: t for p, t in _store_files(data_dir).items() if p in stored} == stored

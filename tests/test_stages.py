@@ -8,7 +8,7 @@ from diffusers.hooks import apply_group_offloading
 
 from t2v import stages
 from t2v.models import fullsize, tiny
-from t2v.plans import chunk_feed_forward
+from t2v.placement import chunk_feed_forward
 
 HEIGHT, WIDTH, FRAMES, STEPS, SEED, GUIDANCE = 64, 96, 9, 3, 7, 5.0
 PROMPT, NEGATIVE = "a red fox trots through snow", "blurry"
@@ -96,7 +96,7 @@ def test_chunked_feed_forward_and_group_offload_change_nothing(parts, reference)
 def test_resident_blocks_run_unhooked_and_change_nothing(parts, reference):
     from diffusers.hooks import HookRegistry
 
-    from t2v.plans import _resident_blocks_hidden
+    from t2v.placement import _resident_blocks_hidden
 
     streamed = fullsize.clone(parts["transformer"])
     apply_group_offloading(
@@ -123,7 +123,7 @@ def test_resident_blocks_run_unhooked_and_change_nothing(parts, reference):
 def test_modules_outside_the_blocks_stay_on_the_card_after_their_first_use(parts, reference):
     from diffusers.hooks import HookRegistry
 
-    from t2v.plans import _keep_unmatched_on_card
+    from t2v.placement import _keep_unmatched_on_card
 
     transformer = fullsize.clone(parts["transformer"])
     apply_group_offloading(
@@ -205,12 +205,14 @@ def test_a_jobs_noise_has_its_sizes_latent_shape_and_comes_from_its_seed():
 
 def test_fp8_storage_is_a_visible_opt_in_change(parts, reference):
     from t2v.jobs import JobSpec
-    from t2v.plans import ComponentSizes, apply, ladder
+    from t2v.pipeline import diffuse
+    from t2v.placement import apply
+    from t2v.plans import ComponentSizes
 
     job = JobSpec(template="x", prompt=PROMPT, height=HEIGHT, width=WIDTH, frames=FRAMES, steps=STEPS)
     sizes = ComponentSizes.from_modules(transformer=parts["transformer"])
-    assert not ladder("diffuse", sizes, job, device="cpu")[0].fp8_storage  # off unless asked for
-    plan = ladder("diffuse", sizes, job, device="cpu", fp8=True)[0]
+    assert not diffuse.STAGE.ladder(sizes, job, device="cpu")[0].options.fp8_storage  # off unless asked for
+    plan = diffuse.STAGE.ladder(sizes, job, device="cpu", fp8=True)[0]
     transformer = apply(plan, fullsize.clone(parts["transformer"]))
     assert next(transformer.blocks[0].ffn.parameters()).dtype == torch.float8_e4m3fn
     latents = staged_latents(parts, shared_timestep=True, cfg_batch=2, transformer=transformer)
@@ -220,7 +222,7 @@ def test_fp8_storage_is_a_visible_opt_in_change(parts, reference):
 
 
 def test_step_cache_is_off_by_default_and_skips_blocks_when_on(parts, reference):
-    from t2v.runner import step_cache
+    from t2v.pipeline.diffuse import step_cache
 
     transformer = fullsize.clone(parts["transformer"])
     calls = []

@@ -5,7 +5,11 @@ import threading
 import time
 from pathlib import Path
 
-from t2v.store import Store, publish
+import pytest
+import torch
+
+from t2v.pipeline import decode, encode, finish
+from t2v.store import Store, make_key, publish
 
 
 def _partial(store: Store, pid: int, name: str) -> Path:
@@ -80,3 +84,23 @@ def test_publishing_a_clip_again_leaves_no_temporary_file(tmp_path):
 
     assert sorted(p.name for p in dest.parent.iterdir()) == ["fox.mp4"]
     assert dest.read_bytes() == b"a clip" and os.path.samefile(source, dest)
+
+
+def test_a_stages_files_live_under_its_folder_with_its_suffix(tmp_path):
+    store = Store(tmp_path)
+    key = make_key(encode.STAGE.folder, prompt="a fox")
+    assert store.path(encode.STAGE, key) == tmp_path / "encode" / key[:2] / f"{key}.safetensors"
+    assert store.path(decode.STAGE, key).suffix == ".mkv"
+    # Renamed from "watermark": its stored clips keep their folder.
+    assert store.path(finish.STAGE, key) == tmp_path / "watermark" / key[:2] / f"{key}.mp4"
+
+    assert not store.has(encode.STAGE, key)
+    tensors = {"cond": torch.arange(6, dtype=torch.float32).reshape(2, 3)}
+    assert store.save_tensors(encode.STAGE, key, tensors) == store.path(encode.STAGE, key)
+    assert store.has(encode.STAGE, key) and not store.has(decode.STAGE, key)
+    assert torch.equal(store.load_tensors(encode.STAGE, key)["cond"], tensors["cond"])
+
+    with pytest.raises(RuntimeError, match="killed"), store.writing(decode.STAGE, key) as temp:
+        temp.write_bytes(b"half a file")
+        raise RuntimeError("killed")
+    assert not store.has(decode.STAGE, key) and list(store.path(decode.STAGE, key).parent.iterdir()) == []

@@ -6,6 +6,7 @@ import psutil
 import pytest
 
 from t2v import vram
+from t2v.errors import InvalidInput
 from t2v.vram import GIB, DeviceMemory, PeakMemory, physical_device, probe, visible_devices
 
 
@@ -92,6 +93,12 @@ def test_probe_rejects_bad_budget(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(vram.BUDGET_ENV, "lots")
     with pytest.raises(ValueError, match="T2V_VRAM_BUDGET_GB"):
         probe()
+    # Read through the settings' own reader: the same error, a user's InvalidInput, for every bad value.
+    assert vram.BUDGET_ENV == "T2V_VRAM_BUDGET_GB"
+    for bad in ("lots", "0", "-2"):
+        monkeypatch.setenv(vram.BUDGET_ENV, bad)
+        with pytest.raises(InvalidInput, match="T2V_VRAM_BUDGET_GB"):
+            probe()
 
 
 def test_probe_without_pynvml(monkeypatch: pytest.MonkeyPatch) -> None:

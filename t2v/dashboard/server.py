@@ -19,7 +19,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from t2v.dashboard import summary
-from t2v.pipeline import FINAL
+from t2v.pipeline import CLIP
 from t2v.runlog import NoSuchRun, RunLog
 from t2v.store import Store
 
@@ -127,7 +127,7 @@ class _Handler(BaseHTTPRequestHandler):
                 return
         runs = self.server.dashboard.runlog.runs(limit=limit)
         self._json(
-            {"stages": list(summary.STAGES), "nights": summary.nights(runs), "trends": summary.trends(runs)},
+            {"stages": list(summary.stage_names()), "nights": summary.nights(runs), "trends": summary.trends(runs)},
             body=body,
         )
 
@@ -144,10 +144,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _clip(self, key: str, *, body: bool) -> None:
         store = self.server.dashboard.store
-        if not _KEY.fullmatch(key) or not store.has(FINAL, key):
+        if not _KEY.fullmatch(key) or not store.has(CLIP, key):
             self._error(HTTPStatus.NOT_FOUND, "no such clip")
             return
-        path = store.path(FINAL, key)
+        path = store.path(CLIP, key)
         size = path.stat().st_size
         start, end = 0, size - 1
         status = HTTPStatus.OK

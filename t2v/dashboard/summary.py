@@ -10,10 +10,12 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from t2v.pipeline import FINAL, PIPELINE
+from t2v.pipeline import CLIP, stages
 
-STAGES = tuple(stage.name for stage in PIPELINE)
-"""The stages in pipeline order, as the run log names them."""
+
+def stage_names() -> tuple[str, ...]:
+    """The stages in pipeline order, as the run log names them."""
+    return tuple(stage.name for stage in stages())
 
 __all__ = ["night", "nights", "stage_table", "trends"]
 
@@ -71,8 +73,8 @@ def night(run: dict[str, Any]) -> dict[str, Any]:
     jobs = []
     failures = []
     for template, stage_rows in by_job.items():
-        stages = {stage: _stage_figures(stage_rows[stage]) for stage in STAGES if stage in stage_rows}
-        final = stages.get(FINAL.name)
+        stages = {stage: _stage_figures(stage_rows[stage]) for stage in stage_names() if stage in stage_rows}
+        final = stages.get(CLIP.name)
         if final and final["status"] in ("ok", "skipped"):
             status = "ok"
         elif run["status"] == "running" and not any(s["status"] in _BAD for s in stages.values()):
@@ -127,17 +129,18 @@ def nights(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def trends(runs: list[dict[str, Any]], *, kinds: tuple[str, ...] = ("nightly",)) -> dict[str, Any]:
     """Per stage across runs of `kinds`, oldest first: the highest peak VRAM and the summed wall time."""
     chosen = sorted((r for r in runs if r["kind"] in kinds), key=lambda r: r["started"])
+    names = stage_names()
     out: dict[str, Any] = {
         "runs": [r["id"] for r in chosen],
         # Two runs can start in the same minute (a rerun, a test); the id prefix tells them apart.
         "labels": [f"{r['started'][5:16].replace('T', ' ')} {r['id'][:6]}" for r in chosen],
-        "peak_vram_gib": {stage: [] for stage in STAGES},
-        "wall_s": {stage: [] for stage in STAGES},
+        "peak_vram_gib": {stage: [] for stage in names},
+        "wall_s": {stage: [] for stage in names},
         "peak_ram_gib": [],
     }
     for run in chosen:
-        vram: dict[str, float | None] = dict.fromkeys(STAGES)
-        wall: dict[str, float | None] = dict.fromkeys(STAGES)
+        vram: dict[str, float | None] = dict.fromkeys(names)
+        wall: dict[str, float | None] = dict.fromkeys(names)
         ram: float | None = None
         for row in run["stages"]:
             stage = row["stage"]
@@ -145,7 +148,7 @@ def trends(runs: list[dict[str, Any]], *, kinds: tuple[str, ...] = ("nightly",))
             if row["wall_s"] is not None:
                 wall[stage] = (wall[stage] or 0.0) + row["wall_s"]
             ram = _max(ram, row.get("peak_rss_gib"))
-        for stage in STAGES:
+        for stage in names:
             out["peak_vram_gib"][stage].append(vram[stage])
             out["wall_s"][stage].append(wall[stage])
         out["peak_ram_gib"].append(ram)

@@ -25,7 +25,7 @@ from t2v.engine.residency import Residency, host_has_room
 from t2v.jobs import JobSpec
 from t2v.models import registry
 from t2v.models.registry import ModelRef, resolve_model
-from t2v.pipeline import PIPELINE, JobKeys, KeyInputs, Stage, Work
+from t2v.pipeline import JobKeys, KeyInputs, Stage, Work, stages
 from t2v.placement import apply, configure
 from t2v.plans import ComponentSizes, StagePlan, choose, module_bytes
 from t2v.store import Store
@@ -49,7 +49,7 @@ class StageRunner:
         *,
         hooks: Hooks | None = None,
         memory: DeviceMemory | None = None,
-        pipeline: Sequence[Stage] = PIPELINE,
+        pipeline: Sequence[Stage] | None = None,
     ) -> None:
         self.ctx = ctx
         self.settings = ctx.settings
@@ -57,7 +57,7 @@ class StageRunner:
         self.store = Store(ctx.settings.store_dir)
         self.runlog = open_runlog(ctx.settings.runlog_url)
         self.outputs_dir: Path = ctx.outputs_dir
-        self.pipeline = tuple(pipeline)
+        self.pipeline = tuple(pipeline or stages())
         self.memory = memory or probe(budget_gib=self.settings.vram_budget_gib)
         self.hooks = (hooks or Hooks()) + Drills(self.settings).hooks() + hooks_from(self.settings.hooks)
         self.card = Card(self.memory.device)
