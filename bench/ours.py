@@ -80,7 +80,9 @@ class Pins(logging.Handler):
             return
         component, registered_gb, packed_gb, seconds = record.args
         module = self.loads.by_class.get(component)
-        host = [t for t in (*module.parameters(), *module.buffers()) if t.device.type == "cpu"] if module else []
+        host = (
+            [t for t in (*module.parameters(), *module.buffers()) if t.device.type == "cpu"] if module else []
+        )
         self.records.append(
             {
                 "component": component,
@@ -208,7 +210,9 @@ def night_latents(s: Session) -> dict:
     """Each job's latents as our night stored them."""
     from t2v.pipeline import diffuse
 
-    return {j.template: s.store.load_tensors(diffuse.STAGE, s.keys(j)[diffuse.STAGE])["latents"] for j in s.jobs}
+    return {
+        j.template: s.store.load_tensors(diffuse.STAGE, s.keys(j)[diffuse.STAGE])["latents"] for j in s.jobs
+    }
 
 
 def night_frames(s: Session, job):

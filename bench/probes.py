@@ -78,7 +78,9 @@ def denoise_once(s: Session, transformer, plan, job, steps: int, embeds=None) ->
     if embeds is None:
         embeds = s.store.load_tensors(encode.STAGE, s.keys(job)[encode.STAGE])
     temporal, spatial = registry.vae_factors(s.ref)
-    noise = stages.job_noise(job, transformer.config.in_channels, temporal=temporal, spatial=spatial, device=s.device)
+    noise = stages.job_noise(
+        job, transformer.config.in_channels, temporal=temporal, spatial=spatial, device=s.device
+    )
     times: list[float] = []
     last = [time.perf_counter()]
 

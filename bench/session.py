@@ -68,9 +68,9 @@ class Session:
 
     def keys(self, job):
         """The job's store keys in our night (`t2v.pipeline.JobKeys`)."""
-        from t2v.pipeline import PIPELINE, JobKeys, KeyInputs
+        from t2v.pipeline import JobKeys, KeyInputs, stages
 
-        return JobKeys.of(PIPELINE, KeyInputs(job, self.ref, fp8=False))
+        return JobKeys.of(stages(), KeyInputs(job, self.ref, fp8=False))
 
     def past_deadline(self) -> bool:
         return time.perf_counter() - self.began > self.args.deadline_s

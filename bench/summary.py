@@ -4,7 +4,7 @@ existing results file: `--summarise`)."""
 from __future__ import annotations
 
 from bench.timeline import card_labels, card_timeline, compile_seconds, label
-from t2v.pipeline import FINAL, diffuse
+from t2v.pipeline import CLIP, diffuse
 
 LEGACY_BUCKETS = {"denoise": label(diffuse.STAGE)}
 """Files written before the hooks (runs 1-10) named the diffuse stage's compute after its function."""
@@ -30,7 +30,7 @@ def overhead_split(ours: dict) -> dict:
     - <stage>_tail: the rest of each card stage's span, whose jobs run as tasks submitted together:
       what was not hidden behind another job's compute (waits for the card, run-log rows, the last
       output's write with its fsync);
-    - <final>_tail: the clips still being finished after the last card stage;
+    - <clip>_tail: the clips still being finished after the last card stage;
     - prefect_and_flow: the rest (Prefect's task and flow machinery, the flow's own steps, task
       start-ups, giving back the run's memory at its end)."""
     seconds = ours["compute_s"]
@@ -39,9 +39,11 @@ def overhead_split(ours: dict) -> dict:
     compute = sum(seconds.get(x, 0.0) for x in stages) - compile_s["first_steps"]
     split = {"loads": seconds.get("apply", 0.0), "compile": compile_s["total"]}
     for x in stages:
-        split[f"{x}_tail"] = seconds.get(f"stage_{x}", 0.0) - seconds.get(x, 0.0) - seconds.get(f"apply_{x}", 0.0)
+        split[f"{x}_tail"] = (
+            seconds.get(f"stage_{x}", 0.0) - seconds.get(x, 0.0) - seconds.get(f"apply_{x}", 0.0)
+        )
     split[f"{label(diffuse.STAGE)}_tail"] -= compile_s["call"]
-    split[f"{label(FINAL)}_tail"] = seconds.get(f"{label(FINAL)}_tail", 0.0)
+    split[f"{label(CLIP)}_tail"] = seconds.get(f"{label(CLIP)}_tail", 0.0)
     split["prefect_and_flow"] = ours["wall_s"] - compute - sum(split.values())
     return {"compute": compute, "compile": compile_s, "split": split}
 
@@ -56,7 +58,9 @@ def summarise_ours(results: dict, ours: dict) -> None:
     parts = overhead_split(ours)
     results["ours_clips_per_hour"] = 3600 * ours["clips"] / wall
     results["ours_overhead_share"] = (wall - parts["compute"]) / wall
-    results["ours_overhead_share_excluding_compile"] = (wall - parts["compute"] - parts["compile"]["total"]) / wall
+    results["ours_overhead_share_excluding_compile"] = (
+        wall - parts["compute"] - parts["compile"]["total"]
+    ) / wall
     results["ours_loads_share"] = seconds.get("apply", 0.0) / wall
     results["ours_overhead_s"] = parts["split"]
     results["flow_parts_s"] = {k[5:]: v for k, v in seconds.items() if k.startswith("flow_")}

@@ -21,7 +21,7 @@ seconds from `t0`, adding its time and count to the bucket (`seconds`, `calls`):
   stage_<stage>        (`finish`) the stage's span: from its first job's first event to its last one's
                        last (its tasks' start-ups before it and the flow's collecting after it are not in
                        it: they are in what the summary calls `prefect_and_flow`)
-  <final>_tail         (`finish`) the stages off the card still running after the last card stage
+  <clip>_tail          (`finish`) the stages off the card still running after the last card stage
   flow_before_stages,  (`finish`) from `t0` to the first stage's span, and from the last span to the
   flow_after_stages    end (the flow's set-up; its finish, the run's release of what it loaded)
 
@@ -35,7 +35,7 @@ import time
 from collections.abc import Sequence
 
 from t2v.engine.hooks import Event
-from t2v.pipeline import FINAL, PIPELINE, Stage, diffuse, stage_named
+from t2v.pipeline import CLIP, Stage, diffuse, stage_named, stages
 
 Record = tuple[str, str, float, float]
 
@@ -47,7 +47,8 @@ def label(stage: Stage) -> str:
 
 
 def card_labels() -> tuple[str, ...]:
-    return tuple(label(s) for s in PIPELINE if s.on_card)
+    """Labels of the stages a run computes on the card, in order."""
+    return tuple(label(s) for s in stages() if s.on_card)
 
 
 class Timeline:
@@ -110,13 +111,13 @@ class Timeline:
         """At the run's end (`end`, a perf_counter time): the stages' spans, the tail of the stages off
         the card and the flow's time around the spans."""
         with self._lock:
-            spans = {s: self._spans[s.name] for s in PIPELINE if s.name in self._spans}
+            spans = {s: self._spans[s.name] for s in stages() if s.name in self._spans}
         for stage, (first, last) in spans.items():
             self.add(f"stage_{label(stage)}", "flow", first, last)
         card_end = max((last for s, (_, last) in spans.items() if s.on_card), default=None)
         off_end = max((last for s, (_, last) in spans.items() if not s.on_card), default=None)
         if card_end is not None and off_end is not None:
-            self._count(f"{label(FINAL)}_tail", max(0.0, off_end - card_end))
+            self._count(f"{label(CLIP)}_tail", max(0.0, off_end - card_end))
         if spans:
             self._count("flow_before_stages", min(first for first, _ in spans.values()) - self.t0)
             self._count("flow_after_stages", end - max(last for _, last in spans.values()))
