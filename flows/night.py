@@ -37,7 +37,9 @@ def run_stages(jobs: Sequence[JobSpec], ctx: RunContext, logger: Logger, *, tabl
         # The card is the run's from the first card stage to the last (tasks.stages.gpu_slot).
         with gpu_slot(ctx):
             for i, stage in enumerate(on_card):
-                for ahead in on_card[i : i + 2]:  # this stage's component (the first waits for it), the next's
+                for ahead in on_card[
+                    i : i + 2
+                ]:  # this stage's component (the first waits for it), the next's
                     prefetch(ahead, jobs, ctx)
                 then = off_card.start if stage is on_card[-1] else None
                 _stage(stage, jobs, ctx, failed, logger, then=then)
@@ -90,7 +92,9 @@ class _Chains:
     def collect(self, jobs: Sequence[JobSpec]) -> dict[str, str]:
         """Wait for every chain; the last stage's results by template, in the jobs' order."""
         done: dict[str, str] = {}
-        bar = tqdm(total=len(self._pending) * len(self.stages), desc=self.stages[-1].name if self.stages else "")
+        bar = tqdm(
+            total=len(self._pending) * len(self.stages), desc=self.stages[-1].name if self.stages else ""
+        )
         while self._pending:
             future = next(iter(as_completed(list(self._pending))))
             job, index = self._pending.pop(future)

@@ -34,7 +34,9 @@ def nightly(
     jobs = select_shard(Catalogue.from_file(catalogue, ref.rules).jobs, shard)
     check_jobs(jobs, ref, catalogue=catalogue)
     clean_up_after_crashes(settings)
-    night = Night(jobs=jobs, outputs_dir=settings.outputs_dir / date.today().isoformat(), fp8_storage=fp8_storage)
+    night = Night(
+        jobs=jobs, outputs_dir=settings.outputs_dir / date.today().isoformat(), fp8_storage=fp8_storage
+    )
     ctx = start_run(
         "nightly",
         jobs,

@@ -39,6 +39,10 @@ def rerun(run_id: str | None = None) -> dict:
         jobs_json=parent["jobs_json"],
     )
     logger.info(
-        "run %s: re-running %s, %d job(s) on model %s", ctx.run_id, parent["id"], len(night.jobs), plan.model.identity
+        "run %s: re-running %s, %d job(s) on model %s",
+        ctx.run_id,
+        parent["id"],
+        len(night.jobs),
+        plan.model.identity,
     )
     return run_stages(night.jobs, ctx, logger) | {"parent_run_id": parent["id"]}

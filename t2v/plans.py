@@ -64,7 +64,9 @@ class PlanOptions:
         return parts
 
     def weights_key(self) -> str:
-        return "|".join(f"{f.name}={getattr(self, f.name)}" for f in fields(self) if f.metadata.get("moves_weights"))
+        return "|".join(
+            f"{f.name}={getattr(self, f.name)}" for f in fields(self) if f.metadata.get("moves_weights")
+        )
 
     def prepare(self, module: torch.nn.Module) -> torch.nn.Module:
         """Before the weights are placed (wrappers that offloading hooks must see, storage dtypes)."""

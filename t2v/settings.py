@@ -109,5 +109,5 @@ class Settings:
 
 
 def get_settings() -> Settings:
-    """Read the environment now (tests change it between calls); the CLI and the flows call it once per run."""
+    """Read the environment now (tests change it between calls); a run calls it once, when it starts."""
     return Settings.from_env()

@@ -13,8 +13,8 @@ import pytest
 
 from flows.nightly import nightly
 from t2v.dashboard import Dashboard, make_server, summary
-from t2v.runlog import RunLog, sqlite_url
 from t2v.pipeline import CLIP, PIPELINE
+from t2v.runlog import RunLog, sqlite_url
 from t2v.store import Store
 
 CHROMIUM = "/usr/bin/chromium"

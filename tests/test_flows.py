@@ -11,8 +11,8 @@ from flows.generate import generate
 from flows.nightly import nightly
 from t2v.context import RunContext
 from t2v.jobs import JobSpec
-from t2v.runlog import RunLog, sqlite_url
 from t2v.pipeline import PIPELINE
+from t2v.runlog import RunLog, sqlite_url
 from t2v.settings import get_settings
 from tasks.stages import TASKS
 

@@ -107,7 +107,9 @@ def caption_stage():
 def test_a_stage_added_through_the_registry_alone_runs_in_a_night_and_is_skipped_the_next(
     data_dir, write_catalogue, caption_stage
 ):
-    catalogue = write_catalogue({"name": "fox", "prompt": "a fox in snow"}, {"name": "owl", "prompt": "an owl"})
+    catalogue = write_catalogue(
+        {"name": "fox", "prompt": "a fox in snow"}, {"name": "owl", "prompt": "an owl"}
+    )
 
     first = nightly(str(catalogue), "tiny")
     second = nightly(str(catalogue), "tiny")

@@ -193,7 +193,9 @@ def test_a_job_waiting_for_the_card_has_no_row_yet_and_its_row_does_not_count_th
     time.sleep(1.0)  # the second job is waiting for the card all this time
 
     def decode_rows():
-        return [r for r in stage_runner.runlog.run(stage_runner.run_id)["stages"] if r["stage"] == DECODE.name]
+        return [
+            r for r in stage_runner.runlog.run(stage_runner.run_id)["stages"] if r["stage"] == DECODE.name
+        ]
 
     assert [(r["template"], r["status"]) for r in decode_rows()] == [("fox", "running")]
     go_on.set()

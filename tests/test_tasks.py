@@ -66,7 +66,10 @@ def client():
 @pytest.fixture
 def ctx(tmp_path) -> RunContext:
     return RunContext(
-        run_id="r", model="tiny", outputs_dir=tmp_path, settings=Settings(data_dir=tmp_path, database_url="sqlite://")
+        run_id="r",
+        model="tiny",
+        outputs_dir=tmp_path,
+        settings=Settings(data_dir=tmp_path, database_url="sqlite://"),
     )
 
 

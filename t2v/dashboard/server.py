@@ -127,7 +127,11 @@ class _Handler(BaseHTTPRequestHandler):
                 return
         runs = self.server.dashboard.runlog.runs(limit=limit)
         self._json(
-            {"stages": list(summary.stage_names()), "nights": summary.nights(runs), "trends": summary.trends(runs)},
+            {
+                "stages": list(summary.stage_names()),
+                "nights": summary.nights(runs),
+                "trends": summary.trends(runs),
+            },
             body=body,
         )
 

@@ -17,6 +17,7 @@ def stage_names() -> tuple[str, ...]:
     """The stages in pipeline order, as the run log names them."""
     return tuple(stage.name for stage in stages())
 
+
 __all__ = ["night", "nights", "stage_table", "trends"]
 
 _BAD = ("failed", "interrupted")

@@ -37,7 +37,9 @@ class Attempts:
         self.hooks = hooks
 
     def row(self, stage: Stage, job: JobSpec, job_key: str) -> dict:
-        return dict(run_id=self.run_id, job_key=job_key, template=job.template, stage=stage.name, model=self.model)
+        return dict(
+            run_id=self.run_id, job_key=job_key, template=job.template, stage=stage.name, model=self.model
+        )
 
     def skip(self, stage: Stage, job: JobSpec, job_key: str, key: str) -> None:
         self.runlog.record_skip(**self.row(stage, job, job_key), output_key=key)
@@ -92,7 +94,9 @@ class Attempts:
                 with hooks.span("card-wait", stage, job, plan):
                     card.enter_context(self.card)
                 card.enter_context(hooks.span("card", stage, job, plan))
-            with self.runlog.stage(**self.row(stage, job, job_key), plan=plan.name if plan else None) as record:
+            with self.runlog.stage(
+                **self.row(stage, job, job_key), plan=plan.name if plan else None
+            ) as record:
                 peak = PeakMemory(plan.device if plan is not None else "cpu")
                 try:
                     with peak, hooks.span("compute", stage, job, plan):

@@ -57,5 +57,7 @@ class Drills:
         marker = self.marker_dir / f"paused-at-{stage.name}"
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.write_text(f"{temp}\n")
-        log.warning("T2V_PAUSE_AT=%s: paused before publishing %s; waiting to be killed", stage.name, temp.name)
+        log.warning(
+            "T2V_PAUSE_AT=%s: paused before publishing %s; waiting to be killed", stage.name, temp.name
+        )
         time.sleep(PAUSE_SECONDS)

@@ -31,7 +31,9 @@ def host_has_room(name: str, size_bytes: int) -> bool:
     need = PREFETCH_ROOM * size_bytes
     free = psutil.virtual_memory().available
     if free < need:
-        log.info("not prefetching %s: %.1f GiB of host memory free, %.1f wanted", name, free / 2**30, need / 2**30)
+        log.info(
+            "not prefetching %s: %.1f GiB of host memory free, %.1f wanted", name, free / 2**30, need / 2**30
+        )
         return False
     return True
 

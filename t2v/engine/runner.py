@@ -110,7 +110,9 @@ class StageRunner:
         """The job's store keys, built once per job and run."""
         with self._lock:
             if job not in self._keys:
-                self._keys[job] = JobKeys.of(self.pipeline, KeyInputs(job, self.model, fp8=self.ctx.fp8_storage))
+                self._keys[job] = JobKeys.of(
+                    self.pipeline, KeyInputs(job, self.model, fp8=self.ctx.fp8_storage)
+                )
             return self._keys[job]
 
     def run(self, stage: Stage, job: JobSpec) -> str:
@@ -132,7 +134,9 @@ class StageRunner:
             def compute(plan: StagePlan | None):
                 return stage.compute(Work(stage=stage, job=job, keys=keys, run=self, plan=plan, state=state))
 
-            self.attempts.run(stage, job, job_key=keys.final, key=key, plans=self.plans(stage, job), compute=compute)
+            self.attempts.run(
+                stage, job, job_key=keys.final, key=key, plans=self.plans(stage, job), compute=compute
+            )
         if stage.result is None:
             return key
         return stage.result(Work(stage=stage, job=job, keys=keys, run=self))
@@ -141,7 +145,9 @@ class StageRunner:
         """The plans to try in order: the fastest that fits the card's budget, then the leaner ones."""
         if not stage.on_card:
             return [None]
-        ladder = stage.ladder(self.sizes(stage.component)[0], job, device=self.device, fp8=self.ctx.fp8_storage)
+        ladder = stage.ladder(
+            self.sizes(stage.component)[0], job, device=self.device, fp8=self.ctx.fp8_storage
+        )
         return choose(ladder, self.memory.budget_bytes)
 
     def sizes(self, component: str) -> tuple[ComponentSizes, int]:
@@ -150,7 +156,10 @@ class StageRunner:
         with self._lock:
             if component not in self._sizes:
                 module = registry.skeleton(self.model, component)
-                self._sizes[component] = (ComponentSizes.from_modules(**{component: module}), module_bytes(module))
+                self._sizes[component] = (
+                    ComponentSizes.from_modules(**{component: module}),
+                    module_bytes(module),
+                )
             return self._sizes[component]
 
     # --- components ------------------------------------------------------------------------------

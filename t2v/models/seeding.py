@@ -1,8 +1,8 @@
 """Seeded builds of the built-in models, one at a time in a process.
 
 The builders seed torch's global generator and draw their initial weights from it. A component can be
-built in the prefetch thread while a stage builds another (t2v.runner.Residency.prefetch); interleaved
-draws would change both models' weights, so every seeded build holds one lock while it draws.
+built in the prefetch thread while a stage builds another (t2v.engine.residency.Residency.prefetch);
+interleaved draws would change both models' weights, so every seeded build holds one lock while it draws.
 """
 
 from __future__ import annotations

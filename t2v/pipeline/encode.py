@@ -38,14 +38,18 @@ def key(k: KeyInputs) -> dict[str, object]:
     )
 
 
-def ladder(s: ComponentSizes, job: JobSpec, *, device: str, fp8: bool = False, texts: int = 2) -> list[StagePlan]:
+def ladder(
+    s: ComponentSizes, job: JobSpec, *, device: str, fp8: bool = False, texts: int = 2
+) -> list[StagePlan]:
     if not device.startswith("cuda"):
         return [StagePlan(STAGE.name, Placement.CPU, device="cpu", options=EncodeOptions())]
     tokens = texts * 512
     act = tokens * (s.text_dim * 4 * 8 + s.text_ff_dim * 4 * 3)
 
     def plan(placement: Placement, estimate: int) -> StagePlan:
-        return StagePlan(STAGE.name, placement, device=device, options=EncodeOptions(), estimate_bytes=estimate)
+        return StagePlan(
+            STAGE.name, placement, device=device, options=EncodeOptions(), estimate_bytes=estimate
+        )
 
     return [
         plan(Placement.GPU, s.text_encoder_bytes + act),

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
     from t2v.jobs import JobSpec
     from t2v.models.registry import ModelRef
-    from t2v.plans import ComponentSizes, StagePlan
+    from t2v.plans import StagePlan
     from t2v.store import Store
 
 Writer = Callable[[], object]
@@ -164,10 +164,3 @@ class Work:
         """The write of this stage's output tensors, for the compute to hand back."""
         store, stage, key = self.run.store, self.stage, self.key
         return lambda: store.save_tensors(stage, key, tensors)
-
-
-def plans_for(stage: Stage, sizes: ComponentSizes, job: JobSpec, *, device: str, fp8: bool) -> list[StagePlan]:
-    """The stage's ladder for this job on this device (a CPU stage has none)."""
-    if stage.ladder is None:
-        return []
-    return stage.ladder(sizes, job, device=device, fp8=fp8)
