@@ -142,6 +142,26 @@ def run_stock(case: str, masters: dict, tokenizer, job: JobSpec, device: str, st
 # --- ours: the planner, then the same stage functions the runner calls --------------------------
 
 
+def run_on_plans(stage, body, masters, sizes, job, device, budget, record_stream, fp8, plans_used, attempts):
+    """`body(plan, module)` on the stage's plans in order until one does not run out of memory, as the
+    runner's attempts do; the plan taken goes to `plans_used`, each out-of-memory to `attempts`."""
+    component = stage.component
+    for plan in choose(stage.ladder(sizes[component], job, device=device, fp8=fp8), budget):
+        plan = replace(plan, record_stream=record_stream)
+        module = None
+        try:
+            module = apply(plan, fullsize.clone(masters[component]))
+            out = body(plan, module)
+            plans_used[stage.name] = plan.name
+            return out
+        except torch.OutOfMemoryError as exc:
+            attempts.append(f"{plan.name}: OOM ({str(exc).splitlines()[0][:80]})")
+        finally:
+            del module
+            free_cuda()
+    raise RuntimeError(f"{stage.name}: no plan fits")
+
+
 def run_ours(
     case: str,
     masters: dict,
@@ -162,21 +182,9 @@ def run_ours(
         torch.cuda.reset_peak_memory_stats()
 
     def with_plans(stage, body):
-        component = stage.component
-        for plan in choose(stage.ladder(sizes[component], job, device=device, fp8=fp8), budget):
-            plan = replace(plan, record_stream=record_stream)
-            module = None
-            try:
-                module = apply(plan, fullsize.clone(masters[component]))
-                out = body(plan, module)
-                plans_used[stage.name] = plan.name
-                return out
-            except torch.OutOfMemoryError as exc:
-                attempts.append(f"{plan.name}: OOM ({str(exc).splitlines()[0][:80]})")
-            finally:
-                del module
-                free_cuda()
-        raise RuntimeError(f"{stage.name}: no plan fits")
+        return run_on_plans(
+            stage, body, masters, sizes, job, device, budget, record_stream, fp8, plans_used, attempts
+        )
 
     def encode_prompts():
         return with_plans(

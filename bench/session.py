@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
-from bench.night import NEGATIVE, has_ffmpeg, night_templates
+from bench.night import NEGATIVE, gpu_machine_hooks, has_ffmpeg, night_templates
 
 GiB = 2**30
 
@@ -82,7 +82,6 @@ def open_session(args: argparse.Namespace) -> Session:
     import torch
 
     import t2v  # noqa: F401  (its allocator settings, before CUDA starts)
-    from bench.night import gpu_machine_hooks
     from t2v.engine import Hooks
     from t2v.models.registry import RANDOM_FULL_SIZE, resolve_model
 
