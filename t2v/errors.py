@@ -19,3 +19,11 @@ class ModelNotFound(T2VError):
 
 class NoPlanFits(T2VError):
     """Every memory plan for a stage ran out of memory."""
+
+
+class StoreDamaged(T2VError):
+    """A stored output a stage needs is missing or failed its digest check (and was moved aside)."""
+
+
+class NonFiniteOutput(T2VError):
+    """A stage computed NaN or infinite values: nothing is stored or published."""

@@ -19,6 +19,8 @@ from diffusers import WanPipeline
 from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
 
+from t2v.errors import NonFiniteOutput
+
 if TYPE_CHECKING:
     from t2v.jobs import JobSpec
 
@@ -146,6 +148,11 @@ def decode_latents(vae: torch.nn.Module, latents: torch.Tensor, *, device: torch
         latents.device, latents.dtype
     )
     video = vae.decode(latents / std + mean, return_dict=False)[0]
+    if not torch.isfinite(video).all():
+        # Clipped to [0, 1] below, NaN would become black frames that look like a clip.
+        raise NonFiniteOutput(
+            "the decoded frames hold NaN or infinite values; nothing is stored or published"
+        )
     frames = VideoProcessor(vae_scale_factor=config.scale_factor_spatial).postprocess_video(
         video, output_type="np"
     )

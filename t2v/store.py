@@ -1,7 +1,9 @@
 """Content-addressed store: each stage's output is a file named by a hash of everything that made it.
 
 A file appears under its final name only when it is complete (written to a temporary name in the
-same folder, flushed, then renamed), so a crash at any point leaves either nothing or a whole file.
+same folder, flushed, its digest recorded, then renamed), so a crash at any point leaves either nothing
+or a whole file; `check` finds a file damaged since (`t2v.digests`). Published clips are copies, never
+links into the store: a user replacing a delivered file cannot change what the store holds.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from typing import Protocol
 import psutil
 import torch
 from safetensors.torch import load_file, save_file
+
+from t2v.digests import Digests, Verdict, file_digest
 
 _TEMP_MARK = ".partial-"
 
@@ -43,6 +47,7 @@ class Store:
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
+        self.digests = Digests(self.root / "quarantine")
         self.on_written: Callable[[Kind, Path], None] | None = None
         """Called with (stage, temporary path) once a file is written and before it is renamed into
         place; the runner's crash drill (T2V_PAUSE_AT) waits there to be killed."""
@@ -51,7 +56,13 @@ class Store:
         return self.root / stage.folder / key[:2] / f"{key}{stage.suffix}"
 
     def has(self, stage: Kind, key: str) -> bool:
+        """Whether the file is there (unchecked: see `check` before using or skipping it)."""
         return self.path(stage, key).is_file()
+
+    def check(self, stage: Kind, key: str) -> tuple[Verdict, str]:
+        """Whether the output is stored and whole; a damaged one is moved to `<root>/quarantine`, so
+        that its stage computes it again. Returns the verdict and, when damaged, what happened."""
+        return self.digests.check(self.path(stage, key))
 
     @contextmanager
     def writing(self, stage: Kind, key: str) -> Iterator[Path]:
@@ -65,6 +76,7 @@ class Store:
             if self.on_written is not None:
                 self.on_written(stage, temp)
             _fsync(temp)
+            self.digests.record(temp, final)
             os.replace(temp, final)
         finally:
             temp.unlink(missing_ok=True)
@@ -98,21 +110,45 @@ def sweep_partials(folder: Path) -> int:
 
 
 def publish(source: Path, dest: Path) -> Path:
-    """Put a stored clip at a user-facing path atomically (hard link where possible, else a copy)."""
+    """Put a stored clip at a user-facing path atomically, as a file of its own (a reflink where the
+    filesystem has them, else a copy); a file already there with the same bytes is left as it is."""
     dest.parent.mkdir(parents=True, exist_ok=True)
+    if _same_bytes(source, dest):
+        return dest
     temp = dest.with_name(f"{_TEMP_MARK}{os.getpid()}-{dest.name}")
-    temp.unlink(missing_ok=True)
     try:
-        try:
-            os.link(source, temp)
-        except OSError:
-            shutil.copyfile(source, temp)
+        _clone(source, temp)
+        _fsync(temp)
         os.replace(temp, dest)
     finally:
-        # rename() of two links to one file does nothing and keeps both names: the clip was published
-        # already (a re-run of a night killed after publishing it), and the temporary name must go.
         temp.unlink(missing_ok=True)
     return dest
+
+
+def _same_bytes(source: Path, dest: Path) -> bool:
+    try:
+        if dest.stat().st_size != source.stat().st_size:
+            return False
+    except FileNotFoundError:
+        return False
+    return file_digest(dest) == file_digest(source)
+
+
+_FICLONE = 0x40049409
+"""Linux ioctl: make `dest` share `source`'s blocks copy-on-write (btrfs, XFS): instant, and a later
+write to either file leaves the other as it was."""
+
+
+def _clone(source: Path, dest: Path) -> None:
+    import fcntl
+
+    with open(source, "rb") as src, open(dest, "wb") as dst:
+        try:
+            fcntl.ioctl(dst.fileno(), _FICLONE, src.fileno())
+            return
+        except OSError:
+            pass  # no reflinks here (ext4, tmpfs, another filesystem): copy the bytes
+        shutil.copyfileobj(src, dst, 8 * 2**20)
 
 
 def _writer_alive(temp: Path) -> bool:
@@ -129,8 +165,7 @@ def _writer_alive(temp: Path) -> bool:
         return False
     except psutil.Error:
         return True  # exists but cannot be inspected: leave its file alone
-    # A hard link (`publish`) has its source's mtime; the link's own time is its inode's ctime.
-    written = max(stat.st_mtime, stat.st_ctime) if stat.st_nlink > 1 else stat.st_mtime
+    written = stat.st_mtime
     # A process cannot have written a file before it started: an older file is from an earlier
     # process that had the same pid (containers reuse low pids every night).
     return written + 1.0 >= started

@@ -12,7 +12,7 @@ import torch
 from t2v.engine.card import Card
 from t2v.engine.hooks import Hooks
 from t2v.engine.residency import Residency
-from t2v.errors import NoPlanFits
+from t2v.errors import NoPlanFits, StoreDamaged
 from t2v.jobs import JobSpec
 from t2v.pipeline import Stage
 from t2v.pipeline.stage import Writer
@@ -43,6 +43,14 @@ class Attempts:
 
     def skip(self, stage: Stage, job: JobSpec, job_key: str, key: str) -> None:
         self.runlog.record_skip(**self.row(stage, job, job_key), output_key=key)
+
+    def damaged(self, stage: Stage, job: JobSpec, job_key: str, why: str) -> None:
+        """A failed row for a stored output found damaged (and moved aside), before it is computed again."""
+        try:
+            with self.runlog.stage(**self.row(stage, job, job_key), plan=None):
+                raise StoreDamaged(why)
+        except StoreDamaged:
+            pass
 
     def run(
         self,

@@ -17,11 +17,13 @@ from typing import Any
 import torch
 
 from t2v.context import RunContext, open_runlog
+from t2v.digests import Verdict
 from t2v.engine.attempts import Attempts
 from t2v.engine.card import Card
 from t2v.engine.drills import Drills
 from t2v.engine.hooks import Hooks, hooks_from
 from t2v.engine.residency import Residency, host_has_room
+from t2v.errors import StoreDamaged
 from t2v.jobs import JobSpec
 from t2v.models import registry
 from t2v.models.registry import ModelRef, resolve_model
@@ -120,15 +122,13 @@ class StageRunner:
         `result` gives (the published clip's path)."""
         keys = self.keys(job)
         key = keys[stage]
-        if self.store.has(stage, key):
+        verdict, why = self.store.check(stage, key)
+        if verdict is Verdict.OK:
             self.attempts.skip(stage, job, keys.final, key)
         else:
-            for source in stage.inputs:
-                if not self.store.has(source, keys[source]):
-                    raise FileNotFoundError(
-                        f"{job.template}: the {source.name} output {keys[source]} is not in the store; "
-                        f"run the {source.name} stage first"
-                    )
+            if verdict is Verdict.DAMAGED:  # moved aside: computed again now, as if never stored
+                self.attempts.damaged(stage, job, keys.final, why)
+            self._check_inputs(stage, job, keys)
             state = self._state.get(stage.name)
 
             def compute(plan: StagePlan | None):
@@ -140,6 +140,19 @@ class StageRunner:
         if stage.result is None:
             return key
         return stage.result(Work(stage=stage, job=job, keys=keys, run=self))
+
+    def _check_inputs(self, stage: Stage, job: JobSpec, keys: JobKeys) -> None:
+        for source in stage.inputs:
+            verdict, why = self.store.check(source, keys[source])
+            if verdict is Verdict.DAMAGED:
+                self.attempts.damaged(source, job, keys.final, why)
+            if verdict is not Verdict.OK:
+                path = self.store.path(source, keys[source])
+                raise StoreDamaged(
+                    f"{job.template}: the {source.name} output {path} is "
+                    f"{'damaged and was moved aside' if verdict is Verdict.DAMAGED else 'not in the store'}; "
+                    f"`t2v rerun --last` computes it again"
+                )
 
     def plans(self, stage: Stage, job: JobSpec) -> list[StagePlan | None]:
         """The plans to try in order: the fastest that fits the card's budget, then the leaner ones."""

@@ -10,6 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from t2v import stages
+from t2v.errors import NonFiniteOutput
 from t2v.jobs import JobSpec
 from t2v.pipeline import encode
 from t2v.pipeline.stage import KeyInputs, Stage, Work, Writer
@@ -152,6 +153,11 @@ def compute(work: Work) -> Writer:
             shared_timestep=options.shared_timestep,
             cfg_batch=options.cfg_batch,
             on_step=lambda i, n: bar.update(1),
+        )
+    if not torch.isfinite(latents).all():
+        raise NonFiniteOutput(
+            f"{job.template}: the latents hold NaN or infinite values after {job.steps} steps; nothing is "
+            "stored or published (the model's weights, or a switch such as --fp8-storage, may be the cause)"
         )
     # Off the card while it is ours: the write then runs beside the next job's compute.
     return work.save_tensors({"latents": latents.cpu()})

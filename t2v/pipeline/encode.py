@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from t2v import stages
+from t2v.errors import NonFiniteOutput
 from t2v.jobs import JobSpec
 from t2v.pipeline.stage import KeyInputs, Stage, Work, Writer
 from t2v.plans import ComponentSizes, Placement, PlanOptions, StagePlan
@@ -92,6 +93,8 @@ def compute(work: Work) -> Writer:
     tensors = {"cond": texts.embed(work, encoder, work.job.prompt)}
     if work.job.cfg:
         tensors["uncond"] = texts.embed(work, encoder, work.job.negative_prompt)
+    if not all(torch.isfinite(t).all() for t in tensors.values()):
+        raise NonFiniteOutput(f"{work.job.template}: the prompt's embeddings hold NaN or infinite values")
     return work.save_tensors(tensors)
 
 
