@@ -37,7 +37,9 @@ def _frames(path: Path) -> int:
 def runner(tmp_path: Path) -> StageRunner:
     settings = Settings(data_dir=tmp_path, database_url=f"sqlite:///{tmp_path / 'runs.db'}")
     run_id = RunLog(settings.runlog_url).start_run(kind="generate", model="tiny")
-    return StageRunner(RunContext(run_id=run_id, model="tiny", outputs_dir=tmp_path / "out", settings=settings))
+    return StageRunner(
+        RunContext(run_id=run_id, model="tiny", outputs_dir=tmp_path / "out", settings=settings)
+    )
 
 
 def _rows(runner: StageRunner) -> list[tuple[str, str]]:
@@ -64,7 +66,9 @@ def test_a_damaged_output_is_moved_aside_and_computed_again_in_the_same_night(da
     damaged = sorted(r["stage"] for r in run["stages"] if r["status"] == "failed")
     assert damaged == sorted([ENCODE.name, DECODE.name, CLIP.name])
     assert all("StoreDamaged" in r["error"] for r in run["stages"] if r["status"] == "failed")
-    quarantined = {p.name.split(".")[0] for p in (data_dir / "store" / "quarantine").rglob("*") if p.is_file()}
+    quarantined = {
+        p.name.split(".")[0] for p in (data_dir / "store" / "quarantine").rglob("*") if p.is_file()
+    }
     assert quarantined == {frames.stem, clip.stem, embeddings.stem}
     for path in (frames, clip, embeddings):  # each computed again, whole, under its own key
         assert store.digests.check(path)[0].value == "ok"
