@@ -8,7 +8,9 @@ variable changed mid-night changes nothing. Every variable has one parser here; 
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,18 +23,95 @@ PAUSE_SECONDS = 600.0
 """How long a `T2V_PAUSE_AT` pause lasts if nobody kills the process: it then goes on normally."""
 
 
+def _read_number(env: Mapping[str, str], name: str, unit: str, *, zero_ok: bool = False) -> float | None:
+    """$name as a number of `unit`, None when unset. Refused, naming the variable: a value set but
+    empty, anything that is not a number, nan and inf, a negative number, and zero unless `zero_ok`."""
+    raw = env.get(name)
+    if raw is None:
+        return None
+    text = raw.strip()
+    # Set to nothing is a mistake (an empty substitution in a script), not a request for the default.
+    if not text:
+        raise InvalidInput(f"`{name}` is set but empty; unset it or give a number of {unit}.")
+    try:
+        value = float(text)
+    except ValueError:
+        raise InvalidInput(f"`{name}` must be a number of {unit} but is {text!r}.") from None
+    if not math.isfinite(value):
+        raise InvalidInput(f"`{name}` must be a finite number of {unit} but is {text!r}.")
+    if value < 0 or (value == 0 and not zero_ok):
+        raise InvalidInput(f"`{name}` must be {'>= 0' if zero_ok else 'positive'} but is {text!r}.")
+    return value
+
+
 def read_vram_budget(env: Mapping[str, str]) -> float | None:
     """$T2V_VRAM_BUDGET_GB as GiB, None when unset; raises InvalidInput for anything but a positive number."""
-    raw = env.get(VRAM_BUDGET_ENV, "").strip()
+    return _read_number(env, VRAM_BUDGET_ENV, "GiB")
+
+
+def _read_seconds(env: Mapping[str, str], name: str, default: float) -> float:
+    # Zero is a setting here (T2V_CHECKPOINT_S=0: after every step), so only it may be 0.
+    value = _read_number(env, name, "seconds", zero_ok=True)
+    return default if value is None else value
+
+
+_GLOB = re.compile(r"[*?\[]")
+_HOOKS = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
+
+
+def _read_inject_oom(env: Mapping[str, str]) -> str:
+    """$T2V_INJECT_OOM: comma-separated `stage:plan` or `template/stage:plan` patterns; a stage named
+    without wildcards must be one (a typo would make a drill that never fires, and so passes)."""
+    raw = env.get("T2V_INJECT_OOM", "")
+    for pattern in (p.strip() for p in raw.split(",")):
+        if not pattern:
+            continue
+        stage, colon, plan = pattern.rpartition("/")[2].partition(":")
+        if not colon or not stage or not plan:
+            raise InvalidInput(
+                "`T2V_INJECT_OOM` must be comma-separated `stage:plan` or `template/stage:plan` patterns "
+                f"(`*` matches any) but has {pattern!r}."
+            )
+        if not _GLOB.search(stage):
+            _stage_named("T2V_INJECT_OOM", stage)
+    return raw
+
+
+def _read_pause_at(env: Mapping[str, str]) -> str:
+    """$T2V_PAUSE_AT: a stage name, or `stage@step` to pause after that denoising step."""
+    raw = env.get("T2V_PAUSE_AT", "").strip()
     if not raw:
-        return None
+        return ""
+    name, at, step = raw.partition("@")
+    _stage_named("T2V_PAUSE_AT", name)
+    if at and not (step.isdigit() and int(step) >= 1):
+        raise InvalidInput(f"`T2V_PAUSE_AT` must be `stage` or `stage@step` (step >= 1) but is {raw!r}.")
+    return raw
+
+
+def _stage_named(variable: str, name: str) -> None:
+    # Imported here: the stage registry pulls in torch, and settings are read by `t2v --help`'s imports.
+    from t2v.pipeline import stage_named
+
     try:
-        value = float(raw)
-    except ValueError:
-        raise InvalidInput(f"`{VRAM_BUDGET_ENV}` must be a number of GiB but is {raw!r}.") from None
-    if not value > 0:
-        raise InvalidInput(f"`{VRAM_BUDGET_ENV}` must be positive but is {raw!r}.")
-    return value
+        stage_named(name)
+    except InvalidInput as exc:
+        raise InvalidInput(f"`{variable}` names {exc}") from None
+
+
+def _read_hooks(env: Mapping[str, str]) -> str:
+    # The format only: importing the module would run its code in every command, `--help` aside.
+    spec = env.get("T2V_HOOKS", "").strip()
+    if spec and not _HOOKS.fullmatch(spec):
+        raise InvalidInput(f"`T2V_HOOKS` must be `module:function` but is {spec!r}.")
+    return spec
+
+
+def _read_data_dir(env: Mapping[str, str]) -> Path:
+    data_dir = Path(env.get("T2V_DATA_DIR") or "data").expanduser().resolve()
+    if data_dir.exists() and not data_dir.is_dir():
+        raise InvalidInput(f"`T2V_DATA_DIR` must be a folder but is '{data_dir}', a file.")
+    return data_dir
 
 
 def _read_compile(env: Mapping[str, str]) -> str:
@@ -67,6 +146,10 @@ class Settings:
     it at the worst moment."""
     inductor_cache: Path | None = None
     """$TORCHINDUCTOR_CACHE_DIR if the user set one."""
+    checkpoint_seconds: float = 60.0
+    """$T2V_CHECKPOINT_S: a diffusion saves its state at most this often (0: after every step), so that
+    a killed night's re-run continues from there. At 720P a step takes ~2.2 s on an H200 and a save
+    ~0.1 s (docs/benchmarks.md)."""
     hooks: str = ""
     """$T2V_HOOKS: `module:function` returning extra `t2v.engine.Hooks` for every run of this process
     (benchmarks and instrumentation in worker processes); empty for none."""
@@ -75,17 +158,18 @@ class Settings:
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         """Read and check every variable now; raises InvalidInput naming a bad one."""
         env = os.environ if env is None else env
-        data_dir = Path(env.get("T2V_DATA_DIR") or "data").expanduser().resolve()
+        data_dir = _read_data_dir(env)
         cache = env.get("TORCHINDUCTOR_CACHE_DIR")
         return cls(
             data_dir=data_dir,
             database_url=env.get("T2V_DATABASE_URL") or None,
             vram_budget_gib=read_vram_budget(env),
-            inject_oom=env.get("T2V_INJECT_OOM", ""),
+            inject_oom=_read_inject_oom(env),
             compile=_read_compile(env),
-            pause_at=env.get("T2V_PAUSE_AT", "").strip(),
+            pause_at=_read_pause_at(env),
             inductor_cache=Path(cache) if cache else None,
-            hooks=env.get("T2V_HOOKS", "").strip(),
+            checkpoint_seconds=_read_seconds(env, "T2V_CHECKPOINT_S", 60.0),
+            hooks=_read_hooks(env),
         )
 
     @property

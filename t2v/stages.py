@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import nullcontext
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -19,6 +19,7 @@ from diffusers import WanPipeline
 from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
 
+from t2v.checkpoints import Checkpoint, restore_scheduler
 from t2v.errors import NonFiniteOutput
 
 if TYPE_CHECKING:
@@ -83,11 +84,21 @@ def denoise(
     shared_timestep: bool = True,
     cfg_batch: int = 2,
     on_step: Callable[[int, int], None] | None = None,
+    resume: Checkpoint | None = None,
+    after_step: Callable[[int, torch.Tensor, Any], None] | None = None,
 ) -> torch.Tensor:
-    """Run the scheduler's steps from `latents`; `uncond` None (or guidance <= 1) means no guidance."""
+    """Run the scheduler's steps from `latents`; `uncond` None (or guidance <= 1) means no guidance.
+
+    With `resume`, the steps it holds are not run again: its latents and scheduler state replace
+    `latents` and the fresh state, and the loop starts at its step. `after_step(done, latents,
+    scheduler)` is called after each step (to save a checkpoint)."""
     device = latents.device
     scheduler.set_timesteps(steps, device=device)
     scheduler.set_begin_index(0)
+    start = 0
+    if resume is not None:
+        restore_scheduler(scheduler, resume.scheduler, device)
+        latents, start = resume.latents.to(device, latents.dtype), resume.step
     use_cfg = guidance > 1.0 and uncond is not None
     cond = cond.to(device, compute_dtype)
     if use_cfg:
@@ -97,6 +108,8 @@ def denoise(
     # transformer then projects it once per token (~2 GB fp32 per sample at 720P) for nothing.
     tokens = latents[0, 0, :, ::2, ::2].numel()
     for i, t in enumerate(scheduler.timesteps):
+        if i < start:
+            continue
         x = latents.to(compute_dtype)
         t_value = t.to(torch.float32)
         if shared_timestep:
@@ -128,6 +141,8 @@ def denoise(
         latents = scheduler.step(noise, t, latents, return_dict=False)[0]
         if on_step is not None:
             on_step(i + 1, steps)
+        if after_step is not None:
+            after_step(i + 1, latents, scheduler)
     return latents
 
 

@@ -15,6 +15,7 @@ import shutil
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -33,6 +34,14 @@ class Kind(Protocol):
     @property
     def folder(self) -> str: ...
 
+    suffix: str
+
+
+@dataclass(frozen=True)
+class Folder:
+    """Files the store keeps that are no stage's output (a diffusion's checkpoints)."""
+
+    folder: str
     suffix: str
 
 
@@ -80,6 +89,12 @@ class Store:
             os.replace(temp, final)
         finally:
             temp.unlink(missing_ok=True)
+
+    def remove(self, stage: Kind, key: str) -> None:
+        """Delete a stored file and its digest (a checkpoint whose result is stored)."""
+        path = self.path(stage, key)
+        path.unlink(missing_ok=True)
+        path.with_name(path.name + ".sha256").unlink(missing_ok=True)
 
     def save_tensors(self, stage: Kind, key: str, tensors: dict[str, torch.Tensor]) -> Path:
         with self.writing(stage, key) as temp:

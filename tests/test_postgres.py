@@ -11,9 +11,10 @@ from datetime import UTC
 import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DataError
 
 from flows.nightly import nightly
-from t2v.runlog import RunLog
+from t2v.runlog import RunLog, RunLogUnavailable
 
 TEST_URL = "T2V_TEST_POSTGRES_URL"
 
@@ -79,6 +80,92 @@ def test_runlog_api_on_postgres(pg_url):
     started = runlog._read(lambda s: s.execute(text("SELECT started FROM runs LIMIT 1")).scalar())
     assert started.tzinfo is not None and started.utcoffset() == UTC.utcoffset(None)
     runlog.close()
+
+
+LONG = "/mnt/models/" + "m" * 288  # 300 characters, over the VARCHAR(200) of older releases
+
+# The tables as the releases before TEXT columns created them on PostgreSQL.
+OLD_SCHEMA = """
+CREATE TABLE runs (
+    id VARCHAR(32) PRIMARY KEY, kind VARCHAR(16) NOT NULL, started TIMESTAMP WITH TIME ZONE NOT NULL,
+    finished TIMESTAMP WITH TIME ZONE, status VARCHAR(16) NOT NULL, model VARCHAR(200) NOT NULL,
+    catalogue VARCHAR(500), parent_run_id VARCHAR(32), pid INTEGER NOT NULL, host VARCHAR(255) NOT NULL,
+    jobs_json TEXT
+);
+CREATE TABLE stage_runs (
+    id SERIAL PRIMARY KEY, run_id VARCHAR(32) NOT NULL REFERENCES runs (id), job_key VARCHAR(128) NOT NULL,
+    template VARCHAR(200) NOT NULL, stage VARCHAR(16) NOT NULL, model VARCHAR(200) NOT NULL,
+    plan VARCHAR(100), attempt INTEGER NOT NULL, started TIMESTAMP WITH TIME ZONE NOT NULL,
+    finished TIMESTAMP WITH TIME ZONE, wall_s FLOAT, peak_allocated_gib FLOAT, peak_reserved_gib FLOAT,
+    peak_nvml_gib FLOAT, peak_rss_gib FLOAT, status VARCHAR(16) NOT NULL, error TEXT,
+    output_key VARCHAR(500), pid INTEGER NOT NULL
+);
+CREATE INDEX ix_stage_runs_run_id ON stage_runs (run_id);
+CREATE INDEX ix_stage_runs_job_key ON stage_runs (job_key);
+INSERT INTO runs VALUES ('0123456789abcdef0123456789abcdef', 'nightly', now(), now(), 'ok', 'tiny',
+    NULL, NULL, 1, 'old-host', NULL);
+"""
+
+
+def _round_trip_long_values(runlog: RunLog) -> None:
+    run_id = runlog.start_run(kind="nightly", model=LONG, catalogue=LONG + ".toml")
+    with runlog.stage(run_id=run_id, job_key="j", template=LONG, stage="encode", model=LONG, plan=LONG) as r:
+        r.output_key = LONG
+    with pytest.raises(RuntimeError):
+        with runlog.stage(run_id=run_id, job_key="j", template="fox", stage="diffuse", model=LONG):
+            raise RuntimeError("x" * 5000 + "\x00")  # cut to 2000 characters, NUL kept out of the text
+    run = runlog.run(run_id)
+    assert (run["model"], run["catalogue"]) == (LONG, LONG + ".toml")
+    first, failed = run["stages"]
+    assert [first[k] for k in ("template", "model", "plan", "output_key")] == [LONG] * 4
+    assert (failed["status"], len(failed["error"])) == ("failed", 2000)
+
+
+def test_long_values_round_trip_on_postgres(pg_url):
+    _round_trip_long_values(RunLog(pg_url))
+
+
+def test_an_old_varchar_run_log_is_widened_at_open(pg_url):
+    engine = create_engine(pg_url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(OLD_SCHEMA)
+    with pytest.raises(DataError, match="too long"), engine.begin() as conn:  # what crashed every run
+        conn.execute(text("UPDATE runs SET model = :m"), {"m": LONG})
+
+    runlog = RunLog(pg_url)
+
+    with engine.connect() as conn:
+        types = dict(
+            conn.execute(
+                text(
+                    "SELECT table_name || '.' || column_name, data_type FROM information_schema.columns"
+                    " WHERE table_name IN ('runs', 'stage_runs')"
+                )
+            ).all()
+        )
+    engine.dispose()
+    for column in ("model", "catalogue", "host"):
+        assert types[f"runs.{column}"] == "text"
+    for column in ("template", "model", "plan", "output_key"):
+        assert types[f"stage_runs.{column}"] == "text"
+    assert types["stage_runs.job_key"] == "character varying"  # indexed: checked before a write instead
+    assert runlog.run("0123456789abcdef0123456789abcdef")["host"] == "old-host"  # old rows stay
+    _round_trip_long_values(runlog)
+    RunLog(pg_url).close()  # a second open finds nothing to widen
+
+
+def test_a_dropped_database_is_one_line(pg_url):
+    runlog = RunLog(pg_url)
+    run_id = runlog.start_run(kind="nightly", model="tiny")
+    runlog.close()
+    admin = create_engine(make_url(pg_url).set(database="postgres"), isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE "{make_url(pg_url).database}" WITH (FORCE)'))
+    admin.dispose()
+    with pytest.raises(RunLogUnavailable) as caught:
+        runlog.finish_run(run_id, status="ok")
+    message = str(caught.value)
+    assert "cannot write to the run log" in message and "\n" not in message and "in the store" in message
 
 
 def test_nightly_on_postgres(pg_url, data_dir, write_catalogue, monkeypatch):

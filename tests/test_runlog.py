@@ -194,6 +194,31 @@ def test_any_stage_name_that_fits_is_recorded(log: RunLog) -> None:
     assert [s["stage"] for s in log.run(run_id)["stages"]] == ["upscale", "s" * 16]
 
 
+LONG = "/mnt/models/" + "m" * 288  # 300 characters: the old VARCHAR(200) crashed it on PostgreSQL
+
+
+def test_long_free_form_values_round_trip(url: str, log: RunLog) -> None:
+    run_id = log.start_run(kind="nightly", model=LONG, catalogue=LONG + ".toml")
+    with log.stage(run_id=run_id, **(STAGE | {"template": LONG, "model": LONG}), plan=LONG) as record:
+        record.output_key = LONG
+    run = RunLog(url).run(run_id)
+    assert (run["model"], run["catalogue"]) == (LONG, LONG + ".toml")
+    assert _pick(run["stages"][0], "template", "model", "plan", "output_key") == [LONG] * 4
+
+
+@pytest.mark.parametrize("job_key", ["", "k" * 129, None])
+def test_job_keys_must_fit_the_column(log: RunLog, job_key: object) -> None:
+    # Checked before the stage runs, so SQLite and PostgreSQL refuse the same keys.
+    run_id = log.start_run(kind="generate", model="tiny")
+    with pytest.raises(ValueError, match="job key"):
+        with log.stage(run_id=run_id, **(STAGE | {"job_key": job_key})):
+            pytest.fail("the stage ran")
+    with pytest.raises(ValueError, match="job key"):
+        log.record_skip(run_id=run_id, **(STAGE | {"job_key": job_key}), output_key=None)
+    log.record_skip(run_id=run_id, **(STAGE | {"job_key": "k" * 128}), output_key=None)
+    assert [len(s["job_key"]) for s in log.run(run_id)["stages"]] == [128]
+
+
 # -- stages ----------------------------------------------------------------------------------------
 
 

@@ -1,6 +1,7 @@
 """Fault drills, as hooks a runner is handed: out-of-memory injected before a compute
-($T2V_INJECT_OOM), and a pause with a stage's first output written but not yet renamed into place
-($T2V_PAUSE_AT), where crash tests kill the process."""
+($T2V_INJECT_OOM), and a pause where crash tests kill the process ($T2V_PAUSE_AT): with a stage's
+first output written but not yet renamed into place (`diffuse`), or after a denoising step and its
+checkpoint (`diffuse@3`)."""
 
 from __future__ import annotations
 
@@ -26,15 +27,23 @@ class Drills:
     def __init__(self, settings: Settings) -> None:
         self.inject_oom = [p.strip() for p in settings.inject_oom.split(",") if p.strip()]
         self._raw_oom = settings.inject_oom
-        self.pause_at = stage_named(settings.pause_at) if settings.pause_at else None
+        name, _, step = settings.pause_at.partition("@")
+        self.pause_at = stage_named(name) if name else None
+        self.pause_step = int(step) if step else None
         self.marker_dir = settings.data_dir
         self._paused = False
 
     def hooks(self) -> Hooks:
+        pausing = self.pause_at is not None
         return Hooks(
             before_compute=(self.maybe_inject_oom,) if self.inject_oom else (),
-            on_written=(self.maybe_pause,) if self.pause_at else (),
+            on_written=(self.maybe_pause,) if pausing and self.pause_step is None else (),
+            on_step=(self.maybe_pause_at_step,) if pausing and self.pause_step is not None else (),
         )
+
+    def maybe_pause_at_step(self, stage: Stage, job: JobSpec, done: int) -> None:
+        if stage == self.pause_at and done == self.pause_step and not self._paused:
+            self._pause(f"{stage.name}@{done}", f"{job.template} after step {done}")
 
     def maybe_inject_oom(self, stage: Stage, plan: StagePlan | None, job: JobSpec) -> None:
         if plan is None:
@@ -53,11 +62,12 @@ class Drills:
         """
         if stage != self.pause_at or self._paused:
             return
+        self._pause(stage.name, f"before publishing {temp}")
+
+    def _pause(self, name: str, where: str) -> None:
         self._paused = True
-        marker = self.marker_dir / f"paused-at-{stage.name}"
+        marker = self.marker_dir / f"paused-at-{name}"
         marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text(f"{temp}\n")
-        log.warning(
-            "T2V_PAUSE_AT=%s: paused before publishing %s; waiting to be killed", stage.name, temp.name
-        )
+        marker.write_text(f"{where}\n")
+        log.warning("T2V_PAUSE_AT=%s: paused %s; waiting to be killed", name, where)
         time.sleep(PAUSE_SECONDS)

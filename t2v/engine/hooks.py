@@ -69,6 +69,8 @@ class Hooks:
     the fallback)."""
     on_written: tuple[Callable[[Stage, Path], None], ...] = ()
     """Called with a stored file's temporary path before it is renamed into place."""
+    on_step: tuple[Callable[[Stage, JobSpec, int], None], ...] = ()
+    """Called after each denoising step (and its checkpoint, if one was due) with the steps done."""
     codec: Any = field(default_factory=_default_codec)
     """Writes lossless frames and encodes clips (`t2v.media.Codec`)."""
     load: Loader = field(default_factory=_default_loader)
@@ -82,6 +84,7 @@ class Hooks:
             on_event=self.on_event + other.on_event,
             before_compute=self.before_compute + other.before_compute,
             on_written=self.on_written + other.on_written,
+            on_step=self.on_step + other.on_step,
             codec=other.codec if other.codec is not default.codec else self.codec,
             load=other.load if other.load is not default.load else self.load,
         )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -9,13 +11,17 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from t2v import stages
+from t2v import checkpoints, stages
+from t2v.digests import Verdict
 from t2v.errors import NonFiniteOutput
 from t2v.jobs import JobSpec
 from t2v.pipeline import encode
 from t2v.pipeline.stage import KeyInputs, Stage, Work, Writer
 from t2v.placement import chunk_feed_forward
 from t2v.plans import ComponentSizes, Placement, PlanOptions, StagePlan, option
+from t2v.store import Folder
+
+log = logging.getLogger("t2v")
 
 
 @dataclass(frozen=True)
@@ -129,8 +135,44 @@ def step_cache(transformer: torch.nn.Module, threshold: float) -> Iterator[None]
         transformer.disable_cache()
 
 
+CHECKPOINTS = Folder(folder="diffuse-checkpoints", suffix=".safetensors")
+"""A diffusion's state between steps, under its job's key; deleted once its latents are stored."""
+
+
+class _Checkpointing:
+    """Saves the diffusion's state after a step once `every_s` seconds have passed since the last save
+    (0: after every step), and tells the hooks each step is done (the kill-at-a-step drill)."""
+
+    def __init__(self, work: Work, every_s: float) -> None:
+        self.work, self.every_s = work, every_s
+        self.last = time.monotonic()
+
+    def __call__(self, done: int, latents: torch.Tensor, scheduler: object) -> None:
+        work = self.work
+        if done < work.job.steps and time.monotonic() - self.last >= self.every_s:
+            state = checkpoints.scheduler_state(scheduler)
+            if state is not None:
+                with work.run.store.writing(CHECKPOINTS, work.key) as temp:
+                    checkpoints.save(temp, checkpoints.Checkpoint(done, latents, state))
+                self.last = time.monotonic()
+        for hook in work.run.hooks.on_step:
+            hook(work.stage, work.job, done)
+
+
+def _resume(work: Work) -> checkpoints.Checkpoint | None:
+    """The job's last saved diffusion state, if one is stored and whole."""
+    verdict, _ = work.run.store.check(CHECKPOINTS, work.key)
+    if verdict is not Verdict.OK:
+        return None
+    saved = checkpoints.load(work.run.store.path(CHECKPOINTS, work.key))
+    log.info("%s: resuming the diffusion after step %d of %d", work.job.template, saved.step, work.job.steps)
+    return saved
+
+
 def compute(work: Work) -> Writer:
     job, options = work.job, work.plan.options
+    # A step cache's state is not saved: a resumed diffusion would differ from an uninterrupted one.
+    resumable = job.step_cache <= 0
     embeds = work.load_tensors(encode.STAGE)
     transformer = work.component()
     temporal, spatial = work.run.vae_factors()
@@ -153,6 +195,8 @@ def compute(work: Work) -> Writer:
             shared_timestep=options.shared_timestep,
             cfg_batch=options.cfg_batch,
             on_step=lambda i, n: bar.update(1),
+            resume=_resume(work) if resumable else None,
+            after_step=_Checkpointing(work, work.run.settings.checkpoint_seconds) if resumable else None,
         )
     if not torch.isfinite(latents).all():
         raise NonFiniteOutput(
@@ -160,7 +204,14 @@ def compute(work: Work) -> Writer:
             "stored or published (the model's weights, or a switch such as --fp8-storage, may be the cause)"
         )
     # Off the card while it is ours: the write then runs beside the next job's compute.
-    return work.save_tensors({"latents": latents.cpu()})
+    write = work.save_tensors({"latents": latents.cpu()})
+    store, key = work.run.store, work.key
+
+    def write_then_forget() -> None:
+        write()
+        store.remove(CHECKPOINTS, key)
+
+    return write_then_forget
 
 
 STAGE = Stage(

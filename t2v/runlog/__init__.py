@@ -5,8 +5,9 @@ manual `generate`, the CLI listing runs) may write to the same database at once,
 write is a short transaction and lock contention is retried in one place (`database.retry`).
 
 `schema` holds the tables, the checks of what goes in them and the upgrades of older databases;
-`database` the engine, its SQLite settings and the lock retries; `log` the `RunLog` API; `sweep`
-the closing of rows left by dead processes; `errors` the exceptions.
+`database` the engine, its SQLite settings and the lock retries; `log` the `RunLog` API; `guard` the
+checks that the SQLite file is still there and undamaged; `sweep` the closing of rows left by dead
+processes; `errors` the exceptions.
 """
 
 from t2v.runlog.database import RunLogUnavailable, sqlite_url

@@ -16,12 +16,14 @@ from sqlalchemy.orm import Session
 
 from t2v.runlog.database import one_line, open_engine, retry, write_engine
 from t2v.runlog.errors import NoSuchRun, RunLogUnavailable
+from t2v.runlog.guard import SqliteFile, damaged, is_damaged, sqlite_path, unavailable
 from t2v.runlog.schema import (
     KINDS,
     RUN_STATUSES,
     Run,
     StageRun,
     check,
+    check_job_key,
     check_stage_name,
     create_schema,
     names_of,
@@ -64,11 +66,18 @@ class RunLog:
         self.url = engine.url.render_as_string(hide_password=True)
         self._engine = engine
         self._write_engine = write_engine(engine)
+        path = sqlite_path(engine)
+        self._where = str(path or self.url)  # what messages name: the file a person can move aside
         try:
             self._retry(self._create_schema)
         except SQLAlchemyError as e:
             engine.dispose()
+            if is_damaged(e):
+                raise damaged(self._where, e) from e
             raise RunLogUnavailable(f"cannot open the run log at {self.url}: {one_line(e)}") from e
+        # Taken once the schema exists, so the file does too: every later transaction compares
+        # against it, because SQLite would go on writing to a deleted file without a word.
+        self._file = SqliteFile(path, engine) if path is not None else None
 
     def _create_schema(self) -> None:
         # Inside one write transaction so two processes creating a fresh file do not both
@@ -92,14 +101,27 @@ class RunLog:
             with Session(self._write_engine, expire_on_commit=False) as session, session.begin():
                 return fn(session)
 
-        return self._retry(op)
+        return self._guarded(op, writing=True)
 
     def _read(self, fn: Callable[[Session], T]) -> T:
         def op() -> T:
             with Session(self._engine, expire_on_commit=False) as session, session.begin():
                 return fn(session)
 
-        return self._retry(op)
+        return self._guarded(op, writing=False)
+
+    def _guarded(self, op: Callable[[], T], *, writing: bool) -> T:
+        """`op` with retries, refused if the SQLite file went away; a database that cannot be used
+        raises RunLogUnavailable (one line) instead of SQLAlchemy's error with its SQL."""
+        if self._file is not None:
+            self._file.check()
+        try:
+            return self._retry(op)
+        except SQLAlchemyError as e:
+            lost = unavailable(e, self._where, writing=writing)
+            if lost is None:
+                raise
+            raise lost from e
 
     # -- runs -------------------------------------------------------------------------------
 
@@ -192,6 +214,7 @@ class RunLog:
         `record.status = "skipped"` and fill in plan, output key and peaks.
         """
         check_stage_name(stage)
+        check_job_key(job_key)
         row_id, attempt = self._insert_stage(
             StageRun(
                 run_id=run_id,
@@ -214,10 +237,14 @@ class RunLog:
         except BaseException as e:
             # KeyboardInterrupt / SystemExit stop the stage without it having failed.
             status = "failed" if isinstance(e, Exception) else "interrupted"
-            error = f"{type(e).__name__}: {e}"[:_ERROR_MAX_CHARS]
+            # PostgreSQL refuses NUL in text, which SQLite stores; a message may carry one from a buffer.
+            error = f"{type(e).__name__}: {e}".replace("\x00", "\\x00")[:_ERROR_MAX_CHARS]
             wall_s = time.perf_counter() - t0
             try:
                 self._finish_stage(row_id, record, status=status, wall_s=wall_s, error=error)
+            except RunLogUnavailable as lost:
+                # Already one line that says what happened; the next write raises it for the run.
+                log.error("could not record the end of stage row %d: %s", row_id, lost)
             except Exception:
                 # The body's exception is the one that matters; a run log hiccup must not
                 # replace it. The row stays "running" until mark_interrupted closes it.
@@ -255,6 +282,7 @@ class RunLog:
     ) -> None:
         """Record in one row that a stage was not run because its output already exists."""
         check_stage_name(stage)
+        check_job_key(job_key)
         now = utcnow()
         self._insert_stage(
             StageRun(

@@ -65,11 +65,13 @@ class Run(_Base):
     started: Mapped[datetime] = mapped_column(_UTCDateTime())
     finished: Mapped[datetime | None] = mapped_column(_UTCDateTime())
     status: Mapped[str] = mapped_column(String(16))
-    model: Mapped[str] = mapped_column(String(200))
-    catalogue: Mapped[str | None] = mapped_column(String(500))
+    # Free-form values are TEXT: PostgreSQL enforces VARCHAR lengths and SQLite does not, so a long
+    # `--model` path used to crash every run on one and pass on the other. See _widen_columns.
+    model: Mapped[str] = mapped_column(Text)
+    catalogue: Mapped[str | None] = mapped_column(Text)
     parent_run_id: Mapped[str | None] = mapped_column(String(32))
     pid: Mapped[int] = mapped_column(Integer)
-    host: Mapped[str] = mapped_column(String(255))
+    host: Mapped[str] = mapped_column(Text)
     jobs_json: Mapped[str | None] = mapped_column(Text)
     """The night's job specs as the run saw them (t2v.rerun.Night), so `t2v rerun` finishes that
     night even if the catalogue was edited since. Added after the first release: see _add_columns."""
@@ -79,17 +81,21 @@ STAGE_NAME_MAX_CHARS = 16
 """Width of `stage_runs.stage`. The stage names themselves belong to the pipeline's stage registry,
 which this lower layer does not import; the run log only checks that a name fits the column."""
 
+JOB_KEY_MAX_CHARS = 128
+"""Width of `stage_runs.job_key`, checked before a row is written. It stays a VARCHAR because it is
+indexed, and PostgreSQL refuses index entries over about 2.7 kB where SQLite takes any length."""
+
 
 class StageRun(_Base):
     __tablename__ = "stage_runs"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     run_id: Mapped[str] = mapped_column(String(32), ForeignKey("runs.id"), index=True)
-    job_key: Mapped[str] = mapped_column(String(128), index=True)
-    template: Mapped[str] = mapped_column(String(200))
+    job_key: Mapped[str] = mapped_column(String(JOB_KEY_MAX_CHARS), index=True)
+    template: Mapped[str] = mapped_column(Text)
     stage: Mapped[str] = mapped_column(String(STAGE_NAME_MAX_CHARS))
-    model: Mapped[str] = mapped_column(String(200))
-    plan: Mapped[str | None] = mapped_column(String(100))
+    model: Mapped[str] = mapped_column(Text)
+    plan: Mapped[str | None] = mapped_column(Text)
     attempt: Mapped[int] = mapped_column(Integer)
     started: Mapped[datetime] = mapped_column(_UTCDateTime())
     finished: Mapped[datetime | None] = mapped_column(_UTCDateTime())
@@ -100,7 +106,7 @@ class StageRun(_Base):
     peak_rss_gib: Mapped[float | None] = mapped_column(Float)
     status: Mapped[str] = mapped_column(String(16))
     error: Mapped[str | None] = mapped_column(Text)
-    output_key: Mapped[str | None] = mapped_column(String(500))
+    output_key: Mapped[str | None] = mapped_column(Text)
     pid: Mapped[int] = mapped_column(Integer)
 
 
@@ -117,6 +123,16 @@ def check_stage_name(stage: object) -> None:
     if not isinstance(stage, str) or not 0 < len(stage) <= STAGE_NAME_MAX_CHARS:
         raise ValueError(
             f"a stage name is a non-empty string of at most {STAGE_NAME_MAX_CHARS} characters, not {stage!r}"
+        )
+
+
+def check_job_key(job_key: object) -> None:
+    """Raise ValueError unless `job_key` fits `stage_runs.job_key` (checked here, not by the database,
+    so SQLite and PostgreSQL refuse the same keys, before the stage runs)."""
+    if not isinstance(job_key, str) or not 0 < len(job_key) <= JOB_KEY_MAX_CHARS:
+        shown = job_key if not isinstance(job_key, str) or len(job_key) <= 40 else f"{job_key[:40]}..."
+        raise ValueError(
+            f"a job key is a non-empty string of at most {JOB_KEY_MAX_CHARS} characters, not {shown!r}"
         )
 
 
@@ -149,6 +165,7 @@ def create_schema(conn: Connection) -> None:
     """
     _Base.metadata.create_all(conn)
     _add_columns(conn)
+    _widen_columns(conn)
     _rename_stages(conn)
 
 
@@ -170,6 +187,26 @@ def _add_columns(conn: Connection) -> None:
             if name not in present:
                 kind = table.c[name].type.compile(dialect=conn.dialect)
                 conn.exec_driver_sql(f"ALTER TABLE {table_name} ADD COLUMN {name} {kind}")
+
+
+def _widen_columns(conn: Connection) -> None:
+    """Turn the VARCHAR(n) columns of an older release's run log into TEXT where the schema says TEXT.
+
+    Only PostgreSQL needs it: it enforces the lengths, while SQLite ignores them, so an old SQLite file
+    already takes any length. On PostgreSQL VARCHAR to TEXT rewrites no rows, and once done the
+    inspection finds nothing to change, so every later open only reads the catalogue.
+    """
+    if conn.dialect.name != "postgresql":
+        return
+    inspector = inspect(conn)
+    # sorted_tables: the same lock order in every process that upgrades at once.
+    for table in _Base.metadata.sorted_tables:
+        for column in inspector.get_columns(table.name):
+            ours = table.c.get(column["name"])
+            if ours is None or not isinstance(ours.type, Text):
+                continue
+            if getattr(column["type"], "length", None) is not None:
+                conn.exec_driver_sql(f"ALTER TABLE {table.name} ALTER COLUMN {column['name']} TYPE TEXT")
 
 
 RENAMED_STAGES = {"watermark": "finish"}
