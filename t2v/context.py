@@ -7,7 +7,7 @@ values that read well in logs.
 
 from __future__ import annotations
 
-import functools
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,10 +64,18 @@ def start_run(
     )
 
 
-@functools.lru_cache(maxsize=8)
+_RUNLOGS: dict[str, RunLog] = {}
+_RUNLOGS_LOCK = threading.Lock()
+
+
 def open_runlog(url: str) -> RunLog:
-    """One RunLog (one connection pool) per URL in this process; raises RunLogUnavailable."""
-    return RunLog(url)
+    """One RunLog (one connection pool) per URL in this process, opened again if its SQLite file was
+    deleted or replaced since (a long-lived process: the dashboard, a worker); raises RunLogUnavailable."""
+    with _RUNLOGS_LOCK:
+        runlog = _RUNLOGS.get(url)
+        if runlog is None or not runlog.still_open():
+            runlog = _RUNLOGS[url] = RunLog(url)
+        return runlog
 
 
 def check_jobs(jobs: Iterable[JobSpec], model: ModelRef, *, catalogue: Path | str | None = None) -> None:

@@ -156,3 +156,18 @@ def test_an_unusable_database_is_one_line_and_a_bug_keeps_its_traceback(
     monkeypatch.setattr(log, "_retry", lambda op: bug())
     with pytest.raises(IntegrityError):
         log.start_run(kind="nightly", model="tiny")
+
+
+def test_a_process_opens_its_run_log_again_once_the_file_it_had_is_gone(tmp_path):
+    from t2v.context import open_runlog
+
+    url = f"sqlite:///{tmp_path / 'runs.db'}"
+    first = open_runlog(url)
+    assert open_runlog(url) is first  # one pool per URL
+    first.start_run(kind="nightly", model="tiny")
+    (tmp_path / "runs.db").unlink()
+
+    again = open_runlog(url)
+
+    assert again is not first
+    assert again.start_run(kind="nightly", model="tiny") and len(again.runs()) == 1

@@ -85,6 +85,15 @@ class RunLog:
         with self._write_engine.begin() as conn:
             create_schema(conn)
 
+    def still_open(self) -> bool:
+        """False once its SQLite file is gone or replaced (a process then opens the run log again)."""
+        try:
+            if self._file is not None:
+                self._file.check()
+        except RunLogUnavailable:
+            return False
+        return True
+
     def close(self) -> None:
         """Close pooled connections; the object stays usable and reconnects on demand."""
         self._engine.dispose()
