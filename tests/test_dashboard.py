@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import socket
 import threading
 import urllib.error
 import urllib.request
@@ -20,6 +21,8 @@ from t2v.store import Store
 CHROMIUM = "/usr/bin/chromium"
 SCREENSHOT = Path("/tmp/t2v-dashboard.png")
 SCREENSHOT_FAILED = Path("/tmp/t2v-dashboard-failed.png")
+SCREENSHOT_INTERRUPTED = Path("/tmp/t2v-dashboard-interrupted.png")
+SCREENSHOT_SKIPPED = Path("/tmp/t2v-dashboard-skipped.png")
 
 
 def require(available: bool, why: str) -> None:
@@ -114,6 +117,46 @@ def test_night_adds_attempts_keeps_peaks_and_lists_only_unrecovered_failures():
     assert table[-1]["error"] == "RuntimeError: boom"
 
 
+def test_an_interrupted_night_says_interrupted_and_offers_its_rerun():
+    first, second, *_ = (s.name for s in PIPELINE)
+    run = _run(
+        [
+            *(_row("fox", s.name, output_key="a" * 32) for s in PIPELINE),
+            # Killed between two stages: no row failed, nor was any left running.
+            _row("sea", first),
+            _row("owl", first),
+            _row("owl", second, "running", wall_s=None),  # closed with the run, not on its own
+        ],
+        status="interrupted",
+    )
+
+    night = summary.night(run)
+
+    assert [j["status"] for j in night["jobs"]] == ["ok", "interrupted", "interrupted"]
+    assert (night["jobs_ok"], night["jobs_failed"], night["jobs_interrupted"]) == (1, 0, 2)
+    assert night["rerun_command"] == "t2v rerun r1"
+    assert [(f["template"], f["stage"], f["status"]) for f in night["failures"]] == [
+        ("owl", second, "interrupted")
+    ]
+    # Killed before any row failed or was closed: still re-runnable.
+    bare = _run([_row("sea", first)], status="interrupted")
+    assert summary.night(bare)["rerun_command"] == "t2v rerun r1"
+    assert summary.nights([bare])[0]["jobs_interrupted"] == 1
+    # `t2v rerun` takes nightly runs and re-runs only, and never an ok or running one.
+    assert summary.night(bare | {"kind": "generate"})["rerun_command"] is None
+    assert summary.night(bare | {"status": "ok"})["rerun_command"] is None
+    assert summary.night(bare | {"status": "running", "finished": None})["rerun_command"] is None
+
+
+def test_a_night_that_skipped_every_stage_says_nothing_was_computed():
+    skipped = [_row(t, s.name, "skipped", wall_s=0.0) for t in ("fox", "sea") for s in PIPELINE]
+    assert summary.night(_run(skipped, status="ok"))["nothing_computed"] is True
+    assert summary.nights([_run(skipped, status="ok")])[0]["nothing_computed"] is True
+    computed = skipped[:-1] + [_row("sea", CLIP.name)]
+    assert summary.night(_run(computed, status="ok"))["nothing_computed"] is False
+    assert summary.night(_run([], status="failed"))["nothing_computed"] is False
+
+
 def test_trends_are_oldest_first_per_stage_and_only_nightly():
     newer = _run(
         [_row("fox", "diffuse", peak_reserved_gib=4.0, wall_s=10.0)], id="b", started="2026-11-26T02:00:00"
@@ -161,6 +204,73 @@ def _get(url: str, **headers: str) -> tuple[int, dict[str, str], bytes]:
             return response.status, dict(response.headers), response.read()
     except urllib.error.HTTPError as e:
         return e.code, dict(e.headers), e.read()
+
+
+def _raw(base: str, path: str, host: str | None) -> tuple[int, bytes]:
+    """A GET sent byte for byte, so that the Host header is exactly `host` (None: no Host at all)."""
+    address, port = base.removeprefix("http://").rsplit(":", 1)
+    lines = [f"GET {path} HTTP/1.1", *([f"Host: {host}"] if host is not None else []), "Connection: close"]
+    with socket.create_connection((address, int(port)), timeout=10) as conn:
+        conn.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+def test_server_answers_only_requests_addressed_to_it(tmp_path, serve):
+    runlog = RunLog(sqlite_url(tmp_path / "runlog.sqlite"))
+    store = Store(tmp_path / "store")
+    key = "0123456789abcdef0123456789abcdef"
+    with store.writing(CLIP, key) as temp:
+        temp.write_bytes(b"CLIPBYTES" * 10)
+    run_id = runlog.start_run(kind="nightly", model="tiny")
+    with runlog.stage(run_id=run_id, job_key="k", template="fox", stage=CLIP.name, model="tiny") as record:
+        record.output_key = key
+    runlog.finish_run(run_id, status="ok")
+    board = Dashboard(runlog=runlog, store=store)
+    base = serve(board)
+    port = base.rsplit(":", 1)[1]
+    routes = (
+        "/",
+        "/index.html",
+        "/static/app.js",
+        "/api/nights",
+        f"/api/nights/{run_id}",
+        f"/clips/{key}.mp4",
+    )
+
+    for path in routes:
+        for host in ("127.0.0.1", f"127.0.0.1:{port}", "localhost", f"LocalHost:{port}", f"[::1]:{port}"):
+            assert _raw(base, path, host)[0] == 200, (path, host)
+        for host in (
+            "evil.example",
+            f"evil.example:{port}",
+            f"127.0.0.1.evil.example:{port}",
+            f"localhost.evil.example:{port}",
+            f"evil.example:{port}@127.0.0.1",
+            f"127.0.0.1:{port}/x",
+            "127.0.0.2",  # not the address this server was started on
+            "",
+            None,
+        ):
+            status, body = _raw(base, path, host)
+            assert status in (403, 421), (path, host)
+            assert run_id.encode() not in body and b"CLIPBYTES" not in body and b"<html" not in body
+
+    # The address given with --host counts too (127.0.0.2 is loopback on Linux).
+    other = make_server(board, host="127.0.0.2", port=0)
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    try:
+        other_base = f"http://127.0.0.2:{other.server_address[1]}"
+        assert _raw(other_base, "/api/nights", "127.0.0.2")[0] == 200
+        assert _raw(other_base, "/api/nights", f"127.0.0.2:{other.server_address[1]}")[0] == 200
+        assert _raw(other_base, "/api/nights", "localhost")[0] == 200
+        assert _raw(other_base, "/api/nights", "evil.example")[0] in (403, 421)
+    finally:
+        other.shutdown()
+        other.server_close()
 
 
 def test_server_answers_json_clips_in_ranges_and_nothing_outside_the_store(tmp_path, serve):
@@ -220,6 +330,22 @@ def _fail_a_stage(runlog: RunLog) -> str:
     return run_id
 
 
+def _interrupt_a_night(runlog: RunLog) -> str:
+    """A night killed between two stages: its first stage done, no row failed, the run closed interrupted."""
+    run_id = runlog.start_run(kind="nightly", model="tiny")
+    with runlog.stage(run_id=run_id, job_key="k2", template="owl", stage=PIPELINE[0].name, model="tiny"):
+        pass
+    runlog.finish_run(run_id, status="interrupted")
+    return run_id
+
+
+def _show(page, base: str, run_id: str) -> None:
+    page.goto(f"{base}/#{run_id}")
+    page.wait_for_function(
+        f"window.t2v.ready && window.t2v.night && window.t2v.night.id === '{run_id}'", timeout=20_000
+    )
+
+
 def test_page_charts_the_night_and_plays_its_clips_in_chromium(data_dir, write_catalogue, serve):
     require(shutil.which(CHROMIUM) is not None or Path(CHROMIUM).exists(), f"{CHROMIUM} is not installed")
     try:
@@ -234,7 +360,22 @@ def test_page_charts_the_night_and_plays_its_clips_in_chromium(data_dir, write_c
     assert result["failed"] == {}
     runlog = RunLog(sqlite_url(data_dir / "runlog.sqlite"))
     run = runlog.run(result["run_id"])
+    expected = [(r["template"], r["stage"]) for r in run["stages"]]
+    expected.sort(key=lambda ts: (ts[0], [s.name for s in PIPELINE].index(ts[1])))
+
+    # The flow published the same per-stage figures as a Prefect artifact.
+    from prefect.artifacts import Artifact
+
+    artifact = Artifact.get("nightly-stages")
+    assert artifact is not None and result["run_id"] in (artifact.description or "")
+    table = json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
+    assert {(r["template"], r["stage"]) for r in table} == {(t, s) for t, s in expected}
+
     failed_id = _fail_a_stage(runlog)
+    interrupted_id = _interrupt_a_night(runlog)
+    # The same night again: every output is in the store, so every stage is skipped.
+    again = nightly(str(catalogue), "tiny")
+    assert {r["status"] for r in runlog.run(again["run_id"])["stages"]} == {"skipped"}
     base = serve(Dashboard(runlog=runlog, store=Store(data_dir / "store")))
 
     with sync_playwright() as p:
@@ -263,8 +404,7 @@ def test_page_charts_the_night_and_plays_its_clips_in_chromium(data_dir, write_c
                 """() => { const c = window.t2v.charts['night-chart'];
                    return {labels: c.data.labels, data: c.data.datasets.map(d => d.data)}; }"""
             )
-            expected = [(r["template"], r["stage"]) for r in run["stages"]]
-            expected.sort(key=lambda ts: (ts[0], [s.name for s in PIPELINE].index(ts[1])))
+            assert page.locator("#night-chart-note").is_hidden()
             assert sorted(drawn["labels"]) == sorted(f"{t} · {s}" for t, s in expected)
             by_label = {f"{r['template']} · {r['stage']}": r for r in run["stages"]}
             for i, label in enumerate(drawn["labels"]):
@@ -290,26 +430,42 @@ def test_page_charts_the_night_and_plays_its_clips_in_chromium(data_dir, write_c
             page.screenshot(path=str(SCREENSHOT), full_page=True)
 
             # A failed night lists its failure (as text, not markup) and the command that re-runs it.
-            page.goto(f"{base}/#{failed_id}")
-            page.wait_for_function(
-                f"window.t2v.ready && window.t2v.night && window.t2v.night.id === '{failed_id}'",
-                timeout=20_000,
-            )
+            _show(page, base, failed_id)
             assert page.locator("#rerun-command").inner_text() == f"t2v rerun {failed_id}"
             assert (
                 "illegal memory access was encountered <script>"
                 in page.locator("#failures td.error").inner_text()
             )
-            assert page.locator("#nights tbody tr").count() == 2
+            assert page.locator("#nights tbody tr").count() == 4
             page.screenshot(path=str(SCREENSHOT_FAILED), full_page=True)
+
+            # An interrupted night, with no failed row, also offers its re-run and says interrupted.
+            _show(page, base, interrupted_id)
+            assert page.locator("#rerun").is_visible()
+            assert page.locator("#rerun-command").inner_text() == f"t2v rerun {interrupted_id}"
+            assert "interrupted" in page.locator("#rerun-why").inner_text()
+            assert page.locator("#failures").is_hidden()
+            meta = page.locator("#night-meta").inner_text()
+            assert "0 failed, 1 interrupted" in meta
+            row = page.locator(f"#nights tbody tr[data-run='{interrupted_id}'] td").all_inner_texts()
+            assert row[2:5] == ["interrupted", "0", "1 interrupted"]
+            page.screenshot(path=str(SCREENSHOT_INTERRUPTED), full_page=True)
+
+            # A night that skipped every stage says why its chart is empty instead of drawing zeros.
+            _show(page, base, again["run_id"])
+            note = page.locator("#night-chart-note")
+            assert note.is_visible()
+            assert note.inner_text() == "nothing computed: every stage's output was already stored"
+            assert page.locator("#night-chart").is_hidden()
+            assert page.evaluate("() => 'night-chart' in window.t2v.charts") is False
+            assert page.locator("#rerun").is_hidden()
+            assert page.locator("#clips video").count() == 2  # its clips are the stored ones
+            page.screenshot(path=str(SCREENSHOT_SKIPPED), full_page=True)
+
+            # Back to a computed night: the chart is drawn again and the note is gone.
+            _show(page, base, result["run_id"])
+            assert page.locator("#night-chart-note").is_hidden()
+            assert page.evaluate("() => window.t2v.charts['night-chart'].data.labels.length") == len(expected)
             assert errors == []
         finally:
             browser.close()
-
-    # The flow published the same per-stage figures as a Prefect artifact.
-    from prefect.artifacts import Artifact
-
-    artifact = Artifact.get("nightly-stages")
-    assert artifact is not None and result["run_id"] in (artifact.description or "")
-    table = json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
-    assert {(r["template"], r["stage"]) for r in table} == {(t, s) for t, s in expected}

@@ -4,6 +4,10 @@ The standard library's threading HTTP server is enough for one person's browser 
 no dependency. Clips are served by store key only: a key is 32 hex digits and the file is looked up
 in the store's folder of the last stage's outputs, so no request path ever becomes a file path, and `..` or an
 absolute path cannot reach another file.
+
+The page has no login, so every request must name this server in its Host header: a page on another
+site that rebinds its own DNS name to 127.0.0.1 reaches the port, but its requests still carry its name
+(see `_host_allowed`).
 """
 
 from __future__ import annotations
@@ -37,6 +41,9 @@ STATIC_FILES = {
 _KEY = re.compile(r"[0-9a-f]{32}")
 _RUN_ID = re.compile(r"[0-9a-zA-Z_-]{1,32}")
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+# A Host header: a DNS name or IPv4 address, or an IPv6 address in brackets, then maybe a port.
+_HOST = re.compile(r"(\[[0-9a-f:.]+\]|[0-9a-z.-]+)(?::(\d{1,5}))?")
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
 _CHUNK = 256 * 1024
 _MAX_NIGHTS = 200
 # The page loads only its own files; style-src allows the inline styles Chart.js puts on its canvas.
@@ -70,7 +77,15 @@ class _Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         path = url.path
         try:
-            if path in ("/", "/index.html"):
+            if not self._host_allowed():
+                # 421: this server is not the one the browser meant. Nothing of the run log is sent.
+                self._error(
+                    HTTPStatus.MISDIRECTED_REQUEST,
+                    "wrong Host header; open the dashboard as http://"
+                    + " or http://".join(sorted(self.server.host_names))
+                    + " (with the port)",
+                )
+            elif path in ("/", "/index.html"):
                 self._file(STATIC_DIR / "index.html", "text/html; charset=utf-8", body=body)
             elif path.startswith("/static/") and path[len("/static/") :] in STATIC_FILES:
                 name = path[len("/static/") :]
@@ -88,6 +103,19 @@ class _Handler(BaseHTTPRequestHandler):
         except Exception as exc:
             log.exception("dashboard request %s failed", self.path)
             self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"{type(exc).__name__}: {exc}")
+
+    def _host_allowed(self) -> bool:
+        """Whether the request's one Host header names this server (any port: an `ssh -L` may differ).
+
+        The port is not checked because it protects nothing: a rebinding page's requests carry the
+        attacker's host name, which is what is refused; a loopback name with another port is only a
+        browser that was forwarded here.
+        """
+        values = self.headers.get_all("Host") or []
+        if len(values) != 1:
+            return False
+        match = _HOST.fullmatch(values[0].strip().lower())
+        return match is not None and match.group(1) in self.server.host_names
 
     # --- answers ---------------------------------------------------------------------------------
 
@@ -202,11 +230,21 @@ class _Server(ThreadingHTTPServer):
 
     def __init__(self, address: tuple[str, int], dashboard: Dashboard) -> None:
         self.dashboard = dashboard
+        self.host_names = frozenset(LOOPBACK_NAMES) | {_host_name(address[0])}
         super().__init__(address, _Handler)
+
+
+def _host_name(host: str) -> str:
+    """`host` as a Host header writes it: lower case, an IPv6 address in brackets."""
+    host = host.strip().lower()
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
 def make_server(dashboard: Dashboard, *, host: str = "127.0.0.1", port: int = 8765) -> ThreadingHTTPServer:
     """A bound, not yet serving, server; port 0 picks a free port (read it from `server_address`).
+
+    It answers only requests whose Host header is 127.0.0.1, localhost, [::1] or `host` (any port);
+    others get 421 and no data.
 
     Call `serve_forever()` on it, and `shutdown()` from another thread to stop it.
     """

@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from t2v.pipeline import CLIP, stages
+from t2v.rerun import RERUNNABLE_KINDS
 
 
 def stage_names() -> tuple[str, ...]:
@@ -45,10 +46,14 @@ def _seconds(started: str | None, finished: str | None) -> float | None:
     return (end - datetime.fromisoformat(started)).total_seconds()
 
 
-def _stage_figures(rows: list[dict[str, Any]]) -> dict[str, Any]:
+def _stage_figures(rows: list[dict[str, Any]], *, run_ended: bool) -> dict[str, Any]:
     last = rows[-1]
+    status = last["status"]
+    if run_ended and status == "running":
+        # The run was closed (interrupted) before this row was: the stage never finished.
+        status = "interrupted"
     figures: dict[str, Any] = {
-        "status": last["status"],
+        "status": status,
         "plan": last["plan"],
         "attempts": len(rows),
         "wall_s": None,
@@ -65,24 +70,38 @@ def _stage_figures(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return figures
 
 
+def _job_status(run_status: str, stages: dict[str, dict[str, Any]]) -> str:
+    final = stages.get(CLIP.name)
+    if final and final["status"] in ("ok", "skipped"):
+        return "ok"
+    statuses = {s["status"] for s in stages.values()}
+    if "failed" in statuses:
+        return "failed"
+    if run_status == "running":
+        return "running"
+    if run_status == "interrupted" or "interrupted" in statuses:
+        # Stopped (kill, Ctrl+C, reboot) before its clip, with no stage of its own failing: calling
+        # it failed would send someone looking for an error that does not exist.
+        return "interrupted"
+    return "failed"  # the run ended (failed) before this job reached its last stage
+
+
 def night(run: dict[str, Any]) -> dict[str, Any]:
     """One run (as `RunLog.run` returns it) with per-job, per-stage figures, failures and clips."""
     by_job: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for row in run["stages"]:  # oldest first, so each list ends with the last attempt
         by_job.setdefault(row["template"], {}).setdefault(row["stage"], []).append(row)
 
+    ended = run["status"] != "running"
     jobs = []
     failures = []
     for template, stage_rows in by_job.items():
-        stages = {stage: _stage_figures(stage_rows[stage]) for stage in stage_names() if stage in stage_rows}
-        final = stages.get(CLIP.name)
-        if final and final["status"] in ("ok", "skipped"):
-            status = "ok"
-        elif run["status"] == "running" and not any(s["status"] in _BAD for s in stages.values()):
-            status = "running"
-        else:
-            # A failed stage, or a run that ended before the job reached its last stage.
-            status = "failed"
+        stages = {
+            stage: _stage_figures(stage_rows[stage], run_ended=ended)
+            for stage in stage_names()
+            if stage in stage_rows
+        }
+        status = _job_status(run["status"], stages)
         for stage, figures in stages.items():
             if figures["status"] in _BAD:
                 failures.append(
@@ -94,10 +113,10 @@ def night(run: dict[str, Any]) -> dict[str, Any]:
                         "error": figures["error"] or "",
                     }
                 )
+        final = stages.get(CLIP.name)
         clip = final["output_key"] if status == "ok" and final else None
         jobs.append({"template": template, "status": status, "clip_key": clip, "stages": stages})
 
-    ended = run["status"] != "running"
     return {
         "id": run["id"],
         "kind": run["kind"],
@@ -111,10 +130,16 @@ def night(run: dict[str, Any]) -> dict[str, Any]:
         "wall_s": _seconds(run["started"], run["finished"]),
         "jobs_ok": sum(j["status"] == "ok" for j in jobs),
         "jobs_failed": sum(j["status"] == "failed" for j in jobs),
+        "jobs_interrupted": sum(j["status"] == "interrupted" for j in jobs),
+        # Every row skipped: the store held every output, so the night's chart would be all zeros.
+        "nothing_computed": bool(run["stages"]) and all(r["status"] == "skipped" for r in run["stages"]),
         "jobs": jobs,
         "failures": failures,
-        # Only a finished run can be re-run; the command is the one `t2v rerun` documents.
-        "rerun_command": f"t2v rerun {run['id']}" if ended and failures else None,
+        # What `t2v rerun` accepts: a nightly (or re-run) that ended failed or interrupted. An
+        # interrupted night may have no failed row at all (killed between two stages).
+        "rerun_command": (
+            f"t2v rerun {run['id']}" if run["status"] in _BAD and run["kind"] in RERUNNABLE_KINDS else None
+        ),
     }
 
 

@@ -54,6 +54,12 @@ function drawTrends(trends) {
       title: { display: true, text: "seconds" } } } } });
 }
 
+// Jobs that did not make their clip: an interrupted night's are not failures (no error to look for).
+function notOk(night) {
+  if (!night.jobs_interrupted) return night.jobs_failed;
+  return (night.jobs_failed ? `${night.jobs_failed}, ` : "") + `${night.jobs_interrupted} interrupted`;
+}
+
 function drawNights(nights, selected) {
   const body = document.querySelector("#nights tbody");
   body.replaceChildren();
@@ -62,7 +68,7 @@ function drawNights(nights, selected) {
     row.dataset.run = night.id;
     if (night.id === selected) row.classList.add("selected");
     row.append(el("td", (night.started || "").slice(0, 19).replace("T", " ")), el("td", night.kind),
-      el("td", night.status, "status-" + night.status), el("td", night.jobs_ok), el("td", night.jobs_failed),
+      el("td", night.status, "status-" + night.status), el("td", night.jobs_ok), el("td", notOk(night)),
       el("td", seconds(night.wall_s)), el("td", night.model), el("td", night.id.slice(0, 12)));
     row.addEventListener("click", () => { location.hash = night.id; });
     body.append(row);
@@ -75,8 +81,8 @@ function drawNight(night) {
   document.getElementById("night-title").textContent = night.id;
   document.getElementById("night-meta").replaceChildren(
     el("span", night.status, "status-" + night.status),
-    el("span", ` · ${night.kind} · ${night.jobs_ok} job(s) ok, ${night.jobs_failed} failed · ` +
-      `${seconds(night.wall_s)} · model ${night.model} · host ${night.host}`));
+    el("span", ` · ${night.kind} · ${night.jobs_ok} job(s) ok, ${night.jobs_failed} failed` +
+      (night.jobs_interrupted ? `, ${night.jobs_interrupted} interrupted` : "") + ` · ${seconds(night.wall_s)} · model ${night.model} · host ${night.host}`));
 
   // One bar group per (job, stage): wall time on the left axis, memory on the right.
   const labels = [], wall = [], vram = [], ram = [];
@@ -90,7 +96,13 @@ function drawNight(night) {
       ram.push(f.peak_ram_gib);
     }
   }
-  replaceChart("night-chart", { type: "bar", data: { labels, datasets: [
+  // A night that skipped every stage has only zero bars; say why instead of drawing them.
+  document.getElementById("night-chart-box").hidden = night.nothing_computed;
+  document.getElementById("night-chart-note").hidden = !night.nothing_computed;
+  if (night.nothing_computed) {
+    if (window.t2v.charts["night-chart"]) window.t2v.charts["night-chart"].destroy();
+    delete window.t2v.charts["night-chart"];
+  } else replaceChart("night-chart", { type: "bar", data: { labels, datasets: [
     { label: "wall time (s)", data: wall, yAxisID: "y", backgroundColor: "#4e79a7" },
     { label: "peak VRAM (GiB)", data: vram, yAxisID: "y1", backgroundColor: "#e15759" },
     { label: "peak RAM (GiB)", data: ram, yAxisID: "y1", backgroundColor: "#bab0ac" },
@@ -101,9 +113,14 @@ function drawNight(night) {
     y1: { beginAtZero: true, position: "right", grid: { drawOnChartArea: false },
       title: { display: true, text: "GiB" } } } } });
 
+  // Shown for any night `t2v rerun` takes, failed or interrupted, with or without a failed stage.
+  document.getElementById("rerun").hidden = !night.rerun_command;
+  document.getElementById("rerun-command").textContent = night.rerun_command || "";
+  document.getElementById("rerun-why").textContent = night.status === "interrupted"
+    ? `This night was interrupted before ${night.jobs_interrupted + night.jobs_failed} job(s) made their clip.`
+    : `${night.jobs_failed} job(s) failed.`;
   const failures = document.getElementById("failures");
   failures.hidden = night.failures.length === 0;
-  document.getElementById("rerun-command").textContent = night.rerun_command || "(the run has not finished)";
   const body = failures.querySelector("tbody");
   body.replaceChildren();
   for (const f of night.failures) {
