@@ -38,6 +38,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from bench.clock import Clock, GiB, free_cuda, rel, step_timer, total_50  # noqa: E402
+from bench.gpu_stock import NEGATIVE, PROMPT, run_stock  # noqa: E402
 from t2v import stages  # noqa: E402
 from t2v.jobs import JobSpec  # noqa: E402
 from t2v.models import fullsize, tiny  # noqa: E402
@@ -45,98 +46,7 @@ from t2v.pipeline import decode, diffuse, encode  # noqa: E402
 from t2v.placement import apply  # noqa: E402
 from t2v.plans import ComponentSizes, choose  # noqa: E402
 
-PROMPT = "A corgi in a red scarf runs through fresh snow at golden hour, slow motion, shallow depth of field"
-NEGATIVE = "blurry, low quality, static"
 RESOLUTIONS = {"1280x704x121": (704, 1280, 121), "832x480x81": (480, 832, 81), "96x64x9": (64, 96, 9)}
-
-
-# --- stock diffusers ---------------------------------------------------------------------------
-
-
-def run_stock(case: str, masters: dict, tokenizer, job: JobSpec, device: str, steps: int) -> dict:
-    from diffusers import WanPipeline
-    from diffusers.hooks import apply_group_offloading
-
-    te, tr, vae = (fullsize.clone(masters[k]) for k in ("text_encoder", "transformer", "vae"))
-    pipe = WanPipeline(
-        tokenizer=tokenizer,
-        text_encoder=te,
-        transformer=tr,
-        vae=vae,
-        scheduler=tiny.build_scheduler(),
-        expand_timesteps=True,
-    )
-    clock = Clock(device)
-    setup_start = time.perf_counter()
-    if case == "stock-gpu":
-        pipe.to(device)
-    elif case == "stock-model-offload":
-        pipe.enable_model_cpu_offload(device=device)
-    elif case == "stock-group-offload":
-        onload = torch.device(device)
-        pipe.transformer.enable_group_offload(
-            onload_device=onload,
-            offload_device=torch.device("cpu"),
-            offload_type="leaf_level",
-            use_stream=True,
-        )
-        apply_group_offloading(
-            pipe.text_encoder, onload_device=onload, offload_type="leaf_level", use_stream=True
-        )
-        pipe.vae.to(device)
-        pipe.vae.enable_tiling()
-    clock.sync()
-    setup_s = time.perf_counter() - setup_start
-    if clock.cuda:
-        torch.cuda.reset_peak_memory_stats()
-
-    (pe, ne), encode_s = clock.phase(
-        encode.STAGE.name,
-        lambda: pipe.encode_prompt(
-            PROMPT,
-            NEGATIVE,
-            do_classifier_free_guidance=True,
-            max_sequence_length=512,
-            device=torch.device(device),
-        ),
-    )
-    times: list[float] = []
-    on_step, last = step_timer(clock, times)
-
-    def callback(pipeline, i, t, kwargs):
-        on_step()
-        return {}
-
-    def denoise():
-        last[0] = time.perf_counter()
-        return pipe(
-            prompt_embeds=pe,
-            negative_prompt_embeds=ne,
-            height=job.height,
-            width=job.width,
-            num_frames=job.frames,
-            num_inference_steps=steps,
-            guidance_scale=job.guidance,
-            generator=torch.Generator("cpu").manual_seed(job.seed),
-            output_type="latent",
-            callback_on_step_end=callback,
-        ).frames
-
-    latents, _ = clock.phase("denoise", denoise)
-    frames, decode_s = clock.phase(
-        decode.STAGE.name, lambda: stages.decode_latents(pipe.vae, latents, device=device)
-    )
-    result = dict(
-        setup_s=setup_s,
-        encode_s=encode_s,
-        step_times=times,
-        decode_s=decode_s,
-        peaks=clock.phase_peaks,
-        plans=None,
-    )
-    pipe = te = tr = vae = None  # drop the last references before the next case  # noqa: F841
-    free_cuda()
-    return result, latents.float().cpu(), frames
 
 
 # --- ours: the planner, then the same stage functions the runner calls --------------------------
