@@ -17,21 +17,10 @@ PROMPT = "A corgi in a red scarf runs through fresh snow at golden hour, slow mo
 NEGATIVE = "blurry, low quality, static"
 
 
-def run_stock(case: str, masters: dict, tokenizer, job: JobSpec, device: str, steps: int) -> dict:
-    from diffusers import WanPipeline
+def place(case: str, pipe, device: str) -> None:
+    """The case's placement, with diffusers' own switches."""
     from diffusers.hooks import apply_group_offloading
 
-    te, tr, vae = (fullsize.clone(masters[k]) for k in ("text_encoder", "transformer", "vae"))
-    pipe = WanPipeline(
-        tokenizer=tokenizer,
-        text_encoder=te,
-        transformer=tr,
-        vae=vae,
-        scheduler=tiny.build_scheduler(),
-        expand_timesteps=True,
-    )
-    clock = Clock(device)
-    setup_start = time.perf_counter()
     if case == "stock-gpu":
         pipe.to(device)
     elif case == "stock-model-offload":
@@ -49,6 +38,23 @@ def run_stock(case: str, masters: dict, tokenizer, job: JobSpec, device: str, st
         )
         pipe.vae.to(device)
         pipe.vae.enable_tiling()
+
+
+def run_stock(case: str, masters: dict, tokenizer, job: JobSpec, device: str, steps: int) -> dict:
+    from diffusers import WanPipeline
+
+    te, tr, vae = (fullsize.clone(masters[k]) for k in ("text_encoder", "transformer", "vae"))
+    pipe = WanPipeline(
+        tokenizer=tokenizer,
+        text_encoder=te,
+        transformer=tr,
+        vae=vae,
+        scheduler=tiny.build_scheduler(),
+        expand_timesteps=True,
+    )
+    clock = Clock(device)
+    setup_start = time.perf_counter()
+    place(case, pipe, device)
     clock.sync()
     setup_s = time.perf_counter() - setup_start
     if clock.cuda:

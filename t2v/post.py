@@ -6,6 +6,7 @@ runs them in list order), so a clip is read, processed and encoded in a single f
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,12 @@ from PIL import Image, ImageDraw, ImageFont
 
 Corner = Literal["top-left", "top-right", "bottom-left", "bottom-right"]
 Video = ffmpeg.nodes.FilterableStream
+
+MAX_TEXT_CHARS = 64
+"""Longest watermark text: the mark is shrunk to fit the frame, so a long text ends up unreadably small."""
+_FONT_SIZE = 96
+_NO_SUCH_CHARACTER = "\U0010ffff"
+"""A Unicode noncharacter, in no font: what it draws is the font's missing-glyph box."""
 
 
 @dataclass(frozen=True)
@@ -80,6 +87,19 @@ class Watermark(PostStep):
                 raise ValueError(
                     f"`watermark.text` must not be blank when no image is given but is {self.text!r}"
                 )
+            if len(self.text) > MAX_TEXT_CHARS:
+                raise ValueError(
+                    f"`watermark.text` is {len(self.text)} characters; the limit is {MAX_TEXT_CHARS} "
+                    f"but is {self.text[:40] + '...'!r}"
+                )
+            # A character without a glyph is drawn as a box: the clip would carry a wrong mark, silently.
+            for ch in self.text:
+                if not can_draw(ch):
+                    raise ValueError(
+                        f"`watermark.text` has {ch!r} (U+{ord(ch):04X}), which the watermark font cannot "
+                        "draw (it has ASCII letters, digits and punctuation); use `watermark.image` for "
+                        f"other characters, but is {self.text!r}"
+                    )
             return
         image = Path(self.image)
         if not image.is_file():
@@ -135,12 +155,29 @@ def render_watermark_png(watermark: Watermark, *, frame_width: int, frame_height
     return dest
 
 
+@functools.lru_cache(maxsize=1)
+def _font() -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    return ImageFont.load_default(size=_FONT_SIZE)
+
+
+def _drawn(ch: str) -> tuple[tuple[int, int], bytes]:
+    mask = _font().getmask(ch)
+    return mask.size, bytes(mask)
+
+
+@functools.lru_cache(maxsize=1024)
+def can_draw(ch: str) -> bool:
+    """Whether the watermark font has a glyph for character `ch` (a space has one; a tab, a newline,
+    an emoji or a CJK character has none and would be drawn as the missing-glyph box)."""
+    # Pillow offers no glyph lookup: a character the font lacks draws exactly what a noncharacter does.
+    return _drawn(ch) != _drawn(_NO_SUCH_CHARACTER)
+
+
 def _draw_text(text: str) -> Image.Image:
     # Drawn large and downscaled afterwards: small font sizes hint badly, and the resize lands on the
     # exact target height regardless of the font's ascent/descent.
-    size = 96
-    stroke = size // 12  # dark outline so white text reads on light and dark footage alike
-    font = ImageFont.load_default(size=size)
+    stroke = _FONT_SIZE // 12  # dark outline so white text reads on light and dark footage alike
+    font = _font()
     left, top, right, bottom = ImageDraw.Draw(Image.new("RGBA", (1, 1))).textbbox(
         (0, 0), text, font=font, stroke_width=stroke
     )

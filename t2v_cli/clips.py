@@ -8,7 +8,7 @@ checks pass, and the model registry and run log only inside the commands, so `--
 
 from __future__ import annotations
 
-from pathlib import Path
+from dataclasses import replace
 from typing import Annotated, Any
 
 import typer
@@ -16,16 +16,28 @@ import typer
 from t2v.errors import InvalidInput
 from t2v.jobs import JobSpec
 from t2v.media import Watermark
+from t2v.post import MAX_TEXT_CHARS
 from t2v.settings import Settings
 from t2v_cli.app import RUN_FAILED, fail
 from t2v_cli.checks import (
     check_catalogue,
+    check_out_path,
+    check_overwrite,
     check_prefect_api,
+    clip_key,
     open_runlog,
     resolve_model,
     template_name,
 )
-from t2v_cli.options import DEFAULT_CATALOGUE, CatalogueOption, Fp8Option, ModelOption, job_help, job_option
+from t2v_cli.options import (
+    DEFAULT_CATALOGUE,
+    CatalogueOption,
+    ForceOption,
+    Fp8Option,
+    ModelOption,
+    job_help,
+    job_option,
+)
 
 _WATERMARK = Watermark()
 """The watermark a one-off clip gets besides its text: the defaults, which also give the option's."""
@@ -43,15 +55,25 @@ def generate(
     fps: int = job_option("fps"),
     negative_prompt: str = job_option("negative_prompt"),
     watermark_text: Annotated[
-        str, typer.Option(help=f"Text stamped in the {_WATERMARK.corner} corner.")
+        str,
+        typer.Option(
+            help=f"Text stamped in the {_WATERMARK.corner} corner: at most {MAX_TEXT_CHARS} ASCII "
+            "letters, digits and punctuation (what the font can draw)."
+        ),
     ] = _WATERMARK.text,
     out: Annotated[
         str | None,
-        typer.Option(help="Where to put the MP4 [default: <data dir>/outputs/generate/<prompt words>.mp4]."),
+        typer.Option(
+            help="Where to put the MP4 [default: <data dir>/outputs/generate/<prompt words>-<first 8 hex "
+            "digits of the clip's store key>.mp4]."
+        ),
     ] = None,
     fp8_storage: Fp8Option = False,
+    force: ForceOption = False,
 ) -> None:
     """Make one clip from a prompt and print its path.
+
+    Each different clip gets its own default name; replacing a different file needs --force.
 
     Example:
 
@@ -59,6 +81,8 @@ def generate(
         t2v generate "a red fox running through snow" --height 64 --width 96 --frames 9 --steps 4
     """
     from t2v.context import check_jobs
+    from t2v.pipeline import CLIP
+    from t2v.store import Store
 
     settings = Settings.from_env()
     ref = resolve_model(model)
@@ -76,15 +100,23 @@ def generate(
         watermark=Watermark(text=watermark_text),
     )
     check_jobs([job], ref)
-    if out is not None and Path(out).suffix.lower() != ".mp4":
-        raise typer.BadParameter(f"must be a file name ending in .mp4 but is {out!r}", param_hint="'--out'")
-    open_runlog(settings)
+    # Named by its key, so two different clips of one prompt never share a file (the key leaves the
+    # template out, so renaming the job keeps it); the finish stage publishes it under this name.
+    key = clip_key(job, ref, fp8=fp8_storage)
+    job = replace(job, template=f"{job.template}-{key[:8]}")
+    default = settings.outputs_dir / "generate" / f"{job.template}.mp4"
+    path = check_out_path(out) if out is not None else check_out_path(str(default))
+    stored = Store(settings.store_dir).path(CLIP, key)
+    check_overwrite(path, stored, force=force, what="`--out`" if out is not None else "the clip's path")
+    if path != default:  # published there too, on the way to --out
+        check_overwrite(default, stored, force=force, what="the clip's default path")
+    open_runlog(settings, create=True)
     check_prefect_api()
 
     from flows.generate import generate as generate_flow
 
     try:
-        clip = generate_flow(job, model=model, out=out, fp8_storage=fp8_storage)
+        clip = generate_flow(job, model=model, out=out or str(default), fp8_storage=fp8_storage)
     except Exception as exc:
         fail(f"generate failed: {type(exc).__name__}: {exc}", RUN_FAILED)
     typer.echo(clip)
@@ -105,7 +137,7 @@ def nightly(
     """
     settings = Settings.from_env()
     check_catalogue(catalogue, resolve_model(model))
-    open_runlog(settings)
+    open_runlog(settings, create=True)
     check_prefect_api()
 
     from flows.nightly import nightly as nightly_flow
@@ -138,7 +170,7 @@ def rerun(
     if (run_id is None) == (not last):
         raise typer.BadParameter("give a RUN_ID or --last, not both and not neither", param_hint="'RUN_ID'")
     settings = Settings.from_env()
-    runlog = open_runlog(settings)
+    runlog = open_runlog(settings, create=True)
     try:
         prepared = prepare_rerun(runlog, run_id)
     except NoSuchRun as exc:

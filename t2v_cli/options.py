@@ -41,6 +41,14 @@ Fp8Option = Annotated[
         "but the clip changes (latents ~5% off after 3 steps on random weights). Off by default.",
     ),
 ]
+ForceOption = Annotated[
+    bool,
+    typer.Option(
+        "--force",
+        help="Replace a file already at the clip's path that is not this clip. Without it the command "
+        "stops before any work; the same clip made again is never an overwrite.",
+    ),
+]
 ModelOption = Annotated[
     str,
     typer.Option(

@@ -6,6 +6,7 @@ so a row added there is tested and a message changed here must be changed there.
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 from pathlib import Path
@@ -16,6 +17,7 @@ from typer.testing import CliRunner
 import flows.generate
 import flows.nightly
 import flows.rerun
+import t2v_cli.checks
 from t2v_cli.main import app
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "bad_input.md"
@@ -65,12 +67,25 @@ def test_rejected_input(case, command, extra, message, data_dir, tmp_path, monke
         "no_index": str(folder / "empty-model"),
         "not_wan": str(folder / "other-model"),
         "blocker": str(folder / "blocker"),
+        "mp4_folder": str(folder / "clips.mp4"),
+        "other_clip": str(folder / "other.mp4"),
+        "readonly": str(folder / "readonly"),
     }
     (folder / "empty-model").mkdir(parents=True)
     (folder / "other-model").mkdir()
     (folder / "other-model" / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
     (folder / "blocker").write_text("a file where a folder would go\n")
     (folder / "fake-logo.png").write_text("not a png\n")
+    (folder / "clips.mp4").mkdir()
+    (folder / "other.mp4").write_text("not the clip\n")
+    readonly = folder / "readonly"
+    readonly.mkdir(mode=0o555)
+    if os.geteuid() == 0:
+        # root may write anywhere: have the check see the folder as any other user would.
+        access = os.access
+        monkeypatch.setattr(
+            t2v_cli.checks.os, "access", lambda path, mode: access(path, mode) and Path(path) != readonly
+        )
     env = {}
     if extra.startswith("env: "):
         name, value = extra.removeprefix("env: ").split("=", 1)

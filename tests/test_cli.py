@@ -4,6 +4,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import typer
@@ -232,3 +233,83 @@ def test_cli_rerun_starts_the_flow_on_the_prepared_night(data_dir, monkeypatch):
     assert result.exit_code == 0, result.output
     assert calls == [{"run_id": run_id}]
     assert result.stdout.splitlines()[0] == f"run new (re-run of {run_id}): 1 clip(s), 0 failed"
+
+
+# --- nothing is written where it should not be ----------------------------------------------------
+
+
+def test_reading_commands_create_nothing_in_an_empty_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in ("T2V_DATA_DIR", "T2V_DATABASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+
+    table = runner.invoke(app, ["runs"])
+    as_json = runner.invoke(app, ["runs", "--json"])
+    helped = [runner.invoke(app, [name, "--help"]) for name in COMMANDS]
+
+    assert table.exit_code == 0 and table.stdout == "no runs yet\n", table.output
+    assert as_json.exit_code == 0 and json.loads(as_json.stdout) == []
+    assert all(result.exit_code == 0 for result in helped)
+    assert list(tmp_path.iterdir()) == []
+
+
+def _generate_args(*extra: str) -> list[str]:
+    return [
+        "generate",
+        "a red fox",
+        "--height",
+        "32",
+        "--width",
+        "64",
+        "--frames",
+        "5",
+        "--steps",
+        "1",
+        *extra,
+    ]
+
+
+def test_generate_names_each_clip_by_its_key_and_passes_that_path(data_dir, monkeypatch):
+    from t2v_cli.checks import clip_key
+
+    calls = []
+    monkeypatch.setattr(flows.generate, "generate", lambda job, **kw: calls.append((job, kw)) or kw["out"])
+
+    first = runner.invoke(app, _generate_args())
+    other = runner.invoke(app, _generate_args("--seed", "1"))
+
+    assert first.exit_code == 0 and other.exit_code == 0, first.output + other.output
+    (job, kwargs), (other_job, _) = calls
+    key = clip_key(dataclasses.replace(job, template="a-red-fox"), resolve_model("tiny"), fp8=False)
+    assert job.template == f"a-red-fox-{key[:8]}"
+    assert kwargs["out"] == str(data_dir / "outputs" / "generate" / f"{job.template}.mp4")
+    assert first.stdout.strip() == kwargs["out"]
+    assert other_job.template.startswith("a-red-fox-") and other_job.template != job.template
+
+
+def test_generate_replaces_another_file_only_with_force(data_dir, tmp_path):
+    made = runner.invoke(app, _generate_args())
+    assert made.exit_code == 0, made.output
+    clip = Path(made.stdout.strip())
+    good = clip.read_bytes()
+
+    again = runner.invoke(app, _generate_args())  # the same clip made again is not an overwrite
+    assert again.exit_code == 0 and again.stdout == made.stdout, again.output
+
+    clip.write_bytes(b"someone else's file")
+    refused = runner.invoke(app, _generate_args())
+    assert refused.exit_code == 2 and refused.stdout == ""
+    assert refused.stderr.splitlines() == [
+        f"error: the clip's path '{clip}' already exists and is not known to be this clip; "
+        "pass --force to replace it, or choose another path."
+    ]
+    assert clip.read_bytes() == b"someone else's file"
+
+    out = tmp_path / "mine.mp4"
+    out.write_bytes(b"mine")
+    refused_out = runner.invoke(app, _generate_args("--out", str(out)))
+    assert refused_out.exit_code == 2 and "`--out`" in refused_out.stderr and out.read_bytes() == b"mine"
+
+    forced = runner.invoke(app, _generate_args("--force", "--out", str(out)))
+    assert forced.exit_code == 0, forced.output
+    assert out.read_bytes() == good and clip.read_bytes() == good

@@ -7,6 +7,7 @@ and leave an orphaned server process behind every kill -9.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -79,11 +80,14 @@ def _visible_files(data_dir: Path) -> list[Path]:
         p
         for folder in ("store", "outputs")
         for p in (data_dir / folder).rglob("*")
-        if p.is_file() and not p.name.startswith(".partial-")
+        if p.is_file() and not p.name.startswith(".partial-") and p.suffix != ".sha256"
     ]
 
 
 def _assert_complete(path: Path) -> None:
+    digest = path.with_name(path.name + ".sha256")
+    if digest.exists():  # in the store: the bytes are those written
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == digest.read_text().strip(), path
     if path.suffix == ".safetensors":
         assert load_file(str(path)), path
     else:

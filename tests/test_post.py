@@ -11,6 +11,7 @@ from PIL import Image
 from t2v import media
 from t2v.media import POST_STEPS, FrameInfo, MediaError, PostStep, Watermark, encode_clip, read_frames
 from t2v.media import write_frames_lossless as write_lossless
+from t2v.post import MAX_TEXT_CHARS
 
 HEIGHT, WIDTH, FPS, FRAMES = 96, 128, 16, 9
 
@@ -208,3 +209,42 @@ def test_a_bad_step_is_rejected_before_ffmpeg_runs(
 def test_a_step_that_leaves_no_picture_is_rejected(tmp_path: Path, source: Path) -> None:
     with pytest.raises(ValueError, match=r"post step `crop-left` turns 128x96 frames into 0x96"):
         encode_clip(source, tmp_path / "clip.mp4", fps=FPS, steps=[CropLeft(share=0.001)])
+
+
+# --- what watermark text may hold: only what the font draws, and not too much of it ----------------
+
+
+@pytest.mark.parametrize(
+    ("text", "char"),
+    [
+        ("fox \U0001f98a", "U+1F98A"),
+        ("夜景", "U+591C"),
+        ("café", "U+00E9"),
+        ("a\tb", "U+0009"),
+        ("a\nb", "U+000A"),
+    ],
+)
+def test_watermark_text_the_font_cannot_draw_is_refused(text: str, char: str) -> None:
+    # Pillow would draw each of these as the font's missing-glyph box, and the clip would be published.
+    with pytest.raises(ValueError, match=r"^`watermark\.text` has ") as caught:
+        Watermark(text=text).validate()
+    message = str(caught.value)
+    assert char in message and "`watermark.image`" in message and repr(text) in message
+
+
+@pytest.mark.parametrize("text", ["t2v", "Night shift #3 (c) 2026", "© t2v™", "x" * MAX_TEXT_CHARS])
+def test_watermark_text_the_font_draws_is_accepted_and_drawn(text: str, tmp_path: Path) -> None:
+    mark = Watermark(text=text)
+    mark.validate()
+    png = media.render_watermark_png(mark, frame_width=WIDTH, frame_height=HEIGHT, dest=tmp_path / "m.png")
+    with Image.open(png) as im:
+        assert im.getchannel("A").getbbox() is not None
+
+
+def test_watermark_text_is_bounded() -> None:
+    with pytest.raises(ValueError, match=r"`watermark\.text` is 65 characters; the limit is 64"):
+        Watermark(text="x" * 65).validate()
+
+
+def test_an_image_watermark_ignores_the_text(logo: Path) -> None:
+    Watermark(text="\U0001f98a" * 100, image=logo).validate()  # the text is not drawn, so not checked

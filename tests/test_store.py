@@ -1,4 +1,5 @@
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -58,22 +59,21 @@ def test_sweep_partials_does_not_take_a_thread_for_the_dead_writer(tmp_path):
         thread.join()
 
 
-def test_sweep_partials_keeps_a_live_publish_whose_link_has_its_sources_old_mtime(tmp_path):
+def test_sweep_partials_keeps_a_live_publish_even_of_an_old_clip(tmp_path):
     source = tmp_path / "clip.mp4"
     source.write_bytes(b"a whole clip")
     old = time.time() - 10 * 24 * 3600
     os.utime(source, (old, old))
-    linked = tmp_path / "outputs" / f".partial-{os.getpid()}-clip.mp4"
-    linked.parent.mkdir()
-    os.link(source, linked)  # as `publish` does, just before it renames the link into place
+    copying = tmp_path / "outputs" / f".partial-{os.getpid()}-clip.mp4"
+    copying.parent.mkdir()
+    shutil.copyfile(source, copying)  # as `publish` does, just before it renames the copy into place
 
     assert Store(tmp_path / "outputs").sweep_partials() == 0
-    assert linked.exists()
+    assert copying.exists()
 
 
 def test_publishing_a_clip_again_leaves_no_temporary_file(tmp_path):
-    # rename() between two hard links to one file is a no-op that keeps the temporary name, so a
-    # re-run that published what the killed night had published left a `.partial-*` in the outputs.
+    # A re-run publishes what the killed night had published already: nothing may be left behind.
     source = tmp_path / "store" / "clip.mp4"
     source.parent.mkdir()
     source.write_bytes(b"a clip")
@@ -83,7 +83,8 @@ def test_publishing_a_clip_again_leaves_no_temporary_file(tmp_path):
     assert publish(source, dest) == dest
 
     assert sorted(p.name for p in dest.parent.iterdir()) == ["fox.mp4"]
-    assert dest.read_bytes() == b"a clip" and os.path.samefile(source, dest)
+    # A file of its own: writing over the published clip leaves the stored one as it was.
+    assert dest.read_bytes() == b"a clip" and not os.path.samefile(source, dest)
 
 
 def test_a_stages_files_live_under_its_folder_with_its_suffix(tmp_path):

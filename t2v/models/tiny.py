@@ -15,13 +15,24 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
 
 from t2v.models.seeding import seeded
-from t2v.models.wan22 import FULL_SIZE, MAX_SEQUENCE_LENGTH
+from t2v.models.wan22 import FULL_SIZE, MAX_SEQUENCE_LENGTH, WAN22_RULES
 
 SEED = 2022
 """Bumping this (or any config below) changes the model identity, hence every store key."""
 IDENTITY = f"tiny-wan2.2-ti2v@seed{SEED}-v1"
 
 _SPECIAL_TOKENS = ["<pad>", "</s>", "<unk>"]  # ids 0, 1, 2 as in UMT5
+
+ROPE_POSITIONS = max(
+    WAN22_RULES.max_side // WAN22_RULES.spatial_multiple,
+    (WAN22_RULES.max_frames - 1) // WAN22_RULES.temporal_factor + 1,
+)
+"""Rotary positions per axis the transformer's table must hold: a side of `max_side` px is
+max_side / 16 (VAE) / 2 (patch) = 40 tokens, the longest clip 31 latent frames.
+
+It was 32, so every side over 1024 px failed in the first forward. The table's rows do not depend on
+its length (row i is position i) and it holds no weights, so the longer table changes neither the
+weights nor any clip that ran before: IDENTITY, and with it every store key, stays as it was."""
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
@@ -74,7 +85,7 @@ def build_transformer() -> WanTransformer3DModel:
             num_layers=2,
             cross_attn_norm=True,
             qk_norm="rms_norm_across_heads",
-            rope_max_seq_len=32,
+            rope_max_seq_len=ROPE_POSITIONS,
         ).eval()
 
 
