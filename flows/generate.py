@@ -7,7 +7,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 
 from flows.night import run_stages
-from t2v.context import check_jobs, start_run
+from t2v.context import check_budgets, check_jobs, start_run
 from t2v.jobs import JobSpec
 from t2v.models.registry import resolve_model
 from t2v.settings import Settings
@@ -19,7 +19,9 @@ def generate(job: JobSpec, model: str = "tiny", out: str | None = None, fp8_stor
     """Make the clip of `job`; returns its path (`out`, else `<data_dir>/outputs/generate/<template>.mp4`)."""
     logger = get_run_logger()
     settings = Settings.from_env()
-    check_jobs([job], resolve_model(model))
+    ref = resolve_model(model)
+    check_jobs([job], ref)
+    check_budgets([job], ref, settings, fp8=fp8_storage)
     ctx = start_run(
         "generate",
         [job],

@@ -8,7 +8,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 
 from flows.night import run_stages
-from t2v.context import check_jobs, open_runlog, start_run
+from t2v.context import check_budgets, check_jobs, open_runlog, start_run
 from t2v.jobs import Catalogue
 from t2v.models.registry import resolve_model
 from t2v.rerun import Night
@@ -33,6 +33,7 @@ def nightly(
     ref = resolve_model(model)
     jobs = select_shard(Catalogue.from_file(catalogue, ref.rules).jobs, shard)
     check_jobs(jobs, ref, catalogue=catalogue)
+    check_budgets(jobs, ref, settings, fp8=fp8_storage)
     clean_up_after_crashes(settings)
     night = Night(
         jobs=jobs, outputs_dir=settings.outputs_dir / date.today().isoformat(), fp8_storage=fp8_storage

@@ -12,7 +12,7 @@ from prefect import flow, get_run_logger
 
 from flows.night import run_stages
 from flows.nightly import clean_up_after_crashes
-from t2v.context import open_runlog, start_run
+from t2v.context import check_budgets, open_runlog, start_run
 from t2v.rerun import prepare_rerun
 from t2v.settings import Settings
 
@@ -26,6 +26,7 @@ def rerun(run_id: str | None = None) -> dict:
     clean_up_after_crashes(settings)
     plan = prepare_rerun(open_runlog(settings.runlog_url), run_id)
     parent, night = plan.parent, plan.night
+    check_budgets(night.jobs, plan.model, settings, fp8=night.fp8_storage)
     ctx = start_run(
         "rerun",
         night.jobs,

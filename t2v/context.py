@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from t2v.errors import CatalogueError, InvalidInput
+from t2v.errors import CatalogueError, InvalidInput, NoPlanFits
 from t2v.jobs import JobSpec, template_line
 from t2v.models import registry
 from t2v.models.registry import ModelRef, resolve_model
@@ -102,3 +102,42 @@ def check_jobs(jobs: Iterable[JobSpec], model: ModelRef, *, catalogue: Path | st
             if line:
                 where = f"{catalogue}:{line}: template {job.template!r}"
             raise CatalogueError(f"{where}: {exc}") from exc
+
+
+def check_budgets(jobs: Sequence[JobSpec], model: ModelRef, settings: Settings, *, fp8: bool = False) -> None:
+    """Refuse, before any weights load, a night that cannot fit: a card stage whose leanest plan needs
+    more than the card's budget, or a component bigger than the host memory left (it is loaded whole).
+    Raises NoPlanFits saying what the smallest plan needs. Reads configs, not weights."""
+    from t2v.hostmem import probe_host
+    from t2v.pipeline import stages
+    from t2v.plans import ComponentSizes, module_bytes
+    from t2v.vram import probe
+
+    card = probe(budget_gib=settings.vram_budget_gib)
+    host = probe_host(settings.ram_budget_gib)
+    for stage in (s for s in stages() if s.on_card):
+        skeleton = registry.skeleton(model, stage.component)
+        need = module_bytes(skeleton)
+        if need > host.budget_bytes:
+            raise NoPlanFits(
+                f"the {stage.component} of the {stage.name} stage is {_size(need)} as loaded, and the "
+                f"host has {_size(host.budget_bytes)} left for it ({host.note}); raise the memory limit or "
+                "T2V_RAM_BUDGET_GB."
+            )
+        if not card.device.startswith("cuda"):
+            continue
+        sizes = ComponentSizes.from_modules(**{stage.component: skeleton})
+        for job in jobs:
+            leanest = stage.ladder(sizes, job, device=card.device, fp8=fp8)[-1]
+            if leanest.estimate_bytes > card.budget_bytes:
+                size = f"{job.width}x{job.height}x{job.frames}"
+                raise NoPlanFits(
+                    f"`{job.template}` ({size}): no {stage.name} plan fits the card's "
+                    f"{_size(card.budget_bytes)} ({card.source}); the leanest, {leanest.name}, "
+                    f"needs about {_size(leanest.estimate_bytes)}. Raise T2V_VRAM_BUDGET_GB, free the card, "
+                    "or make the clip smaller."
+                )
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 // 10 else f"{n / 2**20:.1f} MiB"

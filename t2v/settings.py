@@ -131,6 +131,9 @@ class Settings:
     """Any SQLAlchemy URL ($T2V_DATABASE_URL); default is SQLite at `<data_dir>/runlog.sqlite`."""
     vram_budget_gib: float | None = None
     """Caps the free VRAM that NVML reports ($T2V_VRAM_BUDGET_GB): plans are chosen to fit this."""
+    ram_budget_gib: float | None = None
+    """Caps the host memory plans and prefetches are chosen for ($T2V_RAM_BUDGET_GB); by default the
+    tighter of the host's available memory and its cgroup's limit (`t2v.hostmem`)."""
     inject_oom: str = ""
     """Fault injection for tests and drills ($T2V_INJECT_OOM): `stage:plan` patterns (`*` matches any),
     comma separated, optionally `template/stage:plan` for one job; a matching stage attempt raises
@@ -164,6 +167,7 @@ class Settings:
             data_dir=data_dir,
             database_url=env.get("T2V_DATABASE_URL") or None,
             vram_budget_gib=read_vram_budget(env),
+            ram_budget_gib=_read_number(env, "T2V_RAM_BUDGET_GB", "GiB"),
             inject_oom=_read_inject_oom(env),
             compile=_read_compile(env),
             pause_at=_read_pause_at(env),

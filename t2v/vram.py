@@ -17,6 +17,7 @@ from typing import Any, Self
 
 import psutil
 
+from t2v.hostmem import cgroup_usage, own_cgroups
 from t2v.settings import VRAM_BUDGET_ENV, read_vram_budget
 
 __all__ = [
@@ -269,12 +270,15 @@ class PeakMemory:
         self.reserved_gib: float | None = None
         self.nvml_gib: float | None = None
         self.rss_gib: float | None = None
+        self.cgroup_gib: float | None = None
         self.wall_s: float | None = None
         self._torch_index: int | None = None
         self._nvml: ModuleType | None = None
         self._nvml_handle: Any = None
         self._peak_rss = 0
         self._peak_nvml = 0
+        self._peak_cgroup = 0
+        self._cgroups = own_cgroups()[:1]
         self._process = psutil.Process()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -282,7 +286,8 @@ class PeakMemory:
 
     def __enter__(self) -> Self:
         self.allocated_gib = self.reserved_gib = self.nvml_gib = self.rss_gib = self.wall_s = None
-        self._peak_rss = self._peak_nvml = 0
+        self.cgroup_gib = None
+        self._peak_rss = self._peak_nvml = self._peak_cgroup = 0
         if self.device.startswith("cuda"):
             self._start_cuda()
         self._sample()
@@ -305,6 +310,7 @@ class PeakMemory:
             self._thread = None
         self._sample()
         self.rss_gib = self._peak_rss / GIB
+        self.cgroup_gib = self._peak_cgroup / GIB if self._peak_cgroup else None
         if self._nvml is not None:
             self.nvml_gib = self._peak_nvml / GIB
             self._nvml.nvmlShutdown()
@@ -350,6 +356,9 @@ class PeakMemory:
             self._peak_rss = max(self._peak_rss, self._process.memory_info().rss)
         except psutil.Error:
             pass
+        used = cgroup_usage(self._cgroups) if self._cgroups else None
+        if used is not None:
+            self._peak_cgroup = max(self._peak_cgroup, used)
         if self._nvml is not None:
             try:
                 used = int(self._nvml.nvmlDeviceGetMemoryInfo(self._nvml_handle).used)

@@ -31,13 +31,16 @@ def resolve_model(model: str) -> ModelRef:
     return resolve(model)
 
 
-def check_catalogue(path: str, ref: ModelRef) -> None:
-    """Every template of the catalogue at `path`, prompt token counts included; raises InvalidInput."""
-    from t2v.context import check_jobs
+def check_catalogue(path: str, ref: ModelRef, settings: Settings | None = None, *, fp8: bool = False) -> None:
+    """Every template of the catalogue at `path`, prompt token counts included, and (with `settings`)
+    that the night fits the card and host budgets; raises InvalidInput or NoPlanFits."""
+    from t2v.context import check_budgets, check_jobs
     from t2v.jobs import Catalogue
 
     catalogue = Catalogue.from_file(path, ref.rules)
     check_jobs(catalogue.jobs, ref, catalogue=path)
+    if settings is not None:
+        check_budgets(catalogue.jobs, ref, settings, fp8=fp8)
 
 
 def open_runlog(settings: Settings, *, create: bool = False) -> RunLog | UnmadeRunLog:

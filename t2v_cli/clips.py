@@ -80,7 +80,7 @@ def generate(
     \b
         t2v generate "a red fox running through snow" --height 64 --width 96 --frames 9 --steps 4
     """
-    from t2v.context import check_jobs
+    from t2v.context import check_budgets, check_jobs
     from t2v.pipeline import CLIP
     from t2v.store import Store
 
@@ -100,6 +100,7 @@ def generate(
         watermark=Watermark(text=watermark_text),
     )
     check_jobs([job], ref)
+    check_budgets([job], ref, settings, fp8=fp8_storage)
     # Named by its key, so two different clips of one prompt never share a file (the key leaves the
     # template out, so renaming the job keeps it); the finish stage publishes it under this name.
     key = clip_key(job, ref, fp8=fp8_storage)
@@ -136,7 +137,7 @@ def nightly(
         t2v nightly --catalogue data/templates.toml --model tiny
     """
     settings = Settings.from_env()
-    check_catalogue(catalogue, resolve_model(model))
+    check_catalogue(catalogue, resolve_model(model), settings, fp8=fp8_storage)
     open_runlog(settings, create=True)
     check_prefect_api()
 

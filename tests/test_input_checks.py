@@ -228,3 +228,36 @@ def test_the_tiny_transformer_runs_the_largest_sides(height: int, width: int) ->
         )[0]
 
     assert out.shape == latents.shape and torch.isfinite(out).all()
+
+
+def test_a_night_whose_components_the_host_cannot_hold_is_refused_before_any_load(tmp_path, monkeypatch):
+    from t2v.context import check_budgets
+    from t2v.errors import NoPlanFits
+    from t2v.jobs import JobSpec
+    from t2v.models.registry import resolve_model
+    from t2v.settings import Settings
+
+    job = JobSpec(template="fox", prompt="a fox", height=64, width=96, frames=9, steps=2)
+    check_budgets([job], resolve_model("tiny"), Settings(data_dir=tmp_path))  # the host has room
+    with pytest.raises(
+        NoPlanFits, match=r"text_encoder of the encode stage is .* MiB as loaded.*T2V_RAM_BUDGET_GB"
+    ):
+        check_budgets([job], resolve_model("tiny"), Settings(data_dir=tmp_path, ram_budget_gib=0.0001))
+
+
+def test_a_card_no_plan_fits_is_refused_with_what_the_leanest_plan_needs(tmp_path, monkeypatch):
+    import t2v.vram
+    from t2v.context import check_budgets
+    from t2v.errors import NoPlanFits
+    from t2v.jobs import JobSpec
+    from t2v.models.registry import resolve_model
+    from t2v.settings import Settings
+    from t2v.vram import DeviceMemory
+
+    card = DeviceMemory("cuda:0", "a small card", 2**30, 2**20, source="budget", cap_bytes=2**20)
+    monkeypatch.setattr(t2v.vram, "probe", lambda budget_gib=None: card)
+    job = JobSpec(template="fox", prompt="a fox", height=704, width=1280, frames=121, steps=2)
+    with pytest.raises(
+        NoPlanFits, match=r"`fox` \(1280x704x121\): no .* plan fits the card's 1.0 MiB.*leanest"
+    ):
+        check_budgets([job], resolve_model("tiny"), Settings(data_dir=tmp_path))

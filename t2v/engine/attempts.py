@@ -116,6 +116,7 @@ class Attempts:
                     record.peak_reserved_gib = peak.reserved_gib
                     record.peak_nvml_gib = peak.nvml_gib
                     record.peak_rss_gib = peak.rss_gib
+                    record.peak_cgroup_gib = peak.cgroup_gib
                 card.close()
                 if write is not None:
                     with hooks.span("write", stage, job, plan):

@@ -14,9 +14,9 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 
-import psutil
 import torch
 
+from t2v.hostmem import probe_host
 from t2v.pinning import HostPin, pin_host_tensors
 
 log = logging.getLogger("t2v")
@@ -26,10 +26,11 @@ PREFETCH_ROOM = 2.0
 left for the stage running beside it (its activations, the frames it writes)."""
 
 
-def host_has_room(name: str, size_bytes: int) -> bool:
-    """Whether the host has `PREFETCH_ROOM` times `size_bytes` free for loading `name` ahead."""
+def host_has_room(name: str, size_bytes: int, budget_gib: float | None = None) -> bool:
+    """Whether the host budget (its free memory, its cgroup's limit, or `budget_gib`: `t2v.hostmem`)
+    has `PREFETCH_ROOM` times `size_bytes` left for loading `name` ahead."""
     need = PREFETCH_ROOM * size_bytes
-    free = psutil.virtual_memory().available
+    free = probe_host(budget_gib).budget_bytes
     if free < need:
         log.info(
             "not prefetching %s: %.1f GiB of host memory free, %.1f wanted", name, free / 2**30, need / 2**30

@@ -24,6 +24,7 @@ from t2v.engine.drills import Drills
 from t2v.engine.hooks import Hooks, hooks_from
 from t2v.engine.residency import Residency, host_has_room
 from t2v.errors import StoreDamaged
+from t2v.hostmem import probe_host
 from t2v.jobs import JobSpec
 from t2v.models import registry
 from t2v.models.registry import ModelRef, resolve_model
@@ -86,6 +87,8 @@ class StageRunner:
             m.source,
             f"; {m.note}" if m.note else "",
         )
+        host = probe_host(self.settings.ram_budget_gib)
+        log.info("host memory: %.1f GiB for this run, from %s (%s)", host.budget_gib, host.source, host.note)
         self._lock = threading.Lock()
         self._keys: dict[JobSpec, JobKeys] = {}
         self._sizes: dict[str, tuple[ComponentSizes, int]] = {}
@@ -214,7 +217,7 @@ class StageRunner:
         name = stage.component
 
         def load_if_room() -> torch.nn.Module | None:
-            if not host_has_room(name, self.sizes(name)[1]):
+            if not host_has_room(name, self.sizes(name)[1], self.settings.ram_budget_gib):
                 return None
             with self.hooks.span("load", stage):
                 return self.hooks.load(self.model, name)

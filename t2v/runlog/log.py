@@ -54,6 +54,7 @@ class StageRecord:
     peak_reserved_gib: float | None = None
     peak_nvml_gib: float | None = None
     peak_rss_gib: float | None = None
+    peak_cgroup_gib: float | None = None
     row_id: int = 0
     attempt: int = 0
 
@@ -275,6 +276,7 @@ class RunLog:
             "peak_reserved_gib": record.peak_reserved_gib,
             "peak_nvml_gib": record.peak_nvml_gib,
             "peak_rss_gib": record.peak_rss_gib,
+            "peak_cgroup_gib": record.peak_cgroup_gib,
         }
         stmt = update(StageRun).where(StageRun.id == row_id).values(values)
         self._write(lambda session: session.execute(stmt))

@@ -104,6 +104,9 @@ class StageRun(_Base):
     peak_reserved_gib: Mapped[float | None] = mapped_column(Float)
     peak_nvml_gib: Mapped[float | None] = mapped_column(Float)
     peak_rss_gib: Mapped[float | None] = mapped_column(Float)
+    peak_cgroup_gib: Mapped[float | None] = mapped_column(Float)
+    """The process's memory cgroup's highest usage during the attempt (what its memory.max is measured
+    against: page cache and other processes of the group included). Added after the first release."""
     status: Mapped[str] = mapped_column(String(16))
     error: Mapped[str | None] = mapped_column(Text)
     output_key: Mapped[str | None] = mapped_column(Text)
@@ -169,7 +172,7 @@ def create_schema(conn: Connection) -> None:
     _rename_stages(conn)
 
 
-_ADDED_COLUMNS = {"runs": ("jobs_json",)}
+_ADDED_COLUMNS = {"runs": ("jobs_json",), "stage_runs": ("peak_cgroup_gib",)}
 """Columns added to tables after their first release; create_all never alters an existing table."""
 
 
