@@ -1,0 +1,183 @@
+"""One-job nights inside a host memory limit (cgroup v2 `memory.max`, no swap), from a diffusers folder.
+
+    python bench/host_ram.py save /tmp/wan              # the full-size random weights, save_pretrained
+    python bench/host_ram.py nights /tmp/wan --out bench/results --cases ours:832x480x81:16,...
+
+Each case is `who:resolution:memory_max_gib` (`none` for no limit; who is `ours`, t2v's `generate`
+under a 6 GiB card cap, or `stock`, diffusers' WanPipeline with `enable_model_cpu_offload()`). Each
+night runs in a fresh process moved into its own cgroup before it imports anything; the cgroup's
+`memory.peak` and `memory.events` say how high it went and whether the OOM killer ended it. Root and a
+writable cgroup v2 hierarchy are needed (the GPU machine of the `device` tool has both). Results go to
+`host_ram.json`: {who, resolution, memory_max_gib, finished, wall_s, cgroup_peak_gib, plans, gpu}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CGROUPS = Path("/sys/fs/cgroup")
+SIZES = {"1280x704x121": (704, 1280, 121), "832x480x81": (480, 832, 81), "96x64x9": (64, 96, 9)}
+STEPS = 3
+
+
+def save(folder: Path) -> None:
+    """The full-size architecture with random weights, saved as a Wan2.2 diffusers folder."""
+    sys.path.insert(0, str(REPO))
+    import torch
+    from diffusers import WanPipeline
+
+    from t2v.models import fullsize, tiny
+
+    parts = {
+        c: fullsize.build(c, dtype=torch.float32 if c == "vae" else torch.bfloat16)
+        for c in fullsize.COMPONENTS
+    }
+    pipe = WanPipeline(tokenizer=tiny.build_tokenizer(), scheduler=tiny.build_scheduler(), **parts)
+    pipe.save_pretrained(folder)
+
+
+def cgroup_for(name: str, memory_max_gib: float | None) -> Path:
+    group = CGROUPS / name
+    group.mkdir(exist_ok=True)
+    (group / "memory.max").write_text(f"{int(memory_max_gib * 2**30)}" if memory_max_gib else "max")
+    (group / "memory.swap.max").write_text("0")
+    return group
+
+
+def night_command(who: str, folder: Path, resolution: str, data: Path) -> list[str]:
+    height, width, frames = SIZES[resolution]
+    if who == "stock":
+        return [sys.executable, str(Path(__file__)), "stock", str(folder), resolution]
+    return [
+        sys.executable, "-m", "t2v_cli.main", "generate", "a corgi running through fresh snow",
+        "--model", str(folder), "--height", str(height), "--width", str(width), "--frames", str(frames),
+        "--steps", str(STEPS), "--out", str(data / "clip.mp4"),
+    ]  # fmt: skip
+
+
+def run_case(case: str, folder: Path, scratch: Path) -> dict:
+    who, resolution, limit = case.split(":")
+    memory_max = None if limit == "none" else float(limit)
+    group = cgroup_for(f"t2v-{who}-{resolution}-{limit}", memory_max)
+    data = scratch / f"data-{who}-{resolution}-{limit}"
+    env = os.environ | {
+        "T2V_DATA_DIR": str(data),
+        "T2V_VRAM_BUDGET_GB": "6",
+        "T2V_HOOKS": "bench.night:gpu_machine_hooks",
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        "DO_NOT_TRACK": "1",
+    }
+    # The child joins the cgroup first (`sh` writes its own pid, then becomes the night).
+    shell = f"echo $$ > {group}/cgroup.procs && exec " + " ".join(
+        f"'{a}'" for a in night_command(who, folder, resolution, data)
+    )
+    start = time.perf_counter()
+    done = subprocess.run(["sh", "-c", shell], cwd=REPO, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    events = dict(line.split() for line in (group / "memory.events").read_text().splitlines())
+    return {
+        "who": who,
+        "resolution": resolution,
+        "memory_max_gib": memory_max,
+        "finished": done.returncode == 0,
+        "returncode": done.returncode,
+        "oom_kills": int(events.get("oom_kill", 0)),
+        "wall_s": wall,
+        "cgroup_peak_gib": _peak(group),
+        "plans": plans_of(data) if who == "ours" else None,
+        "gpu": gpu_name(),
+        "tail": (done.stdout + done.stderr)[-1500:],
+    }
+
+
+def _peak(group: Path) -> float | None:
+    try:
+        return int((group / "memory.peak").read_text()) / 2**30  # kernels from 5.19
+    except (OSError, ValueError):
+        return None
+
+
+def plans_of(data: Path) -> dict | None:
+    db = data / "runlog.sqlite"
+    if not db.exists():
+        return None
+    import sqlite3
+
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute(
+            "SELECT stage, plan, status, peak_cgroup_gib FROM stage_runs ORDER BY id"
+        ).fetchall()
+    return {stage: {"plan": plan, "status": status, "cgroup_gib": peak} for stage, plan, status, peak in rows}
+
+
+def gpu_name() -> str:
+    found = subprocess.run(
+        ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True
+    )
+    return found.stdout.strip().splitlines()[0] if found.returncode == 0 else "none"
+
+
+def stock(folder: Path, resolution: str) -> None:
+    """diffusers' own low-memory recipe for the anchor: model offload, VAE tiling."""
+    import torch
+    from diffusers import WanPipeline
+
+    height, width, frames = SIZES[resolution]
+    torch.cuda.set_per_process_memory_fraction(6 * 2**30 / torch.cuda.get_device_properties(0).total_memory)
+    pipe = WanPipeline.from_pretrained(str(folder), torch_dtype=torch.bfloat16)
+    pipe.vae.to(torch.float32)
+    pipe.enable_model_cpu_offload()
+    pipe.vae.enable_tiling()
+    pipe(
+        "a corgi running through fresh snow",
+        height=height,
+        width=width,
+        num_frames=frames,
+        num_inference_steps=STEPS,
+    )
+
+
+def nights(folder: Path, cases: list[str], out: Path, scratch: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    records = []
+    for case in cases:
+        print(f"--- {case}", flush=True)
+        record = run_case(case, folder, scratch)
+        records.append(record)
+        (out / "host_ram.json").write_text(json.dumps(records, indent=1))
+        shown = {k: v for k, v in record.items() if k not in ("tail", "plans")}
+        print(json.dumps(shown), flush=True)
+        if not record["finished"]:
+            print(record["tail"], flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("what", choices=("save", "nights", "stock"))
+    parser.add_argument("folder", type=Path)
+    parser.add_argument("resolution", nargs="?", default="832x480x81")
+    parser.add_argument("--cases", default="ours:832x480x81:none,ours:832x480x81:16")
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument(
+        "--scratch", type=Path, default=Path("/tmp/t2v-host-ram"), help="the nights' data folders"
+    )
+    args = parser.parse_args()
+    if args.what == "save":
+        save(args.folder)
+    elif args.what == "stock":
+        stock(args.folder, args.resolution)
+    else:
+        nights(args.folder, args.cases.split(","), args.out, args.scratch)
+
+
+if __name__ == "__main__":
+    main()
