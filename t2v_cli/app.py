@@ -1,6 +1,7 @@
 """How every `t2v` command ends: bad input is one `error: ...` line on stderr and exit status 2.
 
-Only typer and t2v.errors are imported here, so that `t2v --help` prints before torch or Prefect load.
+Only typer, t2v.errors and the standard library are imported here, so that `t2v --help` prints before
+torch or Prefect load.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import typer
 from typer.core import TyperGroup
 
 from t2v.errors import T2VError
+from t2v_cli.interrupts import Interrupts
+from t2v_cli.server import prefect_server_hook
 
 USAGE_ERROR = 2
 RUN_FAILED = 1
@@ -34,26 +37,43 @@ def fail(message: object, code: int) -> NoReturn:
 
 
 class OneLineErrors(TyperGroup):
-    """Reports bad input as `error: ...` and exit status 2, instead of a usage box or a traceback."""
+    """Reports bad input as `error: ...` and exit status 2, instead of a usage box or a traceback; ends a
+    command stopped by Ctrl-C or SIGTERM with status 130 or 143 (t2v_cli.interrupts)."""
 
     def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
-        try:
-            rv = super().main(*args, standalone_mode=False, **kwargs)
-        except T2VError as exc:
-            fail(exc, USAGE_ERROR)
-        except NoArgsIsHelp as exc:
-            exc.show()
-            raise SystemExit(USAGE_ERROR) from None
-        except UsageError as exc:  # typer.BadParameter among them
-            fail(exc.format_message(), USAGE_ERROR)
-        except ClickException as exc:
-            fail(exc.format_message(), exc.exit_code)
-        except typer.Abort:
-            fail("aborted", 130)
+        # Around every command, so that the commands need nothing of their own: the signal handlers,
+        # and the temporary Prefect server a flow gets without PREFECT_API_URL (t2v_cli.server).
+        with Interrupts() as interrupts, prefect_server_hook():
+            try:
+                rv = super().main(*args, standalone_mode=False, **kwargs)
+            except BaseException as exc:
+                if interrupts.signum is not None:
+                    # Whatever the signal unwound into (Prefect's TerminationSignal, a command's
+                    # `failed` after its server call broke): stopped.
+                    interrupts.exit()
+                _one_line(exc)
+            if interrupts.signum is not None:
+                interrupts.exit()  # typer returns a KeyboardInterrupt as exit code 130; SIGTERM's is 143
         code = rv if isinstance(rv, int) else 0  # without standalone mode, typer.Exit comes back as its code
         if not standalone_mode:
             return code
         raise SystemExit(code)
+
+
+def _one_line(exc: BaseException) -> NoReturn:
+    """Re-raise `exc` (from inside its `except`) as one line and an exit status where it is bad input."""
+    if isinstance(exc, T2VError):
+        fail(exc, USAGE_ERROR)
+    if isinstance(exc, NoArgsIsHelp):
+        exc.show()
+        raise SystemExit(USAGE_ERROR) from None
+    if isinstance(exc, UsageError):  # typer.BadParameter among them
+        fail(exc.format_message(), USAGE_ERROR)
+    if isinstance(exc, ClickException):
+        fail(exc.format_message(), exc.exit_code)
+    if isinstance(exc, typer.Abort):
+        fail("aborted", 130)
+    raise exc
 
 
 def make_app() -> typer.Typer:
