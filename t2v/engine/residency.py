@@ -98,21 +98,6 @@ class Residency:
             self._pins[name] = pin
         return module
 
-    def load(self, name: str, load: Callable[[], torch.nn.Module]) -> torch.nn.Module:
-        """`load()` now, in this thread, page-locked where it lies as a prefetch would have it: else
-        group offloading pins each tensor into a copy of its own, and a host that had room for the
-        component once has to find it twice (a 16 GiB cgroup was OOM-killed so in the first step).
-
-        The components dropped before are unregistered first: their freed pages are where this one's
-        tensors land, and an unregister still running in the loader thread would unpin those."""
-        for release in self._releasing:
-            release.result()
-        self._releasing.clear()
-        module, pin = _pinned(load)
-        if pin is not None:
-            self._pins[name] = pin
-        return module
-
     def drop(self, name: str | None = None) -> None:
         """Let go of component `name` (None: all), its page-locked memory, and what the card cached."""
         for key in [name] if name else list(self._held):

@@ -195,7 +195,7 @@ class StageRunner:
                 module = self.residency.prefetched(name, self.model.identity, while_waiting=waiting)
                 if module is None:
                     with self.hooks.span("load", stage, None, plan):
-                        module = self.residency.load(name, lambda: self.hooks.load(self.model, name))
+                        module = self.hooks.load(self.model, name)
                 module = apply(plan, module)
             if compiled:
                 # Each block is compiled once and reused by all 30 (dynamic=False: a night's shapes
