@@ -36,10 +36,7 @@ def save(folder: Path) -> None:
     from t2v.models import fullsize, tiny
     from t2v.models.registry import COMPONENTS
 
-    parts = {
-        c: fullsize.build(c, dtype=torch.float32 if c == "vae" else torch.bfloat16)
-        for c in COMPONENTS
-    }
+    parts = {c: fullsize.build(c, dtype=torch.float32 if c == "vae" else torch.bfloat16) for c in COMPONENTS}
     pipe = WanPipeline(tokenizer=tiny.build_tokenizer(), scheduler=tiny.build_scheduler(), **parts)
     pipe.save_pretrained(folder)
 

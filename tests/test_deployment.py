@@ -190,7 +190,5 @@ def test_deploy_then_two_workers_split_a_triggered_night(prefect_env, write_cata
     runs = RunLog(sqlite_url(tmp_path / "data" / "runlog.sqlite")).runs(limit=10)
     assert [r["status"] for r in runs] == ["ok", "ok"]
     done = sorted((r["template"], r["stage"], r["status"]) for run in runs for r in run["stages"])
-    assert done == sorted(
-        (t, s, "ok") for t in templates for s in ("encode", "diffuse", "decode", "finish")
-    )
+    assert done == sorted((t, s, "ok") for t in templates for s in ("encode", "diffuse", "decode", "finish"))
     assert sorted(len({r["template"] for r in run["stages"]}) for run in runs) == [1, 2]
