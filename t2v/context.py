@@ -110,14 +110,13 @@ def check_budgets(jobs: Sequence[JobSpec], model: ModelRef, settings: Settings, 
     Raises NoPlanFits saying what the smallest plan needs. Reads configs, not weights."""
     from t2v.hostmem import probe_host
     from t2v.pipeline import stages
-    from t2v.plans import ComponentSizes, module_bytes
+    from t2v.plans import component_sizes
     from t2v.vram import probe
 
     card = probe(budget_gib=settings.vram_budget_gib)
     host = probe_host(settings.ram_budget_gib)
     for stage in (s for s in stages() if s.on_card):
-        skeleton = registry.skeleton(model, stage.component)
-        need = module_bytes(skeleton)
+        sizes, need = component_sizes(model, stage.component)
         if need > host.budget_bytes:
             raise NoPlanFits(
                 f"the {stage.component} of the {stage.name} stage is {_size(need)} as loaded, and the "
@@ -126,7 +125,6 @@ def check_budgets(jobs: Sequence[JobSpec], model: ModelRef, settings: Settings, 
             )
         if not card.device.startswith("cuda"):
             continue
-        sizes = ComponentSizes.from_modules(**{stage.component: skeleton})
         for job in jobs:
             leanest = stage.ladder(sizes, job, device=card.device, fp8=fp8)[-1]
             if leanest.estimate_bytes > card.budget_bytes:

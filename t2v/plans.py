@@ -16,6 +16,7 @@ plan must fit in `HEADROOM` of the budget, the rest being left to the allocator'
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields, replace
 from enum import StrEnum
@@ -24,6 +25,8 @@ from typing import Any
 import torch
 
 from t2v.errors import InvalidInput
+from t2v.models import registry
+from t2v.models.registry import ModelRef
 from t2v.settings import COMPILE_MODES
 
 GiB = 2**30
@@ -165,6 +168,15 @@ class ComponentSizes:
             else 0,
             vae_params=sum(p.numel() for p in vae.parameters()) if vae else 0,
         )
+
+
+@functools.lru_cache(maxsize=16)
+def component_sizes(model: ModelRef, component: str) -> tuple[ComponentSizes, int]:
+    """What the planner needs of `component`, and its bytes, from a weightless copy built from the
+    config on the meta device; once per model and process (the CLI's budget check, the flow's and the
+    runner's ask the same). A model's identity changes with its configs, so the cache cannot go stale."""
+    module = registry.skeleton(model, component)
+    return ComponentSizes.from_modules(**{component: module}), module_bytes(module)
 
 
 def module_bytes(module: torch.nn.Module | None) -> int:

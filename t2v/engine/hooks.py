@@ -8,6 +8,7 @@ Benchmarks build their timelines from the events; tests and drills hand in their
 from __future__ import annotations
 
 import importlib
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -92,8 +93,6 @@ class Hooks:
     def emit(self, span: str, phase: str, stage: Stage, job: JobSpec | None, plan: StagePlan | None) -> None:
         if not self.on_event:
             return
-        import threading
-
         event = Event(
             span=span,
             phase=phase,

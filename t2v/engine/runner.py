@@ -30,7 +30,7 @@ from t2v.models import registry
 from t2v.models.registry import ModelRef, resolve_model
 from t2v.pipeline import JobKeys, KeyInputs, Stage, Work, stages
 from t2v.placement import apply, configure
-from t2v.plans import ComponentSizes, StagePlan, choose, module_bytes
+from t2v.plans import ComponentSizes, StagePlan, choose, component_sizes
 from t2v.store import Store
 from t2v.vram import DeviceMemory, hold_to_budget, probe
 
@@ -91,7 +91,6 @@ class StageRunner:
         log.info("host memory: %.1f GiB for this run, from %s (%s)", host.budget_gib, host.source, host.note)
         self._lock = threading.Lock()
         self._keys: dict[JobSpec, JobKeys] = {}
-        self._sizes: dict[str, tuple[ComponentSizes, int]] = {}
         self._state = {stage.name: stage.state() for stage in self.pipeline if stage.state}
         self._tokenizer = None
         self._scheduler = None
@@ -167,16 +166,10 @@ class StageRunner:
         return choose(ladder, self.memory.budget_bytes)
 
     def sizes(self, component: str) -> tuple[ComponentSizes, int]:
-        """What the planner needs of `component`, and its bytes: from a weightless copy built from the
-        config on the meta device, once per run (a stage's tasks start together; a prefetch asks first)."""
+        """What the planner needs of `component`, and its bytes (`plans.component_sizes`); under the
+        run's lock because a stage's tasks start together and a prefetch asks first."""
         with self._lock:
-            if component not in self._sizes:
-                module = registry.skeleton(self.model, component)
-                self._sizes[component] = (
-                    ComponentSizes.from_modules(**{component: module}),
-                    module_bytes(module),
-                )
-            return self._sizes[component]
+            return component_sizes(self.model, component)
 
     # --- components ------------------------------------------------------------------------------
 

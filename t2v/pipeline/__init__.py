@@ -20,7 +20,6 @@ PIPELINE: tuple[Stage, ...] = (encode.STAGE, diffuse.STAGE, decode.STAGE, finish
 
 CLIP = finish.STAGE
 """The stage whose output is the job's published clip."""
-FINAL = PIPELINE[-1]
 
 
 def check_pipeline(pipeline: Sequence[Stage]) -> None:
@@ -73,7 +72,6 @@ def stage_named(name: str) -> Stage:
 
 __all__ = [
     "CLIP",
-    "FINAL",
     "PIPELINE",
     "JobKeys",
     "KeyInputs",
