@@ -106,27 +106,29 @@ def check_jobs(jobs: Iterable[JobSpec], model: ModelRef, *, catalogue: Path | st
 
 def check_budgets(jobs: Sequence[JobSpec], model: ModelRef, settings: Settings, *, fp8: bool = False) -> None:
     """Refuse, before any weights load, a night that cannot fit: a card stage whose leanest plan needs
-    more than the card's budget, or a component bigger than the host memory left (it is loaded whole).
-    Raises NoPlanFits saying what the smallest plan needs. Reads configs, not weights."""
+    more than the card's budget, or more host memory than is left (without a card a component is loaded
+    whole; with one, the leanest host plan streams it from its mapped files). Raises NoPlanFits saying
+    what the smallest plan needs. Reads configs, not weights."""
     from t2v.hostmem import probe_host
     from t2v.pipeline import stages
-    from t2v.plans import component_sizes
+    from t2v.plans import HostPlacement, component_sizes, host_need, with_host
     from t2v.vram import probe
 
     card = probe(budget_gib=settings.vram_budget_gib)
     host = probe_host(settings.ram_budget_gib)
+    raise_it = "raise the memory limit or T2V_RAM_BUDGET_GB"
     for stage in (s for s in stages() if s.on_card):
         sizes, need = component_sizes(model, stage.component)
-        if need > host.budget_bytes:
-            raise NoPlanFits(
-                f"the {stage.component} of the {stage.name} stage is {_size(need)} as loaded, and the "
-                f"host has {_size(host.budget_bytes)} left for it ({host.note}); raise the memory limit or "
-                "T2V_RAM_BUDGET_GB."
-            )
         if not card.device.startswith("cuda"):
+            if need > host.budget_bytes:
+                raise NoPlanFits(
+                    f"the {stage.component} of the {stage.name} stage is {_size(need)} as loaded, and the "
+                    f"host has {_size(host.budget_bytes)} left for it ({host.note}); {raise_it}."
+                )
             continue
         for job in jobs:
-            leanest = stage.ladder(sizes, job, device=card.device, fp8=fp8)[-1]
+            ladder = stage.ladder(sizes, job, device=card.device, fp8=fp8)
+            leanest = ladder[-1]
             if leanest.estimate_bytes > card.budget_bytes:
                 size = f"{job.width}x{job.height}x{job.frames}"
                 raise NoPlanFits(
@@ -134,6 +136,13 @@ def check_budgets(jobs: Sequence[JobSpec], model: ModelRef, settings: Settings, 
                     f"{_size(card.budget_bytes)} ({card.source}); the leanest, {leanest.name}, "
                     f"needs about {_size(leanest.estimate_bytes)}. Raise T2V_VRAM_BUDGET_GB, free the card, "
                     "or make the clip smaller."
+                )
+            host_plan = min(with_host(ladder, HostPlacement.MAPPED, need), key=host_need)
+            if host_need(host_plan) > host.budget_bytes:
+                raise NoPlanFits(
+                    f"no {stage.name} plan fits the host's {_size(host.budget_bytes)} ({host.note}): the "
+                    f"leanest, {host_plan.name}, needs about {_size(host_need(host_plan))} beside the "
+                    f"process; {raise_it}."
                 )
 
 

@@ -49,6 +49,19 @@ class CgroupMemory:
     def peak(self) -> int | None:
         return self._read("memory.peak" if self.version == 2 else "memory.max_usage_in_bytes")
 
+    @property
+    def page_cache(self) -> int:
+        """Bytes of file pages in the usage (memory.stat's active and inactive file): the kernel drops
+        them before it kills anything, so they are room, not load. The weights `from_pretrained` maps
+        from safetensors are such pages until something copies them."""
+        prefix = "" if self.version == 2 else "total_"
+        try:
+            lines = (self.folder / "memory.stat").read_text().splitlines()
+        except OSError:
+            return 0
+        stat = dict(line.split(maxsplit=1) for line in lines if " " in line)
+        return sum(int(stat.get(f"{prefix}{kind}_file", "0").strip() or 0) for kind in ("active", "inactive"))
+
 
 def own_cgroups(
     proc_cgroup: Path = Path("/proc/self/cgroup"), root: Path = CGROUP_ROOT
@@ -98,14 +111,20 @@ class HostMemory:
 
 def probe_host(budget_gib: float | None = None, cgroups: list[CgroupMemory] | None = None) -> HostMemory:
     """The host budget now: `budget_gib` if given (capped by what is free), else the tighter of the
-    host's available memory and every enclosing cgroup's limit minus its usage."""
+    host's available memory and every enclosing cgroup's limit minus its usage (less its page cache)."""
     vm = psutil.virtual_memory()
     free, source, note = vm.available, "host", f"{vm.available / GIB:.1f} GiB available on the host"
     for group in own_cgroups() if cgroups is None else cgroups:
         limit, usage = group.limit, group.usage
-        if limit is not None and usage is not None and limit - usage < free:
-            free, source = max(limit - usage, 0), "cgroup"
-            note = f"cgroup v{group.version} {group.folder}: {usage / GIB:.1f} of {limit / GIB:.1f} GiB used"
+        if limit is None or usage is None:
+            continue
+        cache = min(group.page_cache, usage)
+        if limit - usage + cache < free:
+            free, source = max(limit - usage + cache, 0), "cgroup"
+            note = (
+                f"cgroup v{group.version} {group.folder}: {usage / GIB:.1f} of {limit / GIB:.1f} GiB used, "
+                f"{cache / GIB:.1f} of it page cache"
+            )
     if budget_gib is not None:
         return HostMemory(
             vm.total, min(int(budget_gib * GIB), free), "budget", f"budget of {budget_gib:g} GiB; {note}"

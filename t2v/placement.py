@@ -4,16 +4,22 @@ plan's options (`PlanOptions.prepare`, `.offload_target`, `.configure`), not her
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
 
-from t2v.plans import Placement, StagePlan
+from t2v.plans import HostPlacement, Placement, StagePlan
 
 
-def apply(plan: StagePlan, module: torch.nn.Module) -> torch.nn.Module:
-    """Place a freshly loaded (CPU) component as the plan says, then `configure` it; returns it."""
+def apply(
+    plan: StagePlan, module: torch.nn.Module, *, pin: Callable[[torch.nn.Module], None] | None = None
+) -> torch.nn.Module:
+    """Place a freshly loaded (CPU) component as the plan says, then `configure` it; returns it.
+
+    `pin(module)` page-locks the host copy of a component that streams with its weights pinned
+    (`HostPlacement.PINNED`), after the plan's preparation (which may recast them) and before the
+    offloading hooks, which would otherwise page-lock each tensor with a copy of its own."""
     device = torch.device(plan.device)
     # Wrapped before the hooks go on, so that leaf-level offloading sees the final module tree.
     module = plan.options.prepare(module)
@@ -22,8 +28,11 @@ def apply(plan: StagePlan, module: torch.nn.Module) -> torch.nn.Module:
     from diffusers.hooks import apply_group_offloading
 
     leaf = plan.placement is Placement.LEAF
+    mapped = plan.host is HostPlacement.MAPPED
     target = plan.options.offload_target(module, plan.placement)
     with _resident_blocks_hidden(target, plan.resident_blocks) as resident:
+        if pin is not None and not leaf and not mapped:
+            pin(target)
         apply_group_offloading(
             target,
             onload_device=device,
@@ -33,6 +42,9 @@ def apply(plan: StagePlan, module: torch.nn.Module) -> torch.nn.Module:
             use_stream=not leaf,
             non_blocking=not leaf,
             record_stream=plan.record_stream and not leaf,
+            # Mapped: the weights stay where `from_pretrained` mapped them, each group copied into
+            # page-locked staging as it streams, instead of a page-locked copy of every tensor.
+            low_cpu_mem_usage=mapped,
         )
     for block in resident:
         block.to(device)

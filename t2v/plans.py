@@ -46,6 +46,47 @@ class Placement(StrEnum):
     """No GPU at all (CPU machine, or the last resort)."""
 
 
+class HostPlacement(StrEnum):
+    """Where a component's weights wait in host memory while they stream to the card."""
+
+    PINNED = "pinned"
+    """A page-locked copy in RAM (`t2v.pinning`): the card copies at full speed, beside the compute.
+    Needs the component's size in host memory."""
+    MAPPED = "mapped"
+    """No copy: the weights stay in the memory-mapped safetensors files that `from_pretrained` opened
+    (the page cache, which the kernel can drop and read again), and each group is staged through a
+    page-locked buffer as it streams (diffusers' `low_cpu_mem_usage` group offloading). For a host
+    without room for the component; slower, since every onload copies its group on the CPU first."""
+
+
+HOST_RESERVE = int(1.5 * 2**30)
+"""Host memory a stage needs beside its component's weights: its inputs and outputs (latents, a clip's
+frames), the page-locked staging of streamed groups, the allocator's slack."""
+
+
+def host_placement(component_bytes: int, free_bytes: int) -> HostPlacement:
+    """PINNED if the component fits in the host memory free for it (with `HOST_RESERVE` beside it),
+    else MAPPED."""
+    return HostPlacement.PINNED if component_bytes + HOST_RESERVE <= free_bytes else HostPlacement.MAPPED
+
+
+def host_need(plan: StagePlan) -> int:
+    """Host memory `plan` needs beside the process itself: the whole component when pinned; when
+    mapped, the reserve and two streamed blocks' page-locked staging (the page cache then holds what
+    the kernel can spare of the files, read again from disk as needed)."""
+    if plan.host is HostPlacement.PINNED:
+        return plan.component_bytes + HOST_RESERVE
+    return HOST_RESERVE + 2 * plan.block_bytes
+
+
+def with_host(plans: Iterable[StagePlan], host: HostPlacement, component_bytes: int) -> list[StagePlan]:
+    """`plans` with their weights held on the host as `host` says (a plan without a card: unchanged)."""
+    return [
+        plan if plan.placement is Placement.CPU else replace(plan, host=host, component_bytes=component_bytes)
+        for plan in plans
+    ]
+
+
 def option(default: Any, *, label: Any = None, moves_weights: bool = False) -> Any:
     """A plan option field. `label(value)` gives its part of the plan's name (None: not named), and
     `moves_weights` puts it in the residency key: plans that differ in it cannot share a loaded
@@ -104,13 +145,20 @@ class StagePlan:
     blocks: int = 0
     """Under group offloading: how many blocks the component has."""
     estimate_bytes: int = 0
+    host: HostPlacement = HostPlacement.PINNED
+    """Where the weights wait on the host (`with_host` sets it from the host's budget)."""
+    component_bytes: int = 0
+    """The component's size, for the host's share (`host_need`); 0 until `with_host` sets it."""
 
     @property
     def name(self) -> str:
         parts = [self.placement.value]
         if self.resident_blocks:
             parts.append(f"r{self.resident_blocks}")
-        return f"{self.stage}:{'-'.join(parts + self.options.labels())}"
+        parts += self.options.labels()
+        if self.host is HostPlacement.MAPPED:
+            parts.append(self.host.value)  # pinned, the default, is not named: older names stand
+        return f"{self.stage}:{'-'.join(parts)}"
 
     @property
     def residency_key(self) -> str:
@@ -118,7 +166,7 @@ class StagePlan:
         component, whatever their cheap switches (CFG batch, FFN chunks, VAE tiles)."""
         return (
             f"{self.stage}|{self.placement.value}|{self.device}|resident={self.resident_blocks}"
-            f"|{self.options.weights_key()}"
+            f"|host={self.host.value}|{self.options.weights_key()}"
         )
 
     @property

@@ -261,3 +261,23 @@ def test_a_card_no_plan_fits_is_refused_with_what_the_leanest_plan_needs(tmp_pat
         NoPlanFits, match=r"`fox` \(1280x704x121\): no .* plan fits the card's 1.0 MiB.*leanest"
     ):
         check_budgets([job], resolve_model("tiny"), Settings(data_dir=tmp_path))
+
+
+def test_a_host_too_small_for_the_leanest_host_plan_is_refused_with_what_it_needs(tmp_path, monkeypatch):
+    import t2v.vram
+    from t2v.context import check_budgets
+    from t2v.errors import NoPlanFits
+    from t2v.jobs import JobSpec
+    from t2v.models.registry import resolve_model
+    from t2v.settings import Settings
+    from t2v.vram import DeviceMemory
+
+    card = DeviceMemory("cuda:0", "a card", 8 * 2**30, 8 * 2**30, source="budget", cap_bytes=8 * 2**30)
+    monkeypatch.setattr(t2v.vram, "probe", lambda budget_gib=None: card)
+    job = JobSpec(template="fox", prompt="a fox", height=64, width=96, frames=9, steps=2)
+    # With a card, a component larger than the host streams from its files: 2 GiB is room enough.
+    check_budgets([job], resolve_model("tiny"), Settings(data_dir=tmp_path, ram_budget_gib=2))
+    with pytest.raises(
+        NoPlanFits, match=r"no encode plan fits the host's 1.0 GiB .* the leanest, encode:.*mapped"
+    ):
+        check_budgets([job], resolve_model("tiny"), Settings(data_dir=tmp_path, ram_budget_gib=1))

@@ -140,14 +140,13 @@ def test_packing_host_tensors_into_one_buffer_keeps_values_ties_and_outputs():
 
 def test_a_dropped_component_gives_its_page_locked_memory_back(monkeypatch):
     released, threads = [], []
-    residency = residency_module.Residency()
 
     def unregister(address: int) -> None:
         released.append(address)
         threads.append(threading.current_thread().name)
 
     pin = pinning.HostPin(registered=[(0, PAGE)], unregister=unregister)
-    monkeypatch.setattr(residency_module, "_pinned", lambda load: (load(), pin))
+    residency = residency_module.Residency(pin=lambda module: pin)
     module = torch.nn.Linear(2, 2)
     residency.prefetch("vae", "tiny", lambda: module)
     assert residency.get("vae", "tag", lambda: residency.prefetched("vae", "tiny")) is module
@@ -159,9 +158,8 @@ def test_a_dropped_component_gives_its_page_locked_memory_back(monkeypatch):
 
 def test_a_prefetch_nobody_took_gives_its_page_locked_memory_back(monkeypatch):
     released = []
-    residency = residency_module.Residency()
     pin = pinning.HostPin(registered=[(PAGE, PAGE)], unregister=released.append)
-    monkeypatch.setattr(residency_module, "_pinned", lambda load: (load(), pin))
+    residency = residency_module.Residency(pin=lambda module: pin)
     residency.prefetch("transformer", "tiny", lambda: torch.nn.Linear(2, 2))
     residency.forget_prefetched()
     assert released == [PAGE]

@@ -3,7 +3,9 @@ page-locked host memory, and freeing them.
 
 One component is on the card at a time (stage-major order). `prefetch` loads the next stage's
 component into page-locked host memory in a loader thread while the current stage runs; its stage then
-only has to place it on the card.
+only has to place it on the card. A component a stage loads itself is loaded only once the one before
+it is gone: its references dropped, its page-locked ranges unregistered and PyTorch's cache of
+page-locked blocks emptied, so that two components never share a small host's memory.
 """
 
 from __future__ import annotations
@@ -18,18 +20,20 @@ import torch
 
 from t2v.hostmem import probe_host
 from t2v.pinning import HostPin, pin_host_tensors
+from t2v.plans import HOST_RESERVE
 
 log = logging.getLogger("t2v")
 
-PREFETCH_ROOM = 2.0
-"""Host memory a prefetch wants free, as a multiple of the component's size: the copy, and as much again
-left for the stage running beside it (its activations, the frames it writes)."""
+PREFETCH_ROOM = 1.0
+"""Host memory a prefetch wants free beside the stage running, as a multiple of the component's size
+(plus `HOST_RESERVE` for that stage): one copy. The files' pages it is read from are page cache, which
+the budget counts as room (`t2v.hostmem`)."""
 
 
 def host_has_room(name: str, size_bytes: int, budget_gib: float | None = None) -> bool:
     """Whether the host budget (its free memory, its cgroup's limit, or `budget_gib`: `t2v.hostmem`)
-    has `PREFETCH_ROOM` times `size_bytes` left for loading `name` ahead."""
-    need = PREFETCH_ROOM * size_bytes
+    has `PREFETCH_ROOM` times `size_bytes`, and the reserve, left for loading `name` ahead."""
+    need = PREFETCH_ROOM * size_bytes + HOST_RESERVE
     free = probe_host(budget_gib).budget_bytes
     if free < need:
         log.info(
@@ -42,33 +46,97 @@ def host_has_room(name: str, size_bytes: int, budget_gib: float | None = None) -
 class Residency:
     """Components loaded by one run, kept between the tasks of a stage; one on the card at a time."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        *,
+        pin: Callable[[torch.nn.Module], HostPin | None] | None = None,
+        empty_host_cache: Callable[[], None] | None = None,
+    ) -> None:
         self._held: dict[str, tuple[str, torch.nn.Module]] = {}
         self._ahead: dict[str, tuple[str, Future]] = {}
+        self._decided: dict[str, Future[bool]] = {}
+        """Per component loaded ahead: whether the loader found the host's room for it."""
         self._pins: dict[str, HostPin] = {}
-        """Page-locked host memory of the prefetched components a stage took, given back at their drop."""
+        """Page-locked host memory of the components held, given back at their drop."""
         self._releasing: list[Future] = []
         self._loader: ThreadPoolExecutor | None = None
+        self._pin = pin or _pin_if_card
+        self._empty_host_cache = empty_host_cache or _empty_host_cache
 
     def get(self, name: str, tag: str, load: Callable[[], torch.nn.Module]) -> torch.nn.Module:
         """Component `name` as placed for `tag`, loaded (after dropping the others) if it is not."""
         held = self._held.get(name)
         if held and held[0] == tag:
             return held[1]
-        # Stage-major order: the previous stage's component leaves the card before this one comes.
+        # Stage-major order: the previous stage's component leaves the card, and the host, before this
+        # one comes.
         self.drop()
+        self.settle()
         module = load()
         self._held[name] = (tag, module)
         return module
 
-    def prefetch(self, name: str, source: str, load: Callable[[], torch.nn.Module | None]) -> None:
+    def settle(self) -> None:
+        """Wait until every dropped component's page-locked memory is given back, and PyTorch's cache of
+        page-locked blocks is empty: what a load that needs the host's room waits for."""
+        for release in self._releasing:
+            release.result()
+        self._releasing.clear()
+        self._empty_host_cache()
+
+    def pin(self, name: str, module: torch.nn.Module) -> None:
+        """Page-lock the host tensors of component `name` (`t2v.pinning`), unless it is page-locked
+        already. Where a prefetched copy was page-locked and the plan's preparation replaced its tensors
+        (fp8 storage casts them), that copy is given back first: one page-locked copy at a time."""
+        old = self._pins.get(name)
+        if old is not None:
+            if all(t.is_pinned() for t in _cpu_tensors(module)):
+                return
+            self._pins.pop(name).release()
+        pin = self._pin(module)
+        if pin is not None:
+            self._pins[name] = pin
+
+    def unpin(self, name: str) -> None:
+        """Give back component `name`'s page-locked memory now: once its weights are all on the card,
+        the host copy only takes room."""
+        pin = self._pins.pop(name, None)
+        if pin is not None:
+            pin.release()
+            self._empty_host_cache()
+
+    def prefetch(
+        self,
+        name: str,
+        source: str,
+        load: Callable[[], torch.nn.Module],
+        room: Callable[[], bool] = lambda: True,
+    ) -> None:
         """Start loading component `name` of model `source` (and pinning its host copy) in the
-        background, unless it is loaded or on its way."""
+        background, unless it is loaded or on its way. The loader thread first asks `room()` (after the
+        loads queued before it) and loads nothing if it says no."""
         held = self._held.get(name)
         ahead = self._ahead.get(name)
         if (held and held[0].startswith(f"{source}|")) or (ahead and ahead[0] == source):
             return
-        self._ahead[name] = (source, self._background().submit(_pinned, load))
+        decided: Future[bool] = Future()
+        self._decided[name] = decided
+        self._ahead[name] = (source, self._background().submit(self._load_pinned, load, room, decided))
+
+    def prefetching(self, name: str, source: str) -> bool:
+        """Whether component `name` of `source` is loaded ahead (or loading): waits for the loader thread
+        to decide whether the host has the room, not for the load."""
+        ahead = self._ahead.get(name)
+        if ahead is None or ahead[0] != source:
+            return False
+        try:
+            return self._decided[name].result()
+        except Exception:
+            return False
+
+    def host_bytes(self, *, but: str | None = None) -> int:
+        """Page-locked host memory held for components other than `but`: room again once dropped."""
+        return sum(pin.registered_bytes + pin.packed_bytes for name, pin in self._pins.items() if name != but)
 
     def _background(self) -> ThreadPoolExecutor:
         """The one thread that loads components ahead and gives back their page-locked memory."""
@@ -127,20 +195,17 @@ class Residency:
             if pin is not None:
                 pin.release()
         self._ahead.clear()
-        for release in self._releasing:
-            release.result()
-        self._releasing.clear()
+        self.settle()
 
     def release(self) -> None:
         """Free every component (weights on the card, pinned host copies) and stop the loader thread:
         when a run's GPU stages are over and the card goes to someone else."""
         self.forget_prefetched()
         self.drop()
+        self.settle()
         if self._loader is not None:
             self._loader.shutdown(wait=True)
             self._loader = None
-        if torch.cuda.is_available():
-            torch._C._host_emptyCache()  # packed or per-tensor page-locked blocks go back to the system
 
     @contextmanager
     def held(self) -> Iterator[None]:
@@ -163,11 +228,34 @@ class Residency:
             finally:
                 gc.unfreeze()
 
+    def _load_pinned(
+        self, load: Callable[[], torch.nn.Module], room: Callable[[], bool], decided: Future[bool]
+    ) -> tuple[torch.nn.Module | None, HostPin | None]:
+        """`load()` with its host tensors page-locked (`t2v.pinning`), so that the card copies from them
+        at full speed and group offloading has nothing left to pin in the stage's time; nothing where
+        `room()` says the host lacks the room."""
+        try:
+            fits = room()
+        except BaseException as exc:
+            decided.set_exception(exc)
+            raise
+        decided.set_result(fits)
+        if not fits:
+            return None, None
+        module = load()
+        return module, self._pin(module)
 
-def _pinned(load: Callable[[], torch.nn.Module | None]) -> tuple[torch.nn.Module | None, HostPin | None]:
-    """`load()` with its host tensors page-locked where they are (`t2v.pinning`), so that the card copies
-    from them at full speed and group offloading has nothing left to pin in the stage's time."""
-    module = load()
-    if module is None or not torch.cuda.is_available():
-        return module, None
-    return module, pin_host_tensors(module)
+
+def _pin_if_card(module: torch.nn.Module) -> HostPin | None:
+    return pin_host_tensors(module) if torch.cuda.is_available() else None
+
+
+def _empty_host_cache() -> None:
+    # Blocks that PyTorch's page-locked allocator handed out (group offloading's staging, a packed
+    # buffer) stay page-locked in its cache after they are freed, unless emptied.
+    if torch.cuda.is_available():
+        torch._C._host_emptyCache()
+
+
+def _cpu_tensors(module: torch.nn.Module) -> list[torch.Tensor]:
+    return [t for t in (*module.parameters(), *module.buffers()) if t.device.type == "cpu" and t.numel()]

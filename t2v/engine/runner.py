@@ -30,7 +30,16 @@ from t2v.models import registry
 from t2v.models.registry import ModelRef, resolve_model
 from t2v.pipeline import JobKeys, KeyInputs, Stage, Work, stages
 from t2v.placement import apply, configure
-from t2v.plans import ComponentSizes, StagePlan, choose, component_sizes
+from t2v.plans import (
+    ComponentSizes,
+    HostPlacement,
+    Placement,
+    StagePlan,
+    choose,
+    component_sizes,
+    host_placement,
+    with_host,
+)
 from t2v.store import Store
 from t2v.vram import DeviceMemory, hold_to_budget, probe
 
@@ -91,6 +100,7 @@ class StageRunner:
         log.info("host memory: %.1f GiB for this run, from %s (%s)", host.budget_gib, host.source, host.note)
         self._lock = threading.Lock()
         self._keys: dict[JobSpec, JobKeys] = {}
+        self._hosts: dict[str, HostPlacement] = {}
         self._state = {stage.name: stage.state() for stage in self.pipeline if stage.state}
         self._tokenizer = None
         self._scheduler = None
@@ -163,7 +173,34 @@ class StageRunner:
         ladder = stage.ladder(
             self.sizes(stage.component)[0], job, device=self.device, fp8=self.ctx.fp8_storage
         )
-        return choose(ladder, self.memory.budget_bytes)
+        plans = choose(ladder, self.memory.budget_bytes)
+        return with_host(plans, self.host_placement(stage.component), self.sizes(stage.component)[1])
+
+    def host_placement(self, component: str) -> HostPlacement:
+        """Where `component`'s weights wait on the host this run, decided at its first plan and kept
+        (its jobs share the loaded copy): pinned where prefetched (the prefetch found the room), else
+        pinned if the host memory free once the other components are dropped holds it, else mapped."""
+        with self._lock:
+            decided = self._hosts.get(component)
+        if decided is not None:
+            return decided
+        if not self.device.startswith("cuda"):
+            decided = HostPlacement.PINNED  # nothing streams to a card: nothing to pin or map
+        elif self.residency.prefetching(component, self.model.identity):
+            decided = HostPlacement.PINNED
+        else:
+            host = probe_host(self.settings.ram_budget_gib)
+            free = host.budget_bytes + self.residency.host_bytes(but=component)
+            decided = host_placement(self.sizes(component)[1], free)
+            log.info(
+                "%s: weights %s on the host (%.1f GiB; %.1f GiB free once the others are dropped)",
+                component,
+                decided.value,
+                self.sizes(component)[1] / 2**30,
+                free / 2**30,
+            )
+        with self._lock:
+            return self._hosts.setdefault(component, decided)
 
     def sizes(self, component: str) -> tuple[ComponentSizes, int]:
         """What the planner needs of `component`, and its bytes (`plans.component_sizes`); under the
@@ -189,7 +226,9 @@ class StageRunner:
                 if module is None:
                     with self.hooks.span("load", stage, None, plan):
                         module = self.hooks.load(self.model, name)
-                module = apply(plan, module)
+                module = apply(plan, module, pin=lambda target: self.residency.pin(name, target))
+                if plan.placement is Placement.GPU:
+                    self.residency.unpin(name)  # all on the card now: the host copy only takes room
             if compiled:
                 # Each block is compiled once and reused by all 30 (dynamic=False: a night's shapes
                 # repeat); the first step pays the compile, Inductor's on-disk cache the next night's.
@@ -209,13 +248,14 @@ class StageRunner:
             return False
         name = stage.component
 
-        def load_if_room() -> torch.nn.Module | None:
-            if not host_has_room(name, self.sizes(name)[1], self.settings.ram_budget_gib):
-                return None
+        def room() -> bool:
+            return host_has_room(name, self.sizes(name)[1], self.settings.ram_budget_gib)
+
+        def load() -> torch.nn.Module:
             with self.hooks.span("load", stage):
                 return self.hooks.load(self.model, name)
 
-        self.residency.prefetch(name, self.model.identity, load_if_room)
+        self.residency.prefetch(name, self.model.identity, load, room)
         return True
 
     def _written(self, stage: Stage, temp: Path) -> None:
