@@ -3,8 +3,9 @@
     python bench/host_ram.py save /tmp/wan              # the full-size random weights, save_pretrained
     python bench/host_ram.py nights /tmp/wan --out bench/results --cases ours:832x480x81:16,...
 
-Each case is `who:resolution:memory_max_gib` (`none` for no limit; who is `ours`, t2v's `generate`
-under a 6 GiB card cap, or `stock`, diffusers' WanPipeline with `enable_model_cpu_offload()`). Each
+Each case is `who:resolution:memory_max_gib[:card_cap_gib]` (`none` for no limit; who is `ours`, t2v's
+`generate`, or `stock`, diffusers' WanPipeline with `enable_model_cpu_offload()`; the card is capped at
+6 GiB unless the fourth field says otherwise: stock cannot place the transformer under 6 GiB at all). Each
 night runs in a fresh process moved into its own cgroup before it imports anything; the cgroup's
 `memory.peak` and `memory.events` say how high it went and whether the OOM killer ended it. Root and a
 writable cgroup v2 hierarchy are needed (the GPU machine of the `device` tool has both). Results go to
@@ -61,13 +62,14 @@ def night_command(who: str, folder: Path, resolution: str, data: Path) -> list[s
 
 
 def run_case(case: str, folder: Path, scratch: Path) -> dict:
-    who, resolution, limit = case.split(":")
+    who, resolution, limit, *card = case.split(":")
+    card_cap = None if card and card[0] == "none" else float(card[0]) if card else 6.0
     memory_max = None if limit == "none" else float(limit)
-    group = cgroup_for(f"t2v-{who}-{resolution}-{limit}", memory_max)
-    data = scratch / f"data-{who}-{resolution}-{limit}"
+    group = cgroup_for(f"t2v-{who}-{resolution}-{limit}-{card_cap}", memory_max)
+    data = scratch / f"data-{who}-{resolution}-{limit}-{card_cap}"
     env = os.environ | {
         "T2V_DATA_DIR": str(data),
-        "T2V_VRAM_BUDGET_GB": "6",
+        "T2V_VRAM_BUDGET_GB": str(card_cap) if card_cap else "",
         "T2V_HOOKS": "bench.night:gpu_machine_hooks",
         "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
         "DO_NOT_TRACK": "1",
@@ -80,10 +82,12 @@ def run_case(case: str, folder: Path, scratch: Path) -> dict:
     done = subprocess.run(["sh", "-c", shell], cwd=REPO, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - start
     events = dict(line.split() for line in (group / "memory.events").read_text().splitlines())
+    said = (done.stdout + done.stderr).splitlines()
     return {
         "who": who,
         "resolution": resolution,
         "memory_max_gib": memory_max,
+        "card_cap_gib": card_cap,
         "finished": done.returncode == 0,
         "returncode": done.returncode,
         "oom_kills": int(events.get("oom_kill", 0)),
@@ -91,6 +95,7 @@ def run_case(case: str, folder: Path, scratch: Path) -> dict:
         "cgroup_peak_gib": _peak(group),
         "plans": plans_of(data) if who == "ours" else None,
         "gpu": gpu_name(),
+        "host_log": [line[-300:] for line in said if "on the host" in line or "page-locked" in line],
         "tail": (done.stdout + done.stderr)[-1500:],
     }
 
@@ -128,7 +133,10 @@ def stock(folder: Path, resolution: str) -> None:
     from diffusers import WanPipeline
 
     height, width, frames = SIZES[resolution]
-    torch.cuda.set_per_process_memory_fraction(6 * 2**30 / torch.cuda.get_device_properties(0).total_memory)
+    cap = float(os.environ.get("T2V_VRAM_BUDGET_GB") or 0)
+    if cap:
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(cap * 2**30 / total)
     pipe = WanPipeline.from_pretrained(str(folder), torch_dtype=torch.bfloat16)
     pipe.vae.to(torch.float32)
     pipe.enable_model_cpu_offload()
