@@ -61,7 +61,7 @@ def night_command(who: str, folder: Path, resolution: str, data: Path) -> list[s
     ]  # fmt: skip
 
 
-def run_case(case: str, folder: Path, scratch: Path) -> dict:
+def run_case(case: str, folder: Path, scratch: Path, timeout_s: float | None = None) -> dict:
     who, resolution, limit, *card = case.split(":")
     card_cap = None if card and card[0] == "none" else float(card[0]) if card else 6.0
     memory_max = None if limit == "none" else float(limit)
@@ -79,7 +79,13 @@ def run_case(case: str, folder: Path, scratch: Path) -> dict:
         f"'{a}'" for a in night_command(who, folder, resolution, data)
     )
     start = time.perf_counter()
-    done = subprocess.run(["sh", "-c", shell], cwd=REPO, env=env, capture_output=True, text=True)
+    try:
+        done = subprocess.run(
+            ["sh", "-c", shell], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s
+        )
+    except subprocess.TimeoutExpired as late:
+        said = (late.stdout or b"").decode() + (late.stderr or b"").decode()
+        done = subprocess.CompletedProcess(late.cmd, -9, said, f"\ntimed out after {timeout_s} s")
     wall = time.perf_counter() - start
     events = dict(line.split() for line in (group / "memory.events").read_text().splitlines())
     said = (done.stdout + done.stderr).splitlines()
@@ -150,12 +156,12 @@ def stock(folder: Path, resolution: str) -> None:
     )
 
 
-def nights(folder: Path, cases: list[str], out: Path, scratch: Path) -> None:
+def nights(folder: Path, cases: list[str], out: Path, scratch: Path, timeout_s: float | None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     records = []
     for case in cases:
         print(f"--- {case}", flush=True)
-        record = run_case(case, folder, scratch)
+        record = run_case(case, folder, scratch, timeout_s)
         records.append(record)
         (out / "host_ram.json").write_text(json.dumps(records, indent=1))
         shown = {k: v for k, v in record.items() if k not in ("tail", "plans")}
@@ -176,13 +182,14 @@ def main() -> None:
     parser.add_argument(
         "--scratch", type=Path, default=Path("/tmp/t2v-host-ram"), help="the nights' data folders"
     )
+    parser.add_argument("--case-timeout", type=float, default=None, help="seconds a night may take")
     args = parser.parse_args()
     if args.what == "save":
         save(args.folder)
     elif args.what == "stock":
         stock(args.folder, args.resolution)
     else:
-        nights(args.folder, args.cases.split(","), args.out, args.scratch)
+        nights(args.folder, args.cases.split(","), args.out, args.scratch, args.case_timeout)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ torch or Prefect load.
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 from typing import Any, NoReturn
 
@@ -76,10 +78,19 @@ def _one_line(exc: BaseException) -> NoReturn:
     raise exc
 
 
+def show_t2v_log() -> None:
+    """What the library logs at INFO (the plans chosen, the host and card budgets, page-locking) goes to
+    the console beside Prefect's lines, and through Prefect's API handler to the run's logs in its UI
+    (`PREFECT_LOGGING_EXTRA_LOGGERS`, read when Prefect is imported: after this, in the command)."""
+    logging.getLogger("t2v").setLevel(logging.INFO)
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "t2v")
+
+
 def make_app() -> typer.Typer:
     """The app without its commands; `t2v_cli.main` adds them."""
     return typer.Typer(
         cls=OneLineErrors,
+        callback=show_t2v_log,
         help="Text-to-video clips with Wan2.2 TI2V-5B, one at a time or a nightly batch.\n\n"
         "Example:\n\n    t2v nightly --catalogue data/templates.toml --model tiny",
         no_args_is_help=True,
