@@ -109,16 +109,22 @@ class HostMemory:
         return self.budget_bytes / GIB
 
 
-def probe_host(budget_gib: float | None = None, cgroups: list[CgroupMemory] | None = None) -> HostMemory:
+def probe_host(
+    budget_gib: float | None = None,
+    cgroups: list[CgroupMemory] | None = None,
+    *,
+    page_cache_is_room: bool = True,
+) -> HostMemory:
     """The host budget now: `budget_gib` if given (capped by what is free), else the tighter of the
-    host's available memory and every enclosing cgroup's limit minus its usage (less its page cache)."""
+    host's available memory and every enclosing cgroup's limit minus its usage (less its page cache,
+    unless `page_cache_is_room` is False: room for a second copy beside weights streamed from there)."""
     vm = psutil.virtual_memory()
     free, source, note = vm.available, "host", f"{vm.available / GIB:.1f} GiB available on the host"
     for group in own_cgroups() if cgroups is None else cgroups:
         limit, usage = group.limit, group.usage
         if limit is None or usage is None:
             continue
-        cache = min(group.page_cache, usage)
+        cache = min(group.page_cache, usage) if page_cache_is_room else 0
         if limit - usage + cache < free:
             free, source = max(limit - usage + cache, 0), "cgroup"
             note = (

@@ -45,6 +45,8 @@ def test_a_cgroup_budget_counts_its_page_cache_as_room(tmp_path: Path) -> None:
     # 16 - 12 used, of which 7 is file pages the kernel drops before it kills anything.
     assert budget.source == "cgroup" and budget.budget_bytes == 11 * GiB
     assert "7.0 of it page cache" in budget.note
+    # A second copy beside weights streamed from that cache must not count on it.
+    assert probe_host(cgroups=[CgroupMemory(group, 2)], page_cache_is_room=False).budget_bytes == 4 * GiB
     v1 = tmp_path / "v1"
     v1.mkdir()
     (v1 / "memory.limit_in_bytes").write_text(f"{8 * GiB}\n")

@@ -271,3 +271,28 @@ def test_a_load_that_is_done_or_a_run_that_does_not_compile_waits_for_nothing_el
     compiling.run(ENCODE, JOBS[1])
 
     assert calls == []
+
+
+def test_a_stage_never_loads_its_component_while_the_loader_thread_loads_another(make_runner):
+    # from_pretrained patches nn.Module process-wide while it builds: two loads at once put one
+    # model's parameters on the meta device (seen on the GPU machine).
+    active, most = [], []
+    lock = threading.Lock()
+
+    def load(ref, name):
+        with lock:
+            active.append(name)
+            most.append(len(active))
+        time.sleep(0.2)
+        try:
+            return load_component(ref, name)
+        finally:
+            with lock:
+                active.remove(name)
+
+    stage_runner = make_runner(load=load)
+    stage_runner.prefetch(DIFFUSE, JOBS[:1])  # the transformer, in the loader thread
+    stage_runner.run(ENCODE, JOBS[0])  # the encoder, on this thread, at the same time
+    stage_runner.run(DIFFUSE, JOBS[0])
+
+    assert len(most) == 2 and max(most) == 1

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -34,7 +35,8 @@ def host_has_room(name: str, size_bytes: int, budget_gib: float | None = None) -
     """Whether the host budget (its free memory, its cgroup's limit, or `budget_gib`: `t2v.hostmem`)
     has `PREFETCH_ROOM` times `size_bytes`, and the reserve, left for loading `name` ahead."""
     need = PREFETCH_ROOM * size_bytes + HOST_RESERVE
-    free = probe_host(budget_gib).budget_bytes
+    # Not the page cache: a stage running beside it may be streaming its weights from there.
+    free = probe_host(budget_gib, page_cache_is_room=False).budget_bytes
     if free < need:
         log.info(
             "not prefetching %s: %.1f GiB of host memory free, %.1f wanted", name, free / 2**30, need / 2**30
@@ -60,6 +62,7 @@ class Residency:
         """Page-locked host memory of the components held, given back at their drop."""
         self._releasing: list[Future] = []
         self._loader: ThreadPoolExecutor | None = None
+        self._load_lock = threading.Lock()
         self._pin = pin or _pin_if_card
         self._empty_host_cache = empty_host_cache or _empty_host_cache
 
@@ -75,6 +78,13 @@ class Residency:
         module = load()
         self._held[name] = (tag, module)
         return module
+
+    def loading(self) -> threading.Lock:
+        """Held around every component load, in the loader thread and on a stage's path alike:
+        `from_pretrained` is not thread-safe. accelerate's `init_empty_weights` and transformers' init
+        contexts patch `nn.Module` methods process-wide while a model is built, so a model built in one
+        thread while another loads comes out with its parameters on the meta device."""
+        return self._load_lock
 
     def settle(self) -> None:
         """Wait until every dropped component's page-locked memory is given back, and PyTorch's cache of

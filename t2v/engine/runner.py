@@ -224,7 +224,7 @@ class StageRunner:
             with self.hooks.span("place", stage, None, plan):
                 module = self.residency.prefetched(name, self.model.identity, while_waiting=waiting)
                 if module is None:
-                    with self.hooks.span("load", stage, None, plan):
+                    with self.hooks.span("load", stage, None, plan), self.residency.loading():
                         module = self.hooks.load(self.model, name)
                 module = apply(plan, module, pin=lambda target: self.residency.pin(name, target))
                 if plan.placement is Placement.GPU:
@@ -252,7 +252,7 @@ class StageRunner:
             return host_has_room(name, self.sizes(name)[1], self.settings.ram_budget_gib)
 
         def load() -> torch.nn.Module:
-            with self.hooks.span("load", stage):
+            with self.hooks.span("load", stage), self.residency.loading():
                 return self.hooks.load(self.model, name)
 
         self.residency.prefetch(name, self.model.identity, load, room)
