@@ -84,6 +84,8 @@ def show_t2v_log() -> None:
     (`PREFECT_LOGGING_EXTRA_LOGGERS`, read when Prefect is imported: after this, in the command)."""
     logging.getLogger("t2v").setLevel(logging.INFO)
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "t2v")
+    # Lines logged outside a flow run (the CLI's checks, a loader thread) go to the console alone.
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 
 
 def make_app() -> typer.Typer:
