@@ -114,6 +114,9 @@ def check_budgets(jobs: Sequence[JobSpec], model: ModelRef, settings: Settings, 
     from t2v.plans import HostPlacement, component_sizes, host_need, with_host
     from t2v.vram import probe
 
+    from t2v.models.registry import check_switches
+
+    check_switches(model, fp8=fp8)
     card = probe(budget_gib=settings.vram_budget_gib)
     host = probe_host(settings.ram_budget_gib)
     raise_it = "raise the memory limit or T2V_RAM_BUDGET_GB"

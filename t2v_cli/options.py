@@ -54,7 +54,8 @@ ModelOption = Annotated[
     typer.Option(
         "--model",
         help="'tiny' (built in, random weights), a Wan2.2-TI2V-5B diffusers folder, "
-        "or a hub id such as Wan-AI/Wan2.2-TI2V-5B-Diffusers.",
+        "a hub id such as Wan-AI/Wan2.2-TI2V-5B-Diffusers, or FOLDER+FILE.gguf: the folder with its "
+        "transformer replaced by a quantised GGUF file (opt-in; the clip changes).",
     ),
 ]
 CatalogueOption = Annotated[str, typer.Option(help="TOML file of [defaults] and [[template]] tables.")]

@@ -1,6 +1,7 @@
 """Which model a `--model` value means, and loading its components one at a time.
 
 Stage-major batching loads one component per stage, so each loader here returns a single component.
+`FOLDER+FILE.gguf` is a diffusers folder whose transformer is replaced by a GGUF file (t2v.models.gguf).
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from t2v.errors import ModelNotFound
-from t2v.models import tiny
+from t2v.errors import InvalidInput, ModelNotFound
+from t2v.models import gguf, tiny
 from t2v.models.wan22 import WAN22_RULES, ModelRules
 
 BUILTIN = "tiny"
@@ -39,6 +40,9 @@ class ModelRef:
     rules: ModelRules = WAN22_RULES
     kind: str = "pretrained"
     """"tiny" (built in), "random" (full size, random weights) or "pretrained" (from_pretrained)."""
+    transformer_file: str | None = None
+    """A GGUF file whose quantised transformer replaces the folder's (`FOLDER+FILE.gguf`); its name,
+    size and a hash of its header and a sample of its data are in `identity`."""
 
     @property
     def builtin(self) -> bool:
@@ -65,12 +69,16 @@ def _folder_identity(folder: Path) -> str:
 
 
 def resolve_model(spec: str) -> ModelRef:
-    """Check a `--model` value without loading weights: `tiny`, a Wan2.2 diffusers folder, or a hub id."""
+    """Check a `--model` value without loading weights: `tiny`, a Wan2.2 diffusers folder, a hub id,
+    or `FOLDER+FILE.gguf`."""
     if spec == BUILTIN:
         return ModelRef(spec=spec, source=None, identity=tiny.IDENTITY, kind="tiny")
     if spec == RANDOM_FULL_SIZE:
         return ModelRef(spec=spec, source=None, identity=f"{spec}@seed0-v1", kind="random")
     path = Path(spec).expanduser()
+    parts = None if path.is_dir() else gguf.split_spec(spec)
+    if parts:
+        return _with_gguf(spec, *parts)
     if path.is_dir():
         index = path / "model_index.json"
         if not index.is_file():
@@ -93,6 +101,37 @@ def resolve_model(spec: str) -> ModelRef:
         f"`--model` {spec!r} is not a folder here, nor a hub id like 'Wan-AI/Wan2.2-TI2V-5B-Diffusers'; "
         f"use '{BUILTIN}' for the built-in model."
     )
+
+
+def _with_gguf(spec: str, folder: str, file: str) -> ModelRef:
+    """`folder` checked as a `--model` folder, `file` as a GGUF of its transformer (header and tensor
+    table against the folder's config); its identity joins the folder's."""
+    if not Path(folder).expanduser().is_dir():
+        raise ModelNotFound(
+            f"`--model` {spec!r}: a GGUF transformer goes with a local Wan2.2 diffusers folder "
+            f"(FOLDER+FILE.gguf), and {folder!r} is not a folder here."
+        )
+    base = resolve_model(folder)
+    checked = gguf.inspect(file)
+    gguf.check_fits(checked, skeleton(base, "transformer"), folder)
+    return ModelRef(
+        spec=spec,
+        source=base.source,
+        identity=f"{base.identity}+{checked.identity}",
+        transformer_file=str(checked.path),
+    )
+
+
+def check_switches(ref: ModelRef, *, fp8: bool) -> None:
+    """Refuse, before any load, a switch the model cannot take: `--fp8-storage` with a GGUF
+    transformer. Layerwise casting's `.to(float8)` leaves the packed (integer) weights as they are
+    and casts only the biases, losing precision for nothing, while the diffuse ladder would count
+    the weights at half their bytes."""
+    if fp8 and ref.transformer_file:
+        raise InvalidInput(
+            f"`--fp8-storage` cannot be used with a GGUF transformer ({Path(ref.transformer_file).name}): "
+            "its weights are quantised already; drop one of the two."
+        )
 
 
 def load_tokenizer(ref: ModelRef):
@@ -120,6 +159,8 @@ def load_transformer(ref: ModelRef) -> torch.nn.Module:
         return _build_random("transformer", ref.weight_dtype)
     if ref.builtin:
         return tiny.build_transformer()
+    if ref.transformer_file:
+        return gguf.load_transformer(ref.transformer_file, ref.source, ref.weight_dtype)
     from diffusers import WanTransformer3DModel
 
     return WanTransformer3DModel.from_pretrained(
@@ -176,6 +217,8 @@ def skeleton(ref: ModelRef, component: str) -> torch.nn.Module:
             raise ValueError(f"`component` must be text_encoder, transformer or vae but is {component!r}")
     if component == "transformer":
         cast_like_pretrained(module, ref.weight_dtype)
+        if ref.transformer_file:  # the bytes as loaded: quantised weights stay packed
+            gguf.as_loaded(module, gguf.inspect(ref.transformer_file))
     elif component == "text_encoder":
         module.to(ref.weight_dtype)  # transformers 5 loads UMT5 wholly in the dtype asked for
     return module
