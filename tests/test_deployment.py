@@ -1,4 +1,5 @@
-"""`t2v deploy` against a real `prefect server start`, with two real process workers splitting a night.
+"""The project's prefect.yaml and `t2v deploy`, which writes it and applies it with `prefect deploy --all`:
+against a real `prefect server start`, with two real process workers splitting a night.
 
 The end-to-end test is SLOW (about a minute: the server's start, the workers' polling, the flow runs'
 own processes), so it runs only with T2V_TEST_DEPLOYMENT=1, which `.ci/run` sets; elsewhere it is
@@ -6,7 +7,6 @@ reported as skipped.
 """
 
 import re
-import socket
 import subprocess
 import time
 import urllib.request
@@ -29,26 +29,49 @@ POOL = "gpu-test"
         (["--catalogue", "no-such.toml"], "no-such.toml"),
     ],
 )
-def test_deploy_rejects_bad_options_before_touching_the_server(args, names, write_catalogue):
+def test_deploy_rejects_bad_options_before_writing_anything(args, names, write_catalogue, tmp_path):
     from typer.testing import CliRunner
 
     from t2v_cli.main import app
 
     catalogue = write_catalogue({"name": "fox", "prompt": "a fox"})
-    result = CliRunner().invoke(app, ["deploy", "--catalogue", str(catalogue), *args])
+    target = tmp_path / "prefect.yaml"
+    result = CliRunner().invoke(app, ["deploy", "--file", str(target), "--catalogue", str(catalogue), *args])
     assert result.exit_code == 2, result.output
     assert result.stderr.startswith("error: ") and names in result.stderr
+    assert result.stderr.count("\n") == 1
+    assert not target.exists()
 
 
-def test_deploy_defaults_name_the_host_and_its_time_zone(write_catalogue):
-    import zoneinfo
+def test_the_committed_prefect_yaml_is_what_t2v_deploy_writes():
+    from deployments.deploy import GPU_LIMIT, PREFECT_FILE, NightlyDeployment, render
+    from tasks.stages import GPU_LIMIT as LIMIT_THE_TASKS_HOLD
+
+    # Its values are NightlyDeployment's defaults, and rendering them gives the file byte for byte: what
+    # the end-to-end test below applies (with other values) is the committed file's layout.
+    assert NightlyDeployment.from_file(PREFECT_FILE) == NightlyDeployment()
+    assert render(NightlyDeployment()) == PREFECT_FILE.read_text()
+    assert GPU_LIMIT == LIMIT_THE_TASKS_HOLD
+
+
+def test_options_not_given_keep_the_files_values(write_catalogue, tmp_path):
+    from typer.testing import CliRunner
 
     from deployments.deploy import NightlyDeployment
+    from t2v_cli.main import app
 
-    spec = NightlyDeployment(catalogue=write_catalogue({"name": "fox", "prompt": "a fox"}))
-    assert spec.pool == f"gpu-{socket.gethostname().split('.')[0].lower()}"
-    assert spec.timezone in zoneinfo.available_timezones()
-    assert (spec.cron, spec.gpus, spec.catalogue.is_absolute()) == ("0 2 * * *", 1, True)
+    catalogue = write_catalogue({"name": "fox", "prompt": "a fox"})
+    target = tmp_path / "prefect.yaml"
+    first = ["deploy", "--file", str(target), "--write-only", "--catalogue", str(catalogue)]
+    first += ["--timezone", "America/New_York", "--model", "tiny"]
+    assert CliRunner().invoke(app, first).exit_code == 0
+    result = CliRunner().invoke(app, ["deploy", "--file", str(target), "--write-only", "--gpus", "3"])
+    assert result.exit_code == 0, result.output
+
+    written = NightlyDeployment.from_file(target)
+    assert (written.timezone, written.gpus, written.cron) == ("America/New_York", 3, "0 2 * * *")
+    assert written.catalogue == str(catalogue)  # outside the checkout: kept absolute
+    assert target.read_text().count('shard: "') == 3
 
 
 def _finished_runs(log: Path) -> list[str]:
@@ -106,16 +129,21 @@ def prefect_env(tmp_path: Path) -> Iterator[dict[str, str]]:
 
 
 def test_deploy_then_two_workers_split_a_triggered_night(prefect_env, write_catalogue, tmp_path):
+    from deployments.deploy import PROJECT_DIR
+
     templates = ["fox", "sea", "owl"]
     catalogue = write_catalogue(*({"name": t, "prompt": f"a {t} at dawn"} for t in templates))
     run = dict(env=prefect_env, capture_output=True, text=True, timeout=180)
 
+    # The file is written where the test says (the checkout's own stays as it is) and applied by
+    # `prefect deploy --all`, after the pool is made.
+    target = tmp_path / "prefect.yaml"
     deployed = subprocess.run(
-        [BIN / "t2v", "deploy", "--catalogue", str(catalogue), "--pool", POOL, "--timezone", "Europe/Berlin"]
-        + ["--gpus", "2"],
+        [BIN / "t2v", "deploy", "--file", target, "--catalogue", catalogue, "--pool", POOL] + ["--gpus", "2"],
         **run,
     )
     assert deployed.returncode == 0, deployed.stderr
+    assert f"created process work pool {POOL}" in deployed.stdout
     assert f"prefect worker start --pool {POOL} --limit 1" in deployed.stdout
 
     from prefect.client.orchestration import get_client
@@ -126,13 +154,19 @@ def test_deploy_then_two_workers_split_a_triggered_night(prefect_env, write_cata
             deployment = client.read_deployment_by_name("nightly/nightly")
             pool = client.read_work_pool(POOL)
             limit = client.read_global_concurrency_limit_by_name("gpu")
-    # One 02:00 schedule per GPU worker, each with its shard of the night.
+    # One 02:00 schedule per GPU worker, each with its shard of the night, in the committed time zone.
     schedules = sorted(
         (s.schedule.cron, s.schedule.timezone, s.parameters["shard"]) for s in deployment.schedules
     )
     assert schedules == [("0 2 * * *", "Europe/Berlin", "0/2"), ("0 2 * * *", "Europe/Berlin", "1/2")]
     assert deployment.parameters == {"catalogue": str(catalogue), "model": "tiny"}
     assert (deployment.work_pool_name, pool.type, limit.limit) == (POOL, "process", 2)
+    assert deployment.global_concurrency_limit.limit == 2
+    assert deployment.concurrency_options.collision_strategy == "ENQUEUE"
+    # The flow runs run in this checkout: the build step's `pwd`, templated into the pull step.
+    assert deployment.pull_steps == [
+        {"prefect.deployments.steps.set_working_directory": {"directory": str(PROJECT_DIR)}}
+    ]
 
     # One worker per GPU on the same pool, as the README's scale-out section starts them.
     worker = [BIN / "prefect", "worker", "start", "--pool", POOL, "--limit", "1"]

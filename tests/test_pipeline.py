@@ -162,7 +162,7 @@ def test_no_stage_name_is_matched_outside_its_own_module():
             rel = path.relative_to(ROOT).as_posix()
             found += [f"{rel}:{line}: {value!r}" for line, value in _string_literals(path) if value in names]
     # The run log's upgrade of rows written under the last stage's old name names the new one.
-    allowed = ("t2v/runlog/schema.py",)
+    allowed = ("t2v/runlog/schema.py", "t2v/runlog/migrations/")
     assert [f for f in found if not f.startswith(allowed)] == []
     js = (ROOT / "t2v/dashboard/static/app.js").read_text()
     assert not [n for n in names if f'"{n}"' in js]

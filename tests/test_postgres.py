@@ -12,9 +12,11 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DataError
+from test_migrations import open_at_once, schema_differences, upgrades
 
 from flows.nightly import nightly
-from t2v.runlog import RunLog, RunLogUnavailable
+from t2v.runlog import RunLog, RunLogTooNew, RunLogUnavailable
+from t2v.runlog.migrate import HEAD, VERSION_TABLE
 
 TEST_URL = "T2V_TEST_POSTGRES_URL"
 
@@ -107,6 +109,16 @@ INSERT INTO runs VALUES ('0123456789abcdef0123456789abcdef', 'nightly', now(), n
 """
 
 
+OLD_ROWS = """
+INSERT INTO runs VALUES ('0123456789abcdef0123456789abcdef', 'nightly', now(), now(), 'failed', 'tiny',
+    '/c.toml', NULL, 1, 'old-host', NULL);
+INSERT INTO stage_runs (run_id, job_key, template, stage, model, attempt, started, finished, peak_cgroup_gib,
+    status, pid) VALUES
+    ('0123456789abcdef0123456789abcdef', 'k', 'fox', 'decode', 'tiny', 1, now(), now(), 1.5, 'ok', 1),
+    ('0123456789abcdef0123456789abcdef', 'k', 'fox', 'watermark', 'tiny', 1, now(), now(), NULL, 'failed', 1);
+"""
+
+
 def _round_trip_long_values(runlog: RunLog) -> None:
     run_id = runlog.start_run(kind="nightly", model=LONG, catalogue=LONG + ".toml")
     with runlog.stage(run_id=run_id, job_key="j", template=LONG, stage="encode", model=LONG, plan=LONG) as r:
@@ -152,6 +164,57 @@ def test_an_old_varchar_run_log_is_widened_at_open(pg_url):
     assert runlog.run("0123456789abcdef0123456789abcdef")["host"] == "old-host"  # old rows stay
     _round_trip_long_values(runlog)
     RunLog(pg_url).close()  # a second open finds nothing to widen
+    assert _version(pg_url) == [HEAD]
+    assert schema_differences(pg_url) == []
+
+
+def _version(url: str) -> list[str]:
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return list(conn.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalars())
+    finally:
+        engine.dispose()
+
+
+def test_a_run_log_from_before_migrations_is_upgraded_once_on_postgres(pg_url, tmp_path):
+    from t2v.runlog.schema import metadata
+
+    engine = create_engine(pg_url)
+    metadata.create_all(engine)  # what every open of the release before migrations did
+    with engine.begin() as conn:
+        conn.exec_driver_sql(OLD_ROWS)
+    engine.dispose()
+
+    results = open_at_once(pg_url, tmp_path / "ready")  # two processes at once: one upgrades
+
+    assert [r.split("|")[0] for r in results] == ["1", "1"]
+    upgraded = upgrades(results)
+    assert len(upgraded) == 1 and "made before schema migrations" in upgraded[0], results
+    assert _version(pg_url) == [HEAD]
+    assert schema_differences(pg_url) == []
+    run = RunLog(pg_url).run("0123456789abcdef0123456789abcdef")
+    assert [(r["stage"], r["status"], r["peak_cgroup_gib"]) for r in run["stages"]] == [
+        ("decode", "ok", 1.5),
+        ("finish", "failed", None),  # renamed from "watermark" by revision 0003
+    ]
+
+
+def test_a_run_log_newer_than_the_code_is_refused_on_postgres(pg_url):
+    engine = create_engine(pg_url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(f"CREATE TABLE {VERSION_TABLE} (version_num VARCHAR(32) PRIMARY KEY)")
+        conn.exec_driver_sql(f"INSERT INTO {VERSION_TABLE} VALUES ('0099')")
+
+    with pytest.raises(RunLogTooNew, match="schema revision 0099") as caught:
+        RunLog(pg_url)
+
+    assert "\n" not in str(caught.value) and "postgres" in str(caught.value)
+    with engine.connect() as conn:  # nothing was created
+        tables = conn.execute(text("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")).scalars()
+        assert list(tables) == [VERSION_TABLE]
+    engine.dispose()
+    assert _version(pg_url) == ["0099"]
 
 
 def test_a_dropped_database_is_one_line(pg_url):

@@ -135,6 +135,7 @@ def test_an_old_run_log_gains_the_jobs_json_column(tmp_path):
     engine = create_engine(sqlite_url(path))
     with engine.begin() as conn:  # what a run log of the first release looks like
         conn.execute(text("ALTER TABLE runs DROP COLUMN jobs_json"))
+        conn.execute(text("DROP TABLE t2v_alembic_version"))  # as a log from before the migrations
     engine.dispose()
 
     log = RunLog(sqlite_url(path))

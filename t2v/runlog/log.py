@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 from t2v.runlog.database import one_line, open_engine, retry, write_engine
 from t2v.runlog.errors import NoSuchRun, RunLogUnavailable
 from t2v.runlog.guard import SqliteFile, damaged, is_damaged, sqlite_path, unavailable
+from t2v.runlog.migrate import upgrade
 from t2v.runlog.schema import (
     KINDS,
     RUN_STATUSES,
@@ -25,7 +26,6 @@ from t2v.runlog.schema import (
     check,
     check_job_key,
     check_stage_name,
-    create_schema,
     names_of,
     utcnow,
     with_stages,
@@ -70,21 +70,20 @@ class RunLog:
         path = sqlite_path(engine)
         self._where = str(path or self.url)  # what messages name: the file a person can move aside
         try:
-            self._retry(self._create_schema)
+            # The tables are created or upgraded here, by the migrations (t2v.runlog.migrate); when the
+            # schema is current this is one read of its version.
+            self._retry(lambda: upgrade(engine, where=self._where))
         except SQLAlchemyError as e:
             engine.dispose()
             if is_damaged(e):
                 raise damaged(self._where, e) from e
             raise RunLogUnavailable(f"cannot open the run log at {self.url}: {one_line(e)}") from e
+        except RunLogUnavailable:
+            engine.dispose()
+            raise
         # Taken once the schema exists, so the file does too: every later transaction compares
         # against it, because SQLite would go on writing to a deleted file without a word.
         self._file = SqliteFile(path, engine) if path is not None else None
-
-    def _create_schema(self) -> None:
-        # Inside one write transaction so two processes creating a fresh file do not both
-        # decide that the tables are missing.
-        with self._write_engine.begin() as conn:
-            create_schema(conn)
 
     def still_open(self) -> bool:
         """False once its SQLite file is gone or replaced (a process then opens the run log again)."""

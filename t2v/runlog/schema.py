@@ -1,10 +1,15 @@
-"""The run log's tables, the values that go in them, and the in-place upgrades of older databases."""
+"""The run log's tables and the values that go in them.
+
+The tables are created and changed by the Alembic migrations in `migrations/versions/` (t2v.runlog.migrate
+applies them when a run log is opened); these classes describe the newest revision, and
+tests/test_migrations.py checks that the two agree. A schema change is a new migration and its change
+here.
+"""
 
 from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import (
-    Connection,
     DateTime,
     Dialect,
     Float,
@@ -13,9 +18,7 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
-    inspect,
     select,
-    update,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
@@ -57,6 +60,10 @@ class _Base(DeclarativeBase):
     pass
 
 
+metadata = _Base.metadata
+"""The tables as the newest migration leaves them (migrations/env.py's target_metadata)."""
+
+
 class Run(_Base):
     __tablename__ = "runs"
 
@@ -66,7 +73,7 @@ class Run(_Base):
     finished: Mapped[datetime | None] = mapped_column(_UTCDateTime())
     status: Mapped[str] = mapped_column(String(16))
     # Free-form values are TEXT: PostgreSQL enforces VARCHAR lengths and SQLite does not, so a long
-    # `--model` path used to crash every run on one and pass on the other. See _widen_columns.
+    # `--model` path used to crash every run on one and pass on the other (migration 0002).
     model: Mapped[str] = mapped_column(Text)
     catalogue: Mapped[str | None] = mapped_column(Text)
     parent_run_id: Mapped[str | None] = mapped_column(String(32))
@@ -74,7 +81,7 @@ class Run(_Base):
     host: Mapped[str] = mapped_column(Text)
     jobs_json: Mapped[str | None] = mapped_column(Text)
     """The night's job specs as the run saw them (t2v.rerun.Night), so `t2v rerun` finishes that
-    night even if the catalogue was edited since. Added after the first release: see _add_columns."""
+    night even if the catalogue was edited since. Added after the first release (migration 0002)."""
 
 
 STAGE_NAME_MAX_CHARS = 16
@@ -106,7 +113,8 @@ class StageRun(_Base):
     peak_rss_gib: Mapped[float | None] = mapped_column(Float)
     peak_cgroup_gib: Mapped[float | None] = mapped_column(Float)
     """The process's memory cgroup's highest usage during the attempt (what its memory.max is measured
-    against: page cache and other processes of the group included). Added after the first release."""
+    against: page cache and other processes of the group included). Added after the first release
+    (migration 0002)."""
     status: Mapped[str] = mapped_column(String(16))
     error: Mapped[str | None] = mapped_column(Text)
     output_key: Mapped[str | None] = mapped_column(Text)
@@ -159,75 +167,12 @@ def _jsonable(value: Any) -> Any:
     return value.isoformat() if isinstance(value, datetime) else value
 
 
-def create_schema(conn: Connection) -> None:
-    """Create missing tables and bring an older release's run log up to date, on `conn`'s transaction.
-
-    create_all only adds missing tables and never alters existing ones. That is enough while the
-    schema is young and a run log can be thrown away; once a column changes on a database whose
-    history matters, this becomes an Alembic migration.
-    """
-    _Base.metadata.create_all(conn)
-    _add_columns(conn)
-    _widen_columns(conn)
-    _rename_stages(conn)
-
-
-_ADDED_COLUMNS = {"runs": ("jobs_json",), "stage_runs": ("peak_cgroup_gib",)}
-"""Columns added to tables after their first release; create_all never alters an existing table."""
-
-
-def _add_columns(conn: Connection) -> None:
-    """Add later columns to a run log created by an older release (nullable, so old rows stay valid).
-
-    A plain ALTER TABLE ... ADD COLUMN works on SQLite and PostgreSQL alike; this stays enough until a
-    change needs data moved, which is when Alembic comes in.
-    """
-    inspector = inspect(conn)
-    for table_name, names in _ADDED_COLUMNS.items():
-        present = {c["name"] for c in inspector.get_columns(table_name)}
-        table = _Base.metadata.tables[table_name]
-        for name in names:
-            if name not in present:
-                kind = table.c[name].type.compile(dialect=conn.dialect)
-                conn.exec_driver_sql(f"ALTER TABLE {table_name} ADD COLUMN {name} {kind}")
-
-
-def _widen_columns(conn: Connection) -> None:
-    """Turn the VARCHAR(n) columns of an older release's run log into TEXT where the schema says TEXT.
-
-    Only PostgreSQL needs it: it enforces the lengths, while SQLite ignores them, so an old SQLite file
-    already takes any length. On PostgreSQL VARCHAR to TEXT rewrites no rows, and once done the
-    inspection finds nothing to change, so every later open only reads the catalogue.
-    """
-    if conn.dialect.name != "postgresql":
-        return
-    inspector = inspect(conn)
-    # sorted_tables: the same lock order in every process that upgrades at once.
-    for table in _Base.metadata.sorted_tables:
-        for column in inspector.get_columns(table.name):
-            ours = table.c.get(column["name"])
-            if ours is None or not isinstance(ours.type, Text):
-                continue
-            if getattr(column["type"], "length", None) is not None:
-                conn.exec_driver_sql(f"ALTER TABLE {table.name} ALTER COLUMN {column['name']} TYPE TEXT")
-
-
 RENAMED_STAGES = {"watermark": "finish"}
-"""Stage names of older releases -> their current name: "watermark" is the last stage's old name."""
-
-
-def _rename_stages(conn: Connection) -> None:
-    """Rewrite stage rows of older releases under the stage's current name.
-
-    Readers (the dashboard, `t2v rerun`, attempt numbers) then see one name per stage whatever release
-    wrote the row. Idempotent: once no row has an old name this matches nothing and writes nothing.
-    """
-    table = StageRun.__table__
-    for old, new in RENAMED_STAGES.items():
-        conn.execute(update(table).where(table.c.stage == old).values(stage=new))
+"""Stage names of older releases -> their current name: "watermark" is the last stage's old name. The
+rows an older release wrote are renamed by migration 0003; this is for rows written after it."""
 
 
 def names_of(stage: str) -> tuple[str, ...]:
     """`stage` and the older names it replaced, under which rows may still be written by a process of an
-    older release that runs beside this one (only the next open of the run log renames those)."""
+    older release that runs beside this one, after migration 0003 renamed the rows it found."""
     return (stage, *(old for old, new in RENAMED_STAGES.items() if new == stage))
