@@ -1,10 +1,13 @@
 """The model's stages as plain functions of tensors: encode, denoise, decode.
 
 They follow `diffusers.WanPipeline.__call__` step by step, so that encode -> denoise -> decode on the
-same seed gives the pipeline's own latents and frames (tests/test_stages.py holds them to that). Two
-departures are switches on the memory plan, each measured against the plain path:
-`shared_timestep` (one timestep per sample, not one per token, in pure text-to-video) and `cfg_batch`
-(conditional and unconditional passes as one batch of 2).
+same seed gives the pipeline's own latents and frames (tests/test_stages.py holds them to that); with a
+conditioning picture (`encode_first_frame`, `denoise(condition=...)`) they follow
+`WanImageToVideoPipeline.__call__` with `expand_timesteps=True` (tests/test_image.py). Three departures
+are switches on the memory plan, each measured against the plain path: `shared_timestep` (one timestep
+per sample, not one per token, in pure text-to-video), `frame_timesteps` (the per-token timesteps of an
+image job embedded once per distinct value: `t2v.frame_timesteps`) and `cfg_batch` (conditional and
+unconditional passes as one batch of 2).
 """
 
 from __future__ import annotations
@@ -19,10 +22,13 @@ from diffusers import WanPipeline
 from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
 
+from t2v import frame_timesteps as per_frame
 from t2v.checkpoints import Checkpoint, restore_scheduler
 from t2v.errors import NonFiniteOutput
 
 if TYPE_CHECKING:
+    from PIL import Image
+
     from t2v.jobs import JobSpec
 
 
@@ -71,6 +77,41 @@ def job_noise(
 
 
 @torch.no_grad()
+def encode_first_frame(
+    vae: torch.nn.Module, picture: Image.Image, *, device: torch.device | str
+) -> torch.Tensor:
+    """The latent of a clip's first frame, `picture` (already the clip's size), as
+    `WanImageToVideoPipeline.prepare_latents` makes it with `expand_timesteps=True`: pixels in [-1, 1]
+    through the VAE's encoder, the mode of its distribution ("argmax"), normalised with the VAE's
+    `latents_mean` and `latents_std`. (1, channels, 1, height / 16, width / 16), fp32."""
+    from diffusers import WanImageToVideoPipeline
+
+    # The pipeline's own preprocessing and prepare_latents: one way to do it.
+    pipe = WanImageToVideoPipeline(
+        tokenizer=None, text_encoder=None, vae=vae, scheduler=None, expand_timesteps=True
+    )
+    width, height = picture.size
+    device = torch.device(device)
+    pixels = pipe.video_processor.preprocess(picture, height=height, width=width).to(device, torch.float32)
+    # prepare_latents also hands back the noise it is given and the mask: only the picture's latent is
+    # kept here (the seed's noise is the diffuse stage's, drawn there as for a text-only job).
+    given = torch.zeros(1, device=device)
+    _, latent, _ = pipe.prepare_latents(
+        pixels, 1, vae.config.z_dim, height, width, 1, torch.float32, device, None, given
+    )
+    return latent
+
+
+def first_frame_mask(latents: torch.Tensor) -> torch.Tensor:
+    """0 on the first latent frame (the picture's), 1 on the frames being denoised: the mask
+    `WanImageToVideoPipeline.prepare_latents` returns with `expand_timesteps=True`. (1, 1, F, h, w)."""
+    _, _, frames, height, width = latents.shape
+    mask = torch.ones(1, 1, frames, height, width, dtype=latents.dtype, device=latents.device)
+    mask[:, :, 0] = 0
+    return mask
+
+
+@torch.no_grad()
 def denoise(
     transformer: torch.nn.Module,
     scheduler,
@@ -83,11 +124,19 @@ def denoise(
     compute_dtype: torch.dtype,
     shared_timestep: bool = True,
     cfg_batch: int = 2,
+    condition: torch.Tensor | None = None,
+    frame_timesteps: bool = False,
     on_step: Callable[[int, int], None] | None = None,
     resume: Checkpoint | None = None,
     after_step: Callable[[int, torch.Tensor, Any], None] | None = None,
 ) -> torch.Tensor:
     """Run the scheduler's steps from `latents`; `uncond` None (or guidance <= 1) means no guidance.
+
+    With `condition` (an image job: `encode_first_frame`'s latent), the first latent frame is the
+    picture's at timestep 0, the others are denoised at t: blended in through `first_frame_mask` before
+    every step and written back at the end, as `WanImageToVideoPipeline.__call__` does with
+    `expand_timesteps=True`. Its timestep is then per token (`shared_timestep` is refused), or with
+    `frame_timesteps` one per latent frame (the transformer needs `t2v.frame_timesteps.install`).
 
     With `resume`, the steps it holds are not run again: its latents and scheduler state replace
     `latents` and the fresh state, and the loop starts at its step. `after_step(done, latents,
@@ -104,18 +153,21 @@ def denoise(
     if use_cfg:
         uncond = uncond.to(device, compute_dtype)
         both = torch.cat([cond, uncond]) if cfg_batch == 2 else None
-    # Per-token timesteps (what expand_timesteps=True builds) hold one value in text-to-video; the
-    # transformer then projects it once per token (~2 GB fp32 per sample at 720P) for nothing.
-    tokens = latents[0, 0, :, ::2, ::2].numel()
+    mask = None
+    if condition is not None:
+        if shared_timestep:
+            raise ValueError("`shared_timestep` is for text-only jobs: an image job's timestep is per token")
+        mask = first_frame_mask(latents)
+        condition = condition.to(device, latents.dtype)
+    if frame_timesteps and not shared_timestep and not per_frame.installed(transformer):
+        raise ValueError("`frame_timesteps` needs the transformer's hooks: t2v.frame_timesteps.install")
+    timesteps = _Timesteps(transformer, latents, mask, shared=shared_timestep, per_frame=frame_timesteps)
     for i, t in enumerate(scheduler.timesteps):
         if i < start:
             continue
-        x = latents.to(compute_dtype)
-        t_value = t.to(torch.float32)
-        if shared_timestep:
-            timestep = t_value.reshape(1)
-        else:
-            timestep = t_value.expand(1, tokens)
+        x = latents if mask is None else (1 - mask) * condition + mask * latents
+        x = x.to(compute_dtype)
+        timestep = timesteps.at(t.to(torch.float32))
         if use_cfg and cfg_batch == 2:
             out = _forward(
                 transformer,
@@ -143,7 +195,41 @@ def denoise(
             on_step(i + 1, steps)
         if after_step is not None:
             after_step(i + 1, latents, scheduler)
+    if mask is not None:
+        latents = (1 - mask) * condition + mask * latents
     return latents
+
+
+class _Timesteps:
+    """The transformer's `timestep` at each step: one per sample (`shared`), one per latent frame
+    (`per_frame`), or one per token as the pipelines build it; with a first-frame mask, 0 on the
+    picture's frame."""
+
+    def __init__(
+        self,
+        transformer: torch.nn.Module,
+        latents: torch.Tensor,
+        mask: torch.Tensor | None,
+        *,
+        shared: bool,
+        per_frame: bool,
+    ) -> None:
+        p_t, p_h, p_w = transformer.config.patch_size
+        self.shared, self.per_frame = shared, per_frame
+        # Per-token timesteps (what expand_timesteps=True builds) hold one value in text-to-video; the
+        # transformer then projects it once per token (~2 GB fp32 per sample at 720P) for nothing.
+        self.tokens = latents[0, 0, ::p_t, ::p_h, ::p_w].numel()
+        self.frames = latents[0, 0, ::p_t, 0, 0].numel()
+        self.token_weights = None if mask is None else mask[0, 0, ::p_t, ::p_h, ::p_w].flatten()
+        self.frame_weights = None if mask is None else mask[0, 0, ::p_t, 0, 0]
+
+    def at(self, t: torch.Tensor) -> torch.Tensor:
+        if self.shared:
+            return t.reshape(1)
+        weights, count = (
+            (self.frame_weights, self.frames) if self.per_frame else (self.token_weights, self.tokens)
+        )
+        return t.expand(1, count) if weights is None else (weights * t).unsqueeze(0)
 
 
 def _forward(transformer: torch.nn.Module, context: str, **inputs: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,9 @@ class DecodeOptions(PlanOptions):
     """Tile side in pixels for tiled decoding; None decodes whole frames."""
 
     def prepare(self, module: torch.nn.Module) -> torch.nn.Module:
+        # Decoding needs the decoder half alone (an image job's first frame was encoded in the diffuse
+        # stage): the encoder's 0.6 GB (fp32, full size) never goes to the card.
+        module.encoder = None
         dtype = getattr(torch, self.vae_dtype)
         return module.to(dtype=dtype) if module.dtype != dtype else module
 

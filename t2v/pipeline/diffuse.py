@@ -1,4 +1,5 @@
-"""Diffuse: the job's seed noise denoised by the transformer, guided by the prompt's embeddings."""
+"""Diffuse: the job's seed noise denoised by the transformer, guided by the prompt's embeddings; for an
+image job, with its picture's latent as the first frame (`t2v.pipeline.condition`)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,11 @@ import torch
 from tqdm.auto import tqdm
 
 from t2v import checkpoints, stages
+from t2v import frame_timesteps as per_frame
 from t2v.digests import Verdict
 from t2v.errors import NonFiniteOutput
 from t2v.jobs import JobSpec
-from t2v.pipeline import encode
+from t2v.pipeline import condition, encode
 from t2v.pipeline.stage import KeyInputs, Stage, Work, Writer
 from t2v.placement import chunk_feed_forward
 from t2v.plans import ComponentSizes, Placement, PlanOptions, StagePlan, option
@@ -30,7 +32,13 @@ class DiffuseOptions(PlanOptions):
     """Conditional and unconditional passes as one batch of 2 (half the weight traffic when
     offloading) or as two batches of 1 (half the activations)."""
     shared_timestep: bool = option(True, label=lambda shared: None if shared else "token-ts")
-    """One timestep per sample instead of one per token (the same values in text-to-video)."""
+    """One timestep per sample instead of one per token (the same values in text-to-video). Never
+    for an image job, whose first frame is at timestep 0: its ladder sets it off."""
+    frame_timesteps: bool = option(True)
+    """With per-token timesteps, embed each distinct value once and broadcast it over its latent
+    frame's tokens (`t2v.frame_timesteps`), instead of a (batch, tokens, 6, dim) projection: within
+    fp32 rounding of the per-token path. Not in the plan's name: a ladder never holds two plans that
+    differ in it alone."""
     ffn_chunks: int = option(1, label=lambda n: f"ffn{n}" if n > 1 else None)
     """The feed-forward run over this many slices of the sequence (its N x 14336 intermediate is the
     largest activation)."""
@@ -38,6 +46,9 @@ class DiffuseOptions(PlanOptions):
     """Weights stored in float8_e4m3fn and cast to bf16 per layer; loses fidelity, opt-in."""
 
     def prepare(self, module: torch.nn.Module) -> torch.nn.Module:
+        # Before any offloading hook, which must onload the weights before these forwards run; inert
+        # until a timestep per frame comes, so every placed transformer gets them.
+        per_frame.install(module)
         chunk_feed_forward(module, self.ffn_chunks)
         if self.fp8_storage:
             module.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=module.dtype)
@@ -50,7 +61,7 @@ class DiffuseOptions(PlanOptions):
 
 def key(k: KeyInputs) -> dict[str, object]:
     job = k.job
-    return dict(
+    parts: dict[str, object] = dict(
         model=k.model.identity,
         seed=job.seed,
         height=job.height,
@@ -61,13 +72,25 @@ def key(k: KeyInputs) -> dict[str, object]:
         fp8=k.fp8,
         step_cache=job.step_cache,
     )
+    first_frame = condition.key(k)
+    if first_frame is not None:  # only then: a text-only job keeps the key it always had
+        parts["first_frame"] = first_frame
+    return parts
 
 
 def diffusion_tokens(job: JobSpec) -> int:
     return ((job.frames - 1) // 4 + 1) * (job.height // 32) * (job.width // 32)
 
 
-def activation_bytes(s: ComponentSizes, job: JobSpec, *, batch: int, ffn_chunks: int) -> int:
+TOKEN_MODULATION_BYTES = 2 + 4 + 4
+"""Per element of an image job's (batch, tokens, 6, dim) timestep projection on the per-token path:
+stored in bf16, then in every block cast to fp32 and added to the block's table in fp32 (5 GB per
+sample at 1280x704x121). `frame_timesteps` leaves a few frames' worth."""
+
+
+def activation_bytes(
+    s: ComponentSizes, job: JobSpec, *, batch: int, ffn_chunks: int, frame_timesteps: bool = True
+) -> int:
     n = diffusion_tokens(job)
     # Bytes per token and sample, fitted to the full-size model on an H100 (docs/benchmarks.md):
     # 86 kB allocated with the FFN whole, 72 kB with it in 4 chunks, so ~22 dim-wide bytes-per-channel
@@ -76,14 +99,30 @@ def activation_bytes(s: ComponentSizes, job: JobSpec, *, batch: int, ffn_chunks:
     per_token = 22 * s.transformer_dim + 1.3 * s.transformer_ffn_dim / ffn_chunks
     # Reserved runs 20-30% above allocated while weights stream in on a second CUDA stream (each stream
     # has its own pool in PyTorch's caching allocator): measured +0.5 GiB at 480P, +0.9-1.5 GiB at 720P.
+    if job.image is not None and not frame_timesteps:
+        per_token += 6 * s.transformer_dim * TOKEN_MODULATION_BYTES
     return int(1.3 * batch * n * per_token)
 
 
-def ladder(s: ComponentSizes, job: JobSpec, *, device: str, fp8: bool = False) -> list[StagePlan]:
+def attempt_bytes(
+    s: ComponentSizes, job: JobSpec, *, batch: int, ffn_chunks: int, frame_timesteps: bool
+) -> int:
+    """Card memory an attempt needs besides the resident weights: the denoising's activations, or,
+    before them, an image job's first-frame encode (freed before the first step)."""
+    denoise = activation_bytes(s, job, batch=batch, ffn_chunks=ffn_chunks, frame_timesteps=frame_timesteps)
+    return max(denoise, condition.encode_bytes(job))
+
+
+def ladder(
+    s: ComponentSizes, job: JobSpec, *, device: str, fp8: bool = False, frame_timesteps: bool = True
+) -> list[StagePlan]:
+    # An image job's timestep is per token (0 on the picture's frame): the shared one is never its.
+    timing = dict(shared_timestep=job.image is None, frame_timesteps=frame_timesteps)
     if not device.startswith("cuda"):
         # No card: RAM is the budget and it is ample for one component, but the same options exist,
         # so the out-of-memory fallback has somewhere to go (and is tested on this path).
-        cpu = StagePlan(STAGE.name, Placement.CPU, device="cpu", options=DiffuseOptions(fp8_storage=fp8))
+        options = DiffuseOptions(fp8_storage=fp8, **timing)
+        cpu = StagePlan(STAGE.name, Placement.CPU, device="cpu", options=options)
         return [cpu] + ([cpu.with_options(cfg_batch=1)] if job.cfg else [])
     weights = s.transformer_bytes // (2 if fp8 else 1)
     block = s.transformer_block_bytes // (2 if fp8 else 1)
@@ -97,13 +136,13 @@ def ladder(s: ComponentSizes, job: JobSpec, *, device: str, fp8: bool = False) -
     for placement, resident in ((Placement.GPU, weights), (Placement.GROUP, streamed)):
         streaming = placement is Placement.GROUP
         for batch, chunks in shapes:
-            act = activation_bytes(s, job, batch=batch, ffn_chunks=chunks)
+            act = attempt_bytes(s, job, batch=batch, ffn_chunks=chunks, frame_timesteps=frame_timesteps)
             plans.append(
                 StagePlan(
                     STAGE.name,
                     placement,
                     device=device,
-                    options=DiffuseOptions(cfg_batch=batch, ffn_chunks=chunks, fp8_storage=fp8),
+                    options=DiffuseOptions(cfg_batch=batch, ffn_chunks=chunks, fp8_storage=fp8, **timing),
                     block_bytes=block if streaming else 0,
                     blocks=blocks if streaming else 0,
                     estimate_bytes=resident + act,
@@ -113,8 +152,9 @@ def ladder(s: ComponentSizes, job: JobSpec, *, device: str, fp8: bool = False) -
         STAGE.name,
         Placement.LEAF,
         device=device,
-        options=DiffuseOptions(cfg_batch=1, ffn_chunks=8, fp8_storage=fp8),
-        estimate_bytes=2 * s.transformer_largest_leaf_bytes + activation_bytes(s, job, batch=1, ffn_chunks=8),
+        options=DiffuseOptions(cfg_batch=1, ffn_chunks=8, fp8_storage=fp8, **timing),
+        estimate_bytes=2 * s.transformer_largest_leaf_bytes
+        + attempt_bytes(s, job, batch=1, ffn_chunks=8, frame_timesteps=frame_timesteps),
     )
     return plans + [leaf]
 
@@ -174,6 +214,8 @@ def compute(work: Work) -> Writer:
     # A step cache's state is not saved: a resumed diffusion would differ from an uninterrupted one.
     resumable = job.step_cache <= 0
     embeds = work.load_tensors(encode.STAGE)
+    # Before the transformer is placed: the first job's encode has the card to itself.
+    first_frame = work.state.latent(work) if job.image is not None else None
     transformer = work.component()
     temporal, spatial = work.run.vae_factors()
     noise = stages.job_noise(
@@ -194,6 +236,8 @@ def compute(work: Work) -> Writer:
             compute_dtype=work.run.model.weight_dtype,
             shared_timestep=options.shared_timestep,
             cfg_batch=options.cfg_batch,
+            condition=first_frame,
+            frame_timesteps=options.frame_timesteps,
             on_step=lambda i, n: bar.update(1),
             resume=_resume(work) if resumable else None,
             after_step=_Checkpointing(work, work.run.settings.checkpoint_seconds) if resumable else None,
@@ -225,4 +269,5 @@ STAGE = Stage(
     inputs=(encode.STAGE,),
     component="transformer",
     ladder=ladder,
+    state=condition.FirstFrames,
 )
