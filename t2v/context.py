@@ -110,11 +110,10 @@ def check_budgets(jobs: Sequence[JobSpec], model: ModelRef, settings: Settings, 
     whole; with one, the leanest host plan streams it from its mapped files). Raises NoPlanFits saying
     what the smallest plan needs. Reads configs, not weights."""
     from t2v.hostmem import probe_host
+    from t2v.models.registry import check_switches
     from t2v.pipeline import stages
     from t2v.plans import HostPlacement, component_sizes, host_need, with_host
     from t2v.vram import probe
-
-    from t2v.models.registry import check_switches
 
     check_switches(model, fp8=fp8)
     card = probe(budget_gib=settings.vram_budget_gib)

@@ -8,9 +8,20 @@ import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
+from t2v import images
 from t2v.errors import CatalogueError, InvalidInput
 from t2v.media import Watermark
 from t2v.models.wan22 import DEFAULT_NEGATIVE_PROMPT, WAN22_RULES, ModelRules
+from t2v.outputs import (
+    DEFAULT_OUTPUTS,
+    Output,
+    Poster,
+    Preview,
+    check_outputs,
+    coerce_outputs,
+    coerce_poster,
+    coerce_preview,
+)
 
 MAX_SEED = 2**63 - 1
 MAX_STEPS = 200
@@ -48,7 +59,51 @@ class JobSpec:
     """First-block cache threshold (diffusers' FirstBlockCacheConfig); 0 turns it off (the default).
     Above 0, a step whose first block barely changed reuses the other blocks' last residual: faster,
     and the clip changes, so it is opt-in per template and part of the store key."""
+    # The first frame from a picture (t2v/images.py): its path (a str, as the run log's JSON keeps it)
+    # and how it fills the frame; both None for a text-only job.
+    image: str | None = field(
+        default=None,
+        metadata={
+            "help": "Picture for the first frame (the clip animates it). Without --height/--width/--fit the "
+            f"clip keeps its aspect at the 832x480 area: {images.example_help()}."
+        },
+    )
+    fit: str | None = field(
+        default=None,
+        metadata={
+            "help": "With --image, fill the --height x --width frame: crop (cover it, centre-crop) or pad "
+            "(fit inside it, black bars). Unset: crop, and only with a size given."
+        },
+    )
     watermark: Watermark = field(default_factory=Watermark)
+    # What is made of the clip (t2v/outputs.py): its MP4s, a poster and a preview.
+    outputs: tuple[Output, ...] = DEFAULT_OUTPUTS
+    """The MP4s, the first being the clip: "native" (as made) and aspects ("9:16", "1:1", "16:9", "4:5"),
+    each a name or a table {aspect, fill, focus, background}."""
+    fill: str = field(default="crop", metadata={"help": "Reframing to an aspect: crop or pad."})
+    focus: str = field(
+        default="center",
+        metadata={
+            "help": "The part a crop keeps (where a pad puts the clip): center, top, bottom, left or right."
+        },
+    )
+    background: str = field(
+        default="blur", metadata={"help": "Behind a pad: blur (the clip, enlarged and blurred) or a colour."}
+    )
+    poster: Poster | None = None
+    """A still: first, middle, last, a frame index, or a table {frame, format (jpeg or webp)}."""
+    preview: Preview | None = None
+    """A looping animation: webp, gif, or a table {format, width, fps, max_bytes}."""
+
+    def __post_init__(self) -> None:
+        # A catalogue, the CLI and a re-run's JSON give lists, names and tables: hold them as the
+        # (hashable) dataclasses; what cannot be read stays as given for `validate` to name.
+        for name, coerce in (
+            ("outputs", coerce_outputs),
+            ("poster", coerce_poster),
+            ("preview", coerce_preview),
+        ):
+            object.__setattr__(self, name, coerce(getattr(self, name)))
 
     @property
     def cfg(self) -> bool:
@@ -101,6 +156,16 @@ class JobSpec:
             self.watermark.validate()
         except ValueError as exc:
             raise InvalidInput(str(exc)) from exc
+        self._check_image()
+        check_outputs(self)
+
+    def _check_image(self) -> None:
+        images.check_fit(self.fit)  # a text-only template's too: [defaults] may set it for all
+        if self.image is None:
+            return
+        if not isinstance(self.image, str) or not self.image.strip():
+            _bad("image", self.image, "must be the path of a picture")
+        images.read_picture(self.image)  # every check a picture must pass, before any model loads
 
     def check_prompt_length(self, tokenizer, rules: ModelRules) -> None:
         """Reject prompts the text encoder would truncate: a silently cut prompt makes a different clip."""
@@ -187,9 +252,16 @@ def _jobs_from_toml(data: dict, path: Path, text: str, rules: ModelRules) -> lis
             # Relative image paths are relative to the catalogue, so a catalogue folder can move as a whole.
             watermark_raw["image"] = (path.parent / watermark_raw["image"]).resolve()
         merged["watermark"] = replace(Watermark(), **watermark_raw)
+        if isinstance(merged.get("image"), str) and merged["image"].strip():
+            merged["image"] = str((path.parent / merged["image"]).resolve())  # relative to the catalogue
         job = JobSpec(template=name, **merged)
         try:
             job.validate(rules)
+            if job.image is not None:
+                # The template's own height/width fix the frame; from [defaults] they give the area.
+                size_given = "height" in raw or "width" in raw
+                job = images.size_for_picture(job, rules, size_given=size_given)
+                job.validate(rules)  # again: the checks that depend on the size (the outputs')
         except InvalidInput as exc:
             raise CatalogueError(f"{where}: {exc}") from exc
         jobs.append(job)

@@ -1,4 +1,5 @@
-"""Video I/O for the pipeline: lossless intermediates and the final size-capped MP4 with its post steps.
+"""Video I/O for the pipeline: lossless intermediates, and a clip's size-capped outputs (MP4s, a poster, a
+preview) made through their post steps in one ffmpeg run.
 
 Everything goes through imageio-ffmpeg's bundled binary because the GPU hosts have no system ffmpeg.
 """
@@ -8,11 +9,13 @@ from __future__ import annotations
 import re
 import tempfile
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import ffmpeg
 import numpy as np
+
+from t2v.encodings import H264, MAX_CLIP_BYTES, Animation, Encoding, Still
 
 # The post steps live in t2v.post; they are re-exported here because jobs, the CLI and the tests import
 # them from the module that encodes with them.
@@ -20,15 +23,21 @@ from t2v.post import POST_STEPS, Corner, FrameInfo, PostStep, Watermark, render_
 
 __all__ = [
     "FFMPEG",
+    "H264",
     "POST_STEPS",
+    "Animation",
     "Codec",
     "Corner",
+    "Encoding",
     "FrameInfo",
     "MediaError",
     "PostStep",
+    "Render",
+    "Still",
     "Watermark",
     "encode_clip",
     "encode_mp4",
+    "encode_outputs",
     "ffmpeg_exe",
     "read_frames",
     "render_watermark_png",
@@ -41,10 +50,6 @@ _STDERR_TAIL = 2000
 # ffmpeg's ppm encoder writes one "P6\n<w> <h>\n255\n" header per frame; reading PPMs gives us the frame
 # size in-band, which spares us stderr parsing (imageio-ffmpeg ships no ffprobe).
 _PPM_HEADER = re.compile(rb"P6\s(\d+)\s(\d+)\s255\s")
-# x264 starts with its VBV buffer 90% full, and those bits come on top of maxrate * duration.
-_VBV_INIT = 0.9
-# Room for the MP4 boxes and x264's small VBV overshoots.
-_SIZE_HEADROOM = 0.9
 
 
 class MediaError(Exception):
@@ -118,78 +123,90 @@ def _probe(path: Path) -> tuple[int, int, int]:
     return width, height, int(frames[-1])
 
 
+@dataclass(frozen=True)
+class Render:
+    """One file made from a clip's frames: the post steps of its branch of the graph, then its encoding."""
+
+    dest: Path
+    steps: tuple[PostStep, ...]
+    encoding: Encoding
+
+    def describe(self) -> str:
+        return f"{self.dest} (post steps: {', '.join(step.name for step in self.steps) or 'none'})"
+
+
+def encode_outputs(source: Path, renders: Sequence[Render], *, fps: int) -> None:
+    """Make every render's file from `source` at `fps` in one ffmpeg run: the frames are decoded once and
+    split into one branch per render, which applies its steps in order and ends in its encoder.
+
+    Every step and encoding is validated before ffmpeg starts, so a bad one costs no probe or encode.
+    A file over its encoding's cap is made again alone with `encoding.leaner()` until it fits (a
+    preview of unusually busy footage); an MP4 over its cap, or a file with nothing leaner, is a
+    MediaError.
+    """
+    if not isinstance(fps, int) or fps <= 0:
+        raise ValueError(f"`fps` must be a positive whole number but is {fps!r}")
+    if not renders:
+        raise ValueError("`renders` must name at least one file to make")
+    for render in renders:
+        render.encoding.validate()
+        for step in render.steps:
+            step.validate()
+    width, height, frame_count = _probe(source)
+    clip = FrameInfo(width=width, height=height, frames=frame_count, fps=fps)
+    _encode(source, renders, clip)
+    for render in renders:
+        encoding = render.encoding
+        while (size := render.dest.stat().st_size) > encoding.max_bytes:
+            leaner = encoding.leaner()
+            if leaner is None:
+                # A cap that was silently exceeded would only show up when the upload is rejected.
+                raise MediaError(
+                    f"{render.dest} is {size} bytes, over the {encoding.max_bytes} byte cap ({encoding})"
+                )
+            encoding = leaner
+            _encode(source, [replace(render, encoding=encoding)], clip)
+
+
+def _encode(source: Path, renders: Sequence[Render], clip: FrameInfo) -> None:
+    # Input -r discards the container's millisecond timestamps so every frame maps to exactly one output slot.
+    video = ffmpeg.input(str(source), r=clip.fps)["v:0"]
+    # ffmpeg-python wants a stream used twice to go through an explicit split.
+    branches = video.split() if len(renders) > 1 else None
+    # Outside the store's folder: its cleanup of dead writers' leftovers removes files, not folders.
+    with tempfile.TemporaryDirectory(prefix="t2v-post-") as tmp:
+        outputs = []
+        for index, render in enumerate(renders):
+            stream = branches[index] if branches is not None else video
+            frame = clip
+            for number, step in enumerate(render.steps):
+                workdir = Path(tmp, f"{index}-{number}-{step.name}")
+                workdir.mkdir()
+                stream = step.apply(stream, frame, workdir)
+                after = step.output_frame(frame)
+                if after.width <= 0 or after.height <= 0:
+                    raise ValueError(
+                        f"post step `{step.name}` turns {frame.width}x{frame.height} frames into "
+                        f"{after.width}x{after.height}"
+                    )
+                frame = after
+            outputs.append(render.encoding.output(stream, render.dest, frame))
+        graph = outputs[0] if len(outputs) == 1 else ffmpeg.merge_outputs(*outputs)
+        _run(graph.overwrite_output(), "encode " + "; ".join(r.describe() for r in renders))
+
+
 def encode_clip(
     source: Path,
     dest: Path,
     *,
     fps: int,
     steps: Sequence[PostStep],
-    max_bytes: int = 20_000_000,
+    max_bytes: int = MAX_CLIP_BYTES,
     crf: int = 18,
 ) -> None:
     """Encode `source` through `steps` (in order) to an H.264/yuv420p faststart MP4 at constant `fps`,
-    within max_bytes, in one ffmpeg graph.
-
-    Every step is validated before ffmpeg starts, so a bad step costs no probe or encode.
-    """
-    if fps <= 0 or max_bytes <= 0:
-        raise ValueError(f"`fps` and `max_bytes` must be positive but are {fps!r} and {max_bytes!r}")
-    for step in steps:
-        step.validate()
-    width, height, frame_count = _probe(source)
-    duration = frame_count / fps
-    # VBV bounds the total at maxrate * duration plus the initially full part of the buffer; size maxrate
-    # so that sum stays under the budget (the plain budget/duration would overshoot on short clips).
-    budget_bits = _SIZE_HEADROOM * max_bytes * 8
-    bufsize_s = 1.0
-    # ffmpeg stores bufsize in an int32; a cap that high never binds anyway.
-    maxrate = min(int(budget_bits / (duration + _VBV_INIT * bufsize_s)), 2**31 - 1)
-
-    # Input -r discards the container's millisecond timestamps so every frame maps to exactly one output slot.
-    video = ffmpeg.input(str(source), r=fps)["v:0"]
-    # Outside the store's folder: its cleanup of dead writers' leftovers removes files, not folders.
-    with tempfile.TemporaryDirectory(prefix="t2v-post-") as tmp:
-        frame = FrameInfo(width=width, height=height, frames=frame_count, fps=fps)
-        for index, step in enumerate(steps):
-            workdir = Path(tmp, f"{index}-{step.name}")
-            workdir.mkdir()
-            video = step.apply(video, frame, workdir)
-            out_w, out_h = step.output_size(frame.width, frame.height)
-            if out_w <= 0 or out_h <= 0:
-                raise ValueError(
-                    f"post step `{step.name}` turns {frame.width}x{frame.height} frames into {out_w}x{out_h}"
-                )
-            frame = replace(frame, width=out_w, height=out_h)
-        # yuv420p needs even dimensions; pad rather than crop so no picture is lost. No-op for even sizes.
-        video = video.filter("pad", "ceil(iw/2)*2", "ceil(ih/2)*2")
-        # Explicit BT.709 conversion plus matching tags, so players don't guess the matrix differently.
-        # The tags go on the frames (setparams) because ffmpeg's encoder takes them from there.
-        video = (
-            video.filter("scale", out_color_matrix="bt709", out_range="tv")
-            .filter("format", "yuv420p")
-            .filter("setparams", range="tv", color_primaries="bt709", color_trc="bt709", colorspace="bt709")
-        )
-        stream = video.output(
-            str(dest),
-            format="mp4",
-            vcodec="libx264",
-            crf=crf,
-            maxrate=maxrate,
-            bufsize=int(maxrate * bufsize_s),
-            r=fps,
-            fps_mode="cfr",
-            movflags="+faststart",
-            an=None,
-        )
-        names = ", ".join(step.name for step in steps) or "none"
-        _run(stream.overwrite_output(), f"encode {dest} (post steps: {names})")
-    size = dest.stat().st_size
-    if size > max_bytes:
-        # x264's rate control is best effort at its minimum quality; a cap that was silently exceeded
-        # would only show up when the upload is rejected.
-        raise MediaError(
-            f"{dest} is {size} bytes, over the {max_bytes} byte cap despite maxrate {maxrate} b/s"
-        )
+    within max_bytes, in one ffmpeg graph: `encode_outputs` with one MP4."""
+    encode_outputs(source, [Render(dest, tuple(steps), H264(max_bytes=max_bytes, crf=crf))], fps=fps)
 
 
 def encode_mp4(
@@ -198,7 +215,7 @@ def encode_mp4(
     *,
     fps: int,
     watermark: Watermark | None,
-    max_bytes: int = 20_000_000,
+    max_bytes: int = MAX_CLIP_BYTES,
     crf: int = 18,
 ) -> None:
     """`encode_clip` with the watermark as the only post step (none when `watermark` is None)."""
@@ -224,10 +241,20 @@ class Codec:
         return read_frames(path)
 
     def encode_clip(
-        self, source: Path, dest: Path, *, fps: int, steps: Sequence[PostStep], max_bytes: int = 20_000_000
+        self,
+        source: Path,
+        dest: Path,
+        *,
+        fps: int,
+        steps: Sequence[PostStep],
+        max_bytes: int = MAX_CLIP_BYTES,
     ) -> None:
-        """Turn stored frames into the published clip, applying `steps` in order."""
+        """Turn stored frames into one MP4, applying `steps` in order."""
         encode_clip(source, dest, fps=fps, steps=steps, max_bytes=max_bytes)
+
+    def encode_outputs(self, source: Path, renders: Sequence[Render], *, fps: int) -> None:
+        """Turn stored frames into several files in one pass (`encode_outputs`)."""
+        encode_outputs(source, renders, fps=fps)
 
 
 FFMPEG = Codec()

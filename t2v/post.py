@@ -1,21 +1,26 @@
-"""Post steps: what the finish stage does to a clip's frames between decoding and the H.264 encode.
+"""Post steps: what the finish stage does to a clip's frames between decoding and each output's encode.
 
-Each step is a frozen dataclass that adds its filters to one shared ffmpeg graph (`media.encode_clip`
-runs them in list order), so a clip is read, processed and encoded in a single ffmpeg process.
+Each step is a frozen dataclass that adds its filters to one shared ffmpeg graph (`media.encode_outputs`
+runs each output's steps in list order on its own branch of the decoded frames), so a clip's outputs
+are read, processed and encoded in a single ffmpeg process. The steps: `Reframe` (crop or pad to an
+aspect ratio), `PickFrame` (a poster's one frame), `Resample` (a preview's width and rate) and
+`Watermark`, which comes last so that it is sized for and placed in each output's own frame.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ClassVar, Literal, Protocol, get_args
 
 import ffmpeg
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageColor, ImageDraw, ImageFont
 
 Corner = Literal["top-left", "top-right", "bottom-left", "bottom-right"]
+Fill = Literal["crop", "pad"]
+Focus = Literal["center", "top", "bottom", "left", "right"]
 Video = ffmpeg.nodes.FilterableStream
 
 MAX_TEXT_CHARS = 64
@@ -57,6 +62,12 @@ class PostStep(Protocol):
     def output_size(self, width: int, height: int) -> tuple[int, int]:
         """Frame size this step's filters produce from `width` x `height` input; the next step sees it."""
         return width, height
+
+    def output_frame(self, frame: FrameInfo) -> FrameInfo:
+        """What this step's filters produce from `frame` (size, length, rate); the next step sees it.
+        A step that keeps length and rate only overrides `output_size`."""
+        width, height = self.output_size(frame.width, frame.height)
+        return replace(frame, width=width, height=height)
 
 
 @dataclass(frozen=True)
@@ -120,14 +131,185 @@ class Watermark(PostStep):
         return ffmpeg.overlay(video, ffmpeg.input(str(png)), x=x, y=y, format="gbrp")
 
 
-POST_STEPS: tuple[type[PostStep], ...] = (Watermark,)
+ASPECTS: dict[str, tuple[int, int]] = {"16:9": (16, 9), "9:16": (9, 16), "1:1": (1, 1), "4:5": (4, 5)}
+"""The aspect ratios (width:height) a clip can be reframed to; an output that keeps the clip's own is
+"native" and has no `Reframe`."""
+FOCUSES: tuple[str, ...] = get_args(Focus)
+FILLS: tuple[str, ...] = get_args(Fill)
+_FOCUS_SHARE = {
+    "center": (0.5, 0.5),
+    "left": (0.0, 0.5),
+    "right": (1.0, 0.5),
+    "top": (0.5, 0.0),
+    "bottom": (0.5, 1.0),
+}
+"""Where the kept part of a crop (or the clip in a pad) sits: the share of the slack left of it, above it."""
+_BLUR_SHRINK = 4
+"""A pad's blurred background is blurred at a quarter of the canvas and scaled up: the same look, and
+16 times fewer pixels through the blur (the dearest filter of a 9:16 pad, docs/benchmarks.md)."""
+_BLUR_SIGMA = 1 / 40
+"""Blur radius as a share of the small canvas's long side: enough that the copy reads as a backdrop."""
+
+
+def reframed_size(aspect: str, fill: Fill, width: int, height: int) -> tuple[int, int]:
+    """The frame that a `fill` to `aspect` makes of a width x height one, with even sides (yuv420p).
+
+    A crop keeps the whole of one side and cuts the other; a pad keeps the whole frame and adds to one
+    side. Either way the picture keeps its own resolution: nothing is scaled.
+    """
+    a, b = ASPECTS[aspect]
+    wider = width * b > height * a  # wider than the aspect: a crop cuts its sides, a pad adds rows
+    if (fill == "crop") == wider:
+        new = _even(height * a / b)
+        return (min(new, width) if fill == "crop" else max(new, width)), height
+    new = _even(width * b / a)
+    return width, (min(new, height) if fill == "crop" else max(new, height))
+
+
+def changed_axis(aspect: str, fill: Fill, width: int, height: int) -> Literal["x", "y"] | None:
+    """Which side a reframe changes ("x": the width, "y": the height), None where it changes nothing:
+    the one along which a focus chooses."""
+    new_width, new_height = reframed_size(aspect, fill, width, height)
+    if new_width != width:
+        return "x"
+    return "y" if new_height != height else None
+
+
+def focus_applies(focus: str, axis: Literal["x", "y"] | None) -> bool:
+    """Whether `focus` means something along `axis`: left and right across, top and bottom up and down."""
+    if focus == "center":
+        return True
+    return axis == ("x" if focus in ("left", "right") else "y")
+
+
+def _even(value: float) -> int:
+    return max(2, 2 * round(value / 2))
+
+
+@dataclass(frozen=True)
+class Reframe(PostStep):
+    """Crop or pad the frame to an aspect ratio, `focus` choosing the part kept (or where the clip sits)."""
+
+    name: ClassVar[str] = "reframe"
+
+    aspect: str = "16:9"
+    fill: Fill = "crop"
+    focus: Focus = "center"
+    background: str = "blur"
+    """Behind a pad: "blur" (an enlarged, blurred copy of the clip) or a colour ("black", "#1d2430")."""
+
+    def validate(self) -> None:
+        if self.aspect not in ASPECTS:
+            raise ValueError(f"`reframe.aspect` must be one of {', '.join(ASPECTS)} but is {self.aspect!r}")
+        if self.fill not in FILLS:
+            raise ValueError(f"`reframe.fill` must be crop or pad but is {self.fill!r}")
+        if self.focus not in FOCUSES:
+            raise ValueError(f"`reframe.focus` must be one of {', '.join(FOCUSES)} but is {self.focus!r}")
+        if self.background != "blur" and not _is_colour(self.background):
+            raise ValueError(
+                "`reframe.background` must be blur or a colour (a name or #rrggbb) "
+                f"but is {self.background!r}"
+            )
+
+    def output_size(self, width: int, height: int) -> tuple[int, int]:
+        return reframed_size(self.aspect, self.fill, width, height)
+
+    def apply(self, video: Video, frame: FrameInfo, workdir: Path) -> Video:
+        width, height = self.output_size(frame.width, frame.height)
+        share_x, share_y = _FOCUS_SHARE[self.focus]
+        if self.fill == "crop":
+            x, y = round((frame.width - width) * share_x), round((frame.height - height) * share_y)
+            return video.filter("crop", width, height, x, y)
+        x, y = round((width - frame.width) * share_x), round((height - frame.height) * share_y)
+        if self.background != "blur":
+            red, green, blue = ImageColor.getrgb(self.background)[:3]
+            return video.filter("pad", width, height, x, y, color=f"0x{red:02x}{green:02x}{blue:02x}")
+        branches = video.split()
+        small_w, small_h = _even(width / _BLUR_SHRINK), _even(height / _BLUR_SHRINK)
+        back = (
+            branches[0]
+            .filter("scale", small_w, small_h, force_original_aspect_ratio="increase")
+            .filter("crop", small_w, small_h)
+            .filter("gblur", sigma=max(small_w, small_h) * _BLUR_SIGMA)
+            .filter("scale", width, height)
+        )
+        return ffmpeg.overlay(back, branches[1], x=x, y=y, format="gbrp")
+
+
+def _is_colour(value: object) -> bool:
+    if not isinstance(value, str):
+        return False
+    try:
+        ImageColor.getrgb(value)
+    except ValueError:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class PickFrame(PostStep):
+    """Keep one frame of the clip (a poster's), by its index from 0."""
+
+    name: ClassVar[str] = "frame"
+
+    index: int = 0
+
+    def validate(self) -> None:
+        if not isinstance(self.index, int) or isinstance(self.index, bool) or self.index < 0:
+            raise ValueError(f"`frame.index` must be a whole number >= 0 but is {self.index!r}")
+
+    def apply(self, video: Video, frame: FrameInfo, workdir: Path) -> Video:
+        if self.index >= frame.frames:
+            raise ValueError(
+                f"`frame.index` must be below the clip's {frame.frames} frames but is {self.index!r}"
+            )
+        # trim counts frames, not seconds, so the pick does not depend on timestamps' rounding.
+        return video.trim(start_frame=self.index, end_frame=self.index + 1).setpts("PTS-STARTPTS")
+
+    def output_frame(self, frame: FrameInfo) -> FrameInfo:
+        return replace(frame, frames=1)
+
+
+@dataclass(frozen=True)
+class Resample(PostStep):
+    """Scale to `width` (the height in proportion, even) and drop frames down to `fps`: a preview's."""
+
+    name: ClassVar[str] = "resample"
+
+    width: int = 320
+    fps: int = 12
+
+    def validate(self) -> None:
+        for field, low in (("width", 2), ("fps", 1)):
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"`resample.{field}` must be a whole number >= {low} but is {value!r}")
+
+    def output_size(self, width: int, height: int) -> tuple[int, int]:
+        return self.width, _even(height * self.width / width)
+
+    def output_frame(self, frame: FrameInfo) -> FrameInfo:
+        width, height = self.output_size(frame.width, frame.height)
+        fps = min(self.fps, frame.fps)
+        # ffmpeg's fps filter rounds each frame's time to the nearest output slot.
+        frames = max(1, math.floor(frame.frames * fps / frame.fps + 0.5))
+        return FrameInfo(width=width, height=height, frames=frames, fps=fps)
+
+    def apply(self, video: Video, frame: FrameInfo, workdir: Path) -> Video:
+        out = self.output_frame(frame)
+        if out.fps < frame.fps:
+            video = video.filter("fps", out.fps)
+        return video.filter("scale", out.width, out.height, flags="lanczos")
+
+
+POST_STEPS: tuple[type[PostStep], ...] = (Reframe, PickFrame, Resample, Watermark)
 """Every post step type, in the order the finish stage applies them; a new step is one class here and one
 entry.
 
 The order matters wherever one step's output is another's input: each step sees the frame as the steps
-before it left it. A step that changes the frame (a crop or pad to an aspect ratio) goes before
-`Watermark`, so the mark is sized for and placed on the final frame instead of being cut off or left
-off-centre by a later crop.
+before it left it. The steps that change the frame (a crop or pad to an aspect ratio, a poster's frame,
+a preview's size) go before `Watermark`, so the mark is sized for and placed on each output's final
+frame instead of being cut off or left off-centre by a later crop.
 """
 
 

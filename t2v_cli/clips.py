@@ -9,6 +9,7 @@ checks pass, and the model registry and run log only inside the commands, so `--
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -16,6 +17,7 @@ import typer
 from t2v.errors import InvalidInput
 from t2v.jobs import JobSpec
 from t2v.media import Watermark
+from t2v.outputs import made_of
 from t2v.post import MAX_TEXT_CHARS
 from t2v.settings import Settings
 from t2v_cli.app import RUN_FAILED, fail
@@ -44,6 +46,7 @@ _WATERMARK = Watermark()
 
 
 def generate(
+    ctx: typer.Context,
     prompt: Annotated[str, typer.Argument(metavar="PROMPT", help=job_help("prompt"), show_default=False)],
     model: ModelOption = "tiny",
     height: int = job_option("height"),
@@ -54,6 +57,8 @@ def generate(
     guidance: float = job_option("guidance"),
     fps: int = job_option("fps"),
     negative_prompt: str = job_option("negative_prompt"),
+    image: str | None = job_option("image"),
+    fit: str | None = job_option("fit"),
     watermark_text: Annotated[
         str,
         typer.Option(
@@ -61,6 +66,31 @@ def generate(
             "letters, digits and punctuation (what the font can draw)."
         ),
     ] = _WATERMARK.text,
+    # Not named after their JobSpec fields: these take the CLI's short forms (a comma list, a frame, a
+    # format), which `t2v.outputs` reads into the fields' dataclasses.
+    aspects: Annotated[
+        str,
+        typer.Option(
+            "--outputs",
+            help="The MP4s to make, comma-separated, the first being the clip: native (as made), 16:9, "
+            "9:16, 1:1, 4:5; each published as <name>.<aspect>.mp4 beside it (native: <name>.mp4).",
+        ),
+    ] = "native",
+    fill: str = job_option("fill"),
+    focus: str = job_option("focus"),
+    background: str = job_option("background"),
+    poster_frame: Annotated[
+        str | None,
+        typer.Option(
+            "--poster", help="Also a JPEG poster of one frame: first, middle, last or a frame index."
+        ),
+    ] = None,
+    preview_format: Annotated[
+        str | None,
+        typer.Option(
+            "--preview", help="Also a looping 320-pixel-wide preview at 12 fps: webp or gif (at most 5 MB)."
+        ),
+    ] = None,
     out: Annotated[
         str | None,
         typer.Option(
@@ -79,10 +109,9 @@ def generate(
 
     \b
         t2v generate "a red fox running through snow" --height 64 --width 96 --frames 9 --steps 4
+        t2v generate "the fox looks up and the snow starts to fall" --image fox.jpg
     """
     from t2v.context import check_budgets, check_jobs
-    from t2v.pipeline import CLIP
-    from t2v.store import Store
 
     settings = Settings.from_env()
     ref = resolve_model(model)
@@ -97,17 +126,29 @@ def generate(
         steps=steps,
         guidance=guidance,
         fps=fps,
+        image=str(Path(image).expanduser().absolute()) if image else image,
+        fit=fit,
         watermark=Watermark(text=watermark_text),
+        outputs=tuple(aspects.split(",")),
+        fill=fill,
+        focus=focus,
+        background=background,
+        poster=int(poster_frame) if poster_frame is not None and poster_frame.isdigit() else poster_frame,
+        preview=preview_format,
     )
     check_jobs([job], ref)
+    if job.image is not None:
+        job = _sized_for_picture(ctx, job, ref)
+        job.validate(ref.rules)  # again: the checks that depend on the size (the outputs')
     check_budgets([job], ref, settings, fp8=fp8_storage)
     # Named by its key, so two different clips of one prompt never share a file (the key leaves the
     # template out, so renaming the job keeps it); the finish stage publishes it under this name.
     key = clip_key(job, ref, fp8=fp8_storage)
     job = replace(job, template=f"{job.template}-{key[:8]}")
-    default = settings.outputs_dir / "generate" / f"{job.template}.mp4"
+    # The clip is the first of its MP4s: `<name>.mp4` for the native one, `<name>.9x16.mp4`...
+    default = settings.outputs_dir / "generate" / f"{job.template}{made_of(job)[0].tail}"
     path = check_out_path(out) if out is not None else check_out_path(str(default))
-    stored = Store(settings.store_dir).path(CLIP, key)
+    stored = _stored_clip(job, ref, settings, fp8=fp8_storage)
     check_overwrite(path, stored, force=force, what="`--out`" if out is not None else "the clip's path")
     if path != default:  # published there too, on the way to --out
         check_overwrite(default, stored, force=force, what="the clip's default path")
@@ -121,6 +162,25 @@ def generate(
     except Exception as exc:
         fail(f"generate failed: {type(exc).__name__}: {exc}", RUN_FAILED)
     typer.echo(clip)
+
+
+def _stored_clip(job: JobSpec, ref: Any, settings: Settings, *, fp8: bool) -> Path:
+    """Where the store keeps the job's clip (its first MP4): what a file at its path is compared with."""
+    from t2v.pipeline import JobKeys, KeyInputs, finish, stages
+    from t2v.store import Store
+
+    keys = JobKeys.of(stages(), KeyInputs(job, ref, fp8=fp8))
+    return finish.clip_file(Store(settings.store_dir), job, keys)
+
+
+def _sized_for_picture(ctx: typer.Context, job: JobSpec, ref: Any) -> JobSpec:
+    """The job's size from its picture, unless --height or --width was given (t2v.images)."""
+    from t2v.images import size_for_picture
+
+    given = any(
+        ctx.get_parameter_source(name).name in ("COMMANDLINE", "ENVIRONMENT") for name in ("height", "width")
+    )
+    return size_for_picture(job, ref.rules, size_given=given)
 
 
 def nightly(

@@ -16,7 +16,7 @@ from flows.nightly import nightly
 from t2v.dashboard import Dashboard, make_server, summary
 from t2v.pipeline import CLIP, PIPELINE
 from t2v.runlog import RunLog, sqlite_url
-from t2v.store import Store
+from t2v.store import Folder, Store
 
 CHROMIUM = "/usr/bin/chromium"
 SCREENSHOT = Path("/tmp/t2v-dashboard.png")
@@ -300,6 +300,22 @@ def test_server_answers_json_clips_in_ranges_and_nothing_outside_the_store(tmp_p
     assert (status, body) == (206, bytes(range(252, 256)))
     assert _get(f"{base}/clips/{key}.mp4", Range="bytes=5000-")[0] == 416
 
+    # A poster is served by its own key with its own type; a key is only ever its own file's.
+    poster = "fedcba9876543210fedcba9876543210"
+    with store.writing(Folder(CLIP.folder, ".jpg"), poster) as temp:
+        temp.write_bytes(b"\xff\xd8JPEG")
+    status, headers, body = _get(f"{base}/clips/{poster}.jpg")
+    assert (status, headers["Content-Type"], body) == (200, "image/jpeg", b"\xff\xd8JPEG")
+    for wrong in (
+        f"{key}.jpg",
+        f"{poster}.mp4",
+        f"{key}.exe",
+        f"{key}.mp4.sha256",
+        f"{key}.json",
+        f"{key}.MP4",
+    ):
+        assert _get(f"{base}/clips/{wrong}")[0] == 404, wrong
+
     # Anything that is not a 32-hex store key is refused before a path is built.
     for path in (
         "/clips/../secret.mp4",
@@ -339,6 +355,42 @@ def _interrupt_a_night(runlog: RunLog) -> str:
     return run_id
 
 
+def _check_outputs(page, base: str, data_dir: Path) -> None:
+    """The poster is fox's thumbnail and its preview plays on hover; every output is listed, served by
+    key with the published file's bytes, and downloads under its published name. sea has its clip only."""
+    from datetime import date
+
+    published = data_dir / "outputs" / date.today().isoformat()
+    fox, sea = page.locator(".clip[data-template='fox']"), page.locator(".clip[data-template='sea']")
+    thumb = fox.locator("img.thumb")
+    img = "document.querySelector(\".clip[data-template='fox'] img.thumb\")"
+    page.wait_for_function(
+        f"() => {img}.complete && {img}.naturalWidth === 96 && {img}.src.endsWith('.jpg')", timeout=20_000
+    )
+    poster = thumb.get_attribute("src")
+    assert fox.locator("video").get_attribute("poster") == poster
+    thumb.hover()
+    page.wait_for_function(
+        f"() => {img}.src.endsWith('.webp') && {img}.complete && {img}.naturalWidth === 64", timeout=20_000
+    )
+    page.mouse.move(0, 0)
+    page.wait_for_function(f"() => {img}.getAttribute('src') === '{poster}'")
+    links = fox.locator("ul.outputs a")
+    names = ["fox.mp4", "fox.9x16.mp4", "fox.poster.jpg", "fox.preview.webp"]
+    assert links.all_inner_texts() == names
+    for i, name in enumerate(names):
+        href = links.nth(i).get_attribute("href")
+        assert links.nth(i).get_attribute("download") == name
+        status, _, body = _get(base + href)
+        assert status == 200 and body == (published / name).read_bytes(), name
+    with page.expect_download() as download:
+        links.nth(1).click()
+    assert download.value.suggested_filename == "fox.9x16.mp4"
+    assert Path(download.value.path()).read_bytes() == (published / "fox.9x16.mp4").read_bytes()
+    assert sea.locator("img.thumb").count() == 0
+    assert sea.locator("ul.outputs a").all_inner_texts() == ["sea.mp4"]
+
+
 def _show(page, base: str, run_id: str) -> None:
     page.goto(f"{base}/#{run_id}")
     page.wait_for_function(
@@ -353,7 +405,15 @@ def test_page_charts_the_night_and_plays_its_clips_in_chromium(data_dir, write_c
     except ImportError:
         require(False, "the playwright package is not installed")
     catalogue = write_catalogue(
-        {"name": "fox", "prompt": "a red fox running through snow", "seed": 1},
+        # fox: every kind of output; sea: the clip alone, as every night before outputs.
+        {
+            "name": "fox",
+            "prompt": "a red fox running through snow",
+            "seed": 1,
+            "outputs": ["native", "9:16"],
+            "poster": "middle",
+            "preview.width": 64,
+        },
         {"name": "sea", "prompt": "waves rolling onto a beach", "seed": 2},
     )
     result = nightly(str(catalogue), "tiny")
@@ -427,6 +487,7 @@ def test_page_charts_the_night_and_plays_its_clips_in_chromium(data_dir, write_c
                 timeout=20_000,
             )
             page.evaluate("() => document.querySelectorAll('video').forEach(v => v.pause())")
+            _check_outputs(page, base, data_dir)
             page.screenshot(path=str(SCREENSHOT), full_page=True)
 
             # A failed night lists its failure (as text, not markup) and the command that re-runs it.

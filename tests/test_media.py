@@ -9,11 +9,16 @@ from PIL import Image
 from t2v import media
 from t2v.media import (
     FFMPEG,
+    H264,
+    Animation,
     Codec,
     MediaError,
+    Render,
+    Still,
     Watermark,
     encode_clip,
     encode_mp4,
+    encode_outputs,
     read_frames,
     render_watermark_png,
     write_frames_lossless,
@@ -221,7 +226,41 @@ def test_default_codec_reaches_patched_module_functions(tmp_path: Path, monkeypa
     monkeypatch.setattr(media, "write_frames_lossless", lambda frames, dest, *, fps: calls.append(("w", fps)))
     monkeypatch.setattr(media, "read_frames", lambda path: calls.append(("r", path)))
     monkeypatch.setattr(media, "encode_clip", lambda *a, **k: calls.append(("e", k["steps"])))
+    monkeypatch.setattr(media, "encode_outputs", lambda source, renders, *, fps: calls.append(("o", renders)))
     FFMPEG.write_frames(np.zeros((1, 2, 2, 3), np.uint8), tmp_path / "x.mkv", fps=7)
     FFMPEG.read_frames(tmp_path / "x.mkv")
     FFMPEG.encode_clip(tmp_path / "x.mkv", tmp_path / "x.mp4", fps=7, steps=[], max_bytes=10)
-    assert calls == [("w", 7), ("r", tmp_path / "x.mkv"), ("e", [])]
+    FFMPEG.encode_outputs(tmp_path / "x.mkv", [], fps=7)
+    assert calls == [("w", 7), ("r", tmp_path / "x.mkv"), ("e", []), ("o", [])]
+
+
+@pytest.mark.parametrize(
+    ("encoding", "message"),
+    [
+        (H264(max_bytes=0), r"`mp4.max_bytes` must be a positive whole number but is 0"),
+        (Still(format="png"), r"`poster.format` must be jpeg or webp but is 'png'"),
+        (Animation(format="apng"), r"`preview.format` must be webp or gif but is 'apng'"),
+        (Animation(max_bytes=-5), r"`preview.max_bytes` must be a positive whole number but is -5"),
+    ],
+)
+def test_a_bad_encoding_is_rejected_before_ffmpeg_runs(
+    tmp_path: Path, monkeypatch, encoding, message
+) -> None:
+    monkeypatch.setattr(
+        media, "ffmpeg_exe", lambda: pytest.fail("ffmpeg ran before the encodings were checked")
+    )
+    renders = [Render(tmp_path / "a.mp4", (Watermark(),), H264()), Render(tmp_path / "b", (), encoding)]
+    with pytest.raises(ValueError, match=message):
+        encode_outputs(tmp_path / "missing.mkv", renders, fps=16)
+
+
+def test_a_still_and_an_animation_name_their_files_and_leaner_versions() -> None:
+    assert (Still().suffix, Still(format="webp").suffix, Still().media_type) == (
+        ".jpg",
+        ".webp",
+        "image/jpeg",
+    )
+    assert (Animation().suffix, Animation(format="gif").media_type) == (".webp", "image/gif")
+    assert Animation(quality=75).leaner() == Animation(quality=50)
+    assert Animation(format="gif", colors=64).leaner() == Animation(format="gif", colors=32)
+    assert Animation(format="gif", colors=32).leaner() is None and H264().leaner() is None

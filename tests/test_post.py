@@ -11,7 +11,7 @@ from PIL import Image
 from t2v import media
 from t2v.media import POST_STEPS, FrameInfo, MediaError, PostStep, Watermark, encode_clip, read_frames
 from t2v.media import write_frames_lossless as write_lossless
-from t2v.post import MAX_TEXT_CHARS
+from t2v.post import MAX_TEXT_CHARS, PickFrame, Reframe, Resample
 
 HEIGHT, WIDTH, FPS, FRAMES = 96, 128, 16, 9
 
@@ -101,8 +101,9 @@ def _mean_color(frames: np.ndarray, rows: slice, cols: slice) -> np.ndarray:
     return frames[:, rows, cols].reshape(-1, 3).mean(axis=0)
 
 
-def test_watermark_is_the_first_registered_step() -> None:
-    assert POST_STEPS[0] is Watermark
+def test_the_watermark_comes_after_every_step_that_changes_the_frame() -> None:
+    # So that it is sized for and placed in each output's own frame (a 9:16 crop's corner).
+    assert POST_STEPS == (Reframe, PickFrame, Resample, Watermark)
     assert Watermark.name == "watermark"
     assert len({step.name for step in POST_STEPS}) == len(POST_STEPS)
 
@@ -187,6 +188,11 @@ def test_workdir_is_deleted_when_ffmpeg_fails(tmp_path: Path, source: Path) -> N
         (Watermark(opacity=2.0), r"`watermark.opacity` .* 2.0"),
         (Box(w=0), r"`box.w` .* 0 "),
         (CropLeft(share=1.5), r"`crop-left.share` .* 1.5"),
+        (Reframe(aspect="3:2"), r"`reframe.aspect` must be one of 16:9, 9:16, 1:1, 4:5 but is '3:2'"),
+        (Reframe(fill="stretch"), r"`reframe.fill` must be crop or pad but is 'stretch'"),
+        (Reframe(background="mauvish"), r"`reframe.background` must be blur or a colour .* 'mauvish'"),
+        (PickFrame(index=-1), r"`frame.index` must be a whole number >= 0 but is -1"),
+        (Resample(fps=0), r"`resample.fps` must be a whole number >= 1 but is 0"),
     ],
 )
 def test_a_bad_step_is_rejected_before_ffmpeg_runs(
@@ -209,6 +215,21 @@ def test_a_bad_step_is_rejected_before_ffmpeg_runs(
 def test_a_step_that_leaves_no_picture_is_rejected(tmp_path: Path, source: Path) -> None:
     with pytest.raises(ValueError, match=r"post step `crop-left` turns 128x96 frames into 0x96"):
         encode_clip(source, tmp_path / "clip.mp4", fps=FPS, steps=[CropLeft(share=0.001)])
+
+
+def test_a_frame_past_the_clips_end_is_rejected_before_ffmpeg_encodes(tmp_path: Path, source: Path) -> None:
+    with pytest.raises(ValueError, match=r"`frame.index` must be below the clip's 9 frames but is 9"):
+        encode_clip(source, tmp_path / "clip.mp4", fps=FPS, steps=[PickFrame(FRAMES)])
+    assert not (tmp_path / "clip.mp4").exists()
+
+
+def test_steps_that_change_length_and_rate_tell_the_next_step() -> None:
+    clip = FrameInfo(width=832, height=480, frames=81, fps=24)
+    assert PickFrame(40).output_frame(clip) == FrameInfo(832, 480, 1, 24)
+    assert Resample(width=320, fps=12).output_frame(clip) == FrameInfo(320, 184, 41, 12)
+    assert Resample(width=320, fps=30).output_frame(clip) == FrameInfo(320, 184, 81, 24)  # never more frames
+    assert Reframe("9:16").output_frame(clip) == FrameInfo(270, 480, 81, 24)
+    assert CropLeft(0.5).output_frame(clip) == FrameInfo(416, 480, 81, 24)  # from output_size alone
 
 
 # --- what watermark text may hold: only what the font draws, and not too much of it ----------------

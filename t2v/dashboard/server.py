@@ -1,9 +1,10 @@
 """The dashboard's HTTP server: one HTML page, its vendored scripts, JSON from the run log, the clips.
 
 The standard library's threading HTTP server is enough for one person's browser on loopback and adds
-no dependency. Clips are served by store key only: a key is 32 hex digits and the file is looked up
-in the store's folder of the last stage's outputs, so no request path ever becomes a file path, and `..` or an
-absolute path cannot reach another file.
+no dependency. A clip's outputs (its MP4s, poster and preview) are served by store key only: a key is
+32 hex digits, the suffix one of the finish stage's (`finish.FILE_TYPES`), and the file is looked up in
+the store's folder of the clip stage's outputs, so no request path ever becomes a file path, and `..`
+or an absolute path cannot reach another file.
 
 The page has no login, so every request must name this server in its Host header: a page on another
 site that rebinds its own DNS name to 127.0.0.1 reaches the port, but its requests still carry its name
@@ -23,9 +24,9 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from t2v.dashboard import summary
-from t2v.pipeline import CLIP
+from t2v.pipeline import CLIP, finish
 from t2v.runlog import NoSuchRun, RunLog
-from t2v.store import Store
+from t2v.store import Folder, Store
 
 __all__ = ["Dashboard", "make_server"]
 
@@ -39,6 +40,7 @@ STATIC_FILES = {
     "style.css": "text/css; charset=utf-8",
 }
 _KEY = re.compile(r"[0-9a-f]{32}")
+_CLIP_FILE = re.compile(r"/clips/([0-9a-f]{32})(\.[a-z0-9]{3,4})")
 _RUN_ID = re.compile(r"[0-9a-zA-Z_-]{1,32}")
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
 # A Host header: a DNS name or IPv4 address, or an IPv6 address in brackets, then maybe a port.
@@ -94,8 +96,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self._nights(parse_qs(url.query), body=body)
             elif path.startswith("/api/nights/"):
                 self._night(path[len("/api/nights/") :], body=body)
-            elif path.startswith("/clips/") and path.endswith(".mp4"):
-                self._clip(path[len("/clips/") : -len(".mp4")], body=body)
+            elif match := _CLIP_FILE.fullmatch(path):
+                self._clip(match[1], match[2], body=body)
             else:
                 self._error(HTTPStatus.NOT_FOUND, "not found")
         except (BrokenPipeError, ConnectionResetError):
@@ -172,14 +174,18 @@ class _Handler(BaseHTTPRequestHandler):
         except NoSuchRun:
             self._error(HTTPStatus.NOT_FOUND, f"no run {run_id} in the run log")
             return
-        self._json(summary.night(run), body=body)
+        night = summary.night(run)
+        for job in night["jobs"]:
+            _add_outputs(job, self.server.dashboard.store)
+        self._json(night, body=body)
 
-    def _clip(self, key: str, *, body: bool) -> None:
+    def _clip(self, key: str, suffix: str, *, body: bool) -> None:
         store = self.server.dashboard.store
-        if not _KEY.fullmatch(key) or not store.has(CLIP, key):
+        kind = Folder(CLIP.folder, suffix)
+        if suffix not in finish.FILE_TYPES or not _KEY.fullmatch(key) or not store.has(kind, key):
             self._error(HTTPStatus.NOT_FOUND, "no such clip")
             return
-        path = store.path(CLIP, key)
+        path = store.path(kind, key)
         size = path.stat().st_size
         start, end = 0, size - 1
         status = HTTPStatus.OK
@@ -201,7 +207,7 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             status = HTTPStatus.PARTIAL_CONTENT
         self.send_response(status)
-        self._headers("video/mp4", end - start + 1)
+        self._headers(finish.FILE_TYPES[suffix], end - start + 1)
         self.send_header("Accept-Ranges", "bytes")
         if status == HTTPStatus.PARTIAL_CONTENT:
             self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
@@ -223,6 +229,24 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Range", f"bytes */{size}")
         self.send_header("Content-Length", "0")
         self.end_headers()
+
+
+def _add_outputs(job: dict[str, Any], store: Store) -> None:
+    """A job's outputs as the store lists them under its clip key (`finish.outputs_in_store`), each with
+    its URL and download name; the clip key becomes its first MP4's, the one the page plays."""
+    listed = finish.outputs_in_store(store, job["clip_key"]) if job["clip_key"] else []
+    job["outputs"] = [
+        {
+            "name": out["name"],
+            "url": f"/clips/{out['key']}{out['suffix']}",
+            "file": f"{job['template']}{out['tail']}",
+            "type": finish.FILE_TYPES[out["suffix"]],
+        }
+        for out in listed
+    ]
+    job["clip_key"] = listed[0]["key"] if listed else None
+    for kind in ("poster", "preview"):
+        job[kind] = next((out["url"] for out in job["outputs"] if out["name"] == kind), None)
 
 
 class _Server(ThreadingHTTPServer):

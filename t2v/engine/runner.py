@@ -134,12 +134,9 @@ class StageRunner:
         `result` gives (the published clip's path)."""
         keys = self.keys(job)
         key = keys[stage]
-        verdict, why = self.store.check(stage, key)
-        if verdict is Verdict.OK:
+        if self._stored(stage, job, keys):
             self.attempts.skip(stage, job, keys.final, key)
         else:
-            if verdict is Verdict.DAMAGED:  # moved aside: computed again now, as if never stored
-                self.attempts.damaged(stage, job, keys.final, why)
             self._check_inputs(stage, job, keys)
             state = self._state.get(stage.name)
 
@@ -152,6 +149,18 @@ class StageRunner:
         if stage.result is None:
             return key
         return stage.result(Work(stage=stage, job=job, keys=keys, run=self))
+
+    def _stored(self, stage: Stage, job: JobSpec, keys: JobKeys) -> bool:
+        """Whether every file of the stage's output is stored and whole. A damaged one is moved aside
+        and logged as a failed row, and the stage computes it again now, as if it had never been stored."""
+        work = Work(stage=stage, job=job, keys=keys, run=self)
+        whole = True
+        for kind, key in stage.files(work) if stage.files else [(stage, keys[stage])]:
+            verdict, why = self.store.check(kind, key)
+            if verdict is Verdict.DAMAGED:
+                self.attempts.damaged(stage, job, keys.final, why)
+            whole = whole and verdict is Verdict.OK
+        return whole
 
     def _check_inputs(self, stage: Stage, job: JobSpec, keys: JobKeys) -> None:
         for source in stage.inputs:

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from t2v.jobs import JobSpec
     from t2v.models.registry import ModelRef
     from t2v.plans import StagePlan
-    from t2v.store import Store
+    from t2v.store import Kind, Store
 
 Writer = Callable[[], object]
 """What a compute hands back: the write of its output, run after the card is let go."""
@@ -99,6 +99,9 @@ class Stage:
     renamed after its outputs were stored keeps their keys)."""
     formerly: tuple[str, ...] = ()
     """Earlier names, accepted where a user names a stage (`T2V_PAUSE_AT`)."""
+    files: Callable[[Work], Sequence[tuple[Kind, str]]] | None = None
+    """The stored files its output is, where that is more than the one file at its key (the finish
+    stage's outputs: each MP4, the poster, the preview); it is skipped only when all are stored and whole."""
 
     @property
     def folder(self) -> str:

@@ -134,8 +134,10 @@ function drawNight(night) {
   clips.replaceChildren();
   for (const job of night.jobs) {
     const box = el("div", null, "clip");
+    box.dataset.template = job.template;
     box.append(el("div", job.template + " ", null));
     box.firstChild.append(el("span", job.status, "status-" + job.status));
+    if (job.poster) box.append(thumbnail(job));
     if (job.clip_key) {
       const video = el("video");
       video.controls = true;
@@ -143,13 +145,42 @@ function drawNight(night) {
       video.loop = true;
       video.preload = "auto";
       video.src = `/clips/${job.clip_key}.mp4`;
+      if (job.poster) video.poster = job.poster;
       video.dataset.template = job.template;
       box.append(video);
     } else {
       box.append(el("p", "no clip", "note"));
     }
+    if (job.outputs && job.outputs.length) box.append(outputList(job));
     clips.append(box);
   }
+}
+
+// The poster as the clip's thumbnail; hovering it plays the preview (an animated image) in its place.
+function thumbnail(job) {
+  const img = el("img", null, "thumb");
+  img.src = job.poster;
+  img.alt = `${job.template} poster`;
+  if (job.preview) {
+    img.addEventListener("mouseenter", () => { img.src = job.preview; });
+    img.addEventListener("mouseleave", () => { img.src = job.poster; });
+  }
+  return img;
+}
+
+// Every output of the clip, each a link that downloads it under its published name.
+function outputList(job) {
+  const list = el("ul", null, "outputs");
+  for (const out of job.outputs) {
+    const link = el("a", out.file);
+    link.href = out.url;
+    link.download = out.file;
+    link.dataset.output = out.name;
+    const item = el("li");
+    item.append(link, el("span", ` ${out.type}`, "note"));
+    list.append(item);
+  }
+  return list;
 }
 
 async function load() {
