@@ -16,6 +16,7 @@ print profile t2v does not apply) and 16 bits per channel (Pillow would cut it t
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import warnings
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from t2v.errors import InvalidInput
+from t2v.outputs import check_outputs
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -58,18 +60,21 @@ class Picture:
         return self.pixels.size
 
 
-def read_picture(path: str | Path) -> Picture:
-    """The picture at `path` as RGB pixels; raises InvalidInput naming `image` for what t2v refuses."""
+def read_picture(path: str | Path, *, data: bytes | None = None) -> Picture:
+    """The picture at `path` as RGB pixels; raises InvalidInput naming `image` for what t2v refuses.
+
+    With `data`, the file's bytes already read (the dashboard checks their hash first): `path` then
+    only names it in messages."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     path = Path(path)
-    if not path.is_file():
+    if data is None and not path.is_file():
         raise InvalidInput(f"`image` must be an existing file but is '{path}'.")
     try:
         # A picture between Pillow's limit and twice it only warns: refused here like the larger ones.
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(path)
+            image = Image.open(path if data is None else io.BytesIO(data))
     except UnidentifiedImageError as exc:
         raise InvalidInput(f"`image` '{path}' is not an image Pillow can read ({exc}).") from exc
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -143,7 +148,9 @@ def size_for_picture(job: JobSpec, rules: ModelRules, *, size_given: bool) -> Jo
     """`job` with the clip size and fit its picture gives. Without `size_given` (no `height`/`width` of
     its own) and no `fit`, the picture's aspect at the job's pixel area, cropped to it; otherwise the
     job's own size, the picture cropped or padded (`fit`, cropping when unset: with a warning when the
-    aspects are far apart). Raises InvalidInput for a picture t2v refuses."""
+    aspects are far apart). Raises InvalidInput for a picture t2v refuses, or for outputs wrong for
+    the size it settles (`check_outputs`: a focus along a side not cut, a preview wider than the clip),
+    which `JobSpec.validate` leaves to this while the size is not settled."""
     check_fit(job.fit)
     picture = read_picture(job.image)
     width, height = picture.size
@@ -169,7 +176,9 @@ def size_for_picture(job: JobSpec, rules: ModelRules, *, size_given: bool) -> Jo
             job.width,
             job.height,
         )
-    return replace(job, fit=job.fit or "crop")
+    job = replace(job, fit=job.fit or "crop")
+    check_outputs(job)
+    return job
 
 
 def check_fit(fit: object) -> None:

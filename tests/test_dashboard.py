@@ -391,6 +391,35 @@ def _check_outputs(page, base: str, data_dir: Path) -> None:
     assert sea.locator("ul.outputs a").all_inner_texts() == ["sea.mp4"]
 
 
+def _check_first_frame(page, base: str, picture: Path) -> None:
+    """fox (an image job) shows the first frame it was given beside its clip: its picture padded into
+    the clip's 96x64 frame, served by its store key; sea (text-only) shows none."""
+    from io import BytesIO
+
+    from PIL import Image
+
+    from t2v import images
+
+    fox, sea = page.locator(".clip[data-template='fox']"), page.locator(".clip[data-template='sea']")
+    img = "document.querySelector(\".clip[data-template='fox'] figure.first-frame img\")"
+    page.wait_for_function(
+        f"() => {img}.complete && {img}.naturalWidth === 96 && {img}.naturalHeight === 64", timeout=20_000
+    )
+    frame = fox.locator(".pair > figure.first-frame")
+    assert fox.locator(".pair > video").count() == 1  # side by side in one row
+    box, video = frame.bounding_box(), fox.locator(".pair > video").bounding_box()
+    assert box["x"] + box["width"] <= video["x"] and abs(box["y"] - video["y"]) < 1
+    assert frame.locator("figcaption").inner_text() == f"first frame: {picture.name} (96x64, pad)"
+    url = frame.locator("img").get_attribute("src")
+    assert url.startswith("/first-frames/") and url.endswith(".png")
+    status, headers, body = _get(base + url)
+    expected = images.fit_picture(images.read_picture(picture), 96, 64, "pad")
+    assert (status, headers["Content-Type"]) == (200, "image/png")
+    assert Image.open(BytesIO(body)).convert("RGB").tobytes() == expected.tobytes()
+    assert expected.getpixel((2, 32)) == images.BARS and expected.getpixel((48, 32)) == (200, 30, 60)
+    assert sea.locator("figure.first-frame").count() == 0 and sea.locator(".first-frame-note").count() == 0
+
+
 def _show(page, base: str, run_id: str) -> None:
     page.goto(f"{base}/#{run_id}")
     page.wait_for_function(
@@ -398,18 +427,24 @@ def _show(page, base: str, run_id: str) -> None:
     )
 
 
-def test_page_charts_the_night_and_plays_its_clips_in_chromium(data_dir, write_catalogue, serve):
+def test_page_charts_the_night_and_plays_its_clips_in_chromium(tmp_path, data_dir, write_catalogue, serve):
     require(shutil.which(CHROMIUM) is not None or Path(CHROMIUM).exists(), f"{CHROMIUM} is not installed")
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
         require(False, "the playwright package is not installed")
+    from PIL import Image
+
+    picture = tmp_path / "fox-card.png"  # a portrait card, padded into fox's landscape frame
+    Image.new("RGB", (40, 60), (200, 30, 60)).save(picture)
     catalogue = write_catalogue(
-        # fox: every kind of output; sea: the clip alone, as every night before outputs.
+        # fox: every kind of output, from a picture; sea: the clip alone, as every night before them.
         {
             "name": "fox",
             "prompt": "a red fox running through snow",
             "seed": 1,
+            "image": picture.name,
+            "fit": "pad",
             "outputs": ["native", "9:16"],
             "poster": "middle",
             "preview.width": 64,
@@ -488,6 +523,7 @@ def test_page_charts_the_night_and_plays_its_clips_in_chromium(data_dir, write_c
             )
             page.evaluate("() => document.querySelectorAll('video').forEach(v => v.pause())")
             _check_outputs(page, base, data_dir)
+            _check_first_frame(page, base, picture)
             page.screenshot(path=str(SCREENSHOT), full_page=True)
 
             # A failed night lists its failure (as text, not markup) and the command that re-runs it.
@@ -530,3 +566,17 @@ def test_page_charts_the_night_and_plays_its_clips_in_chromium(data_dir, write_c
             assert errors == []
         finally:
             browser.close()
+
+    # The picture edited since: the night no longer shows it, says why, and its key serves nothing.
+    url = json.loads(_get(f"{base}/api/nights/{result['run_id']}")[2])["jobs"][0]["first_frame"]["url"]
+    Image.new("RGB", (40, 60), (0, 90, 200)).save(picture)
+    fox = json.loads(_get(f"{base}/api/nights/{result['run_id']}")[2])["jobs"][0]
+    assert (fox["template"], fox["first_frame"]) == ("fox", None)
+    assert fox["first_frame_note"] == "picture fox-card.png has changed since this night"
+    assert _get(base + url)[0] == 404
+    for path in (
+        f"/first-frames/{'0' * 32}.png",
+        f"/first-frames/{url[14:46]}.jpg",
+        "/first-frames/../fox-card.png",
+    ):
+        assert _get(base + path)[0] == 404, path

@@ -1,10 +1,13 @@
-"""The dashboard's HTTP server: one HTML page, its vendored scripts, JSON from the run log, the clips.
+"""The dashboard's HTTP server: one HTML page, its vendored scripts, JSON from the run log, the clips
+and the first frames of image jobs.
 
 The standard library's threading HTTP server is enough for one person's browser on loopback and adds
 no dependency. A clip's outputs (its MP4s, poster and preview) are served by store key only: a key is
 32 hex digits, the suffix one of the finish stage's (`finish.FILE_TYPES`), and the file is looked up in
 the store's folder of the clip stage's outputs, so no request path ever becomes a file path, and `..`
-or an absolute path cannot reach another file.
+or an absolute path cannot reach another file. An image job's first frame is served by its store key
+too (`/first-frames/<key>.png`), and only a key that a night this server listed checked against the
+run log (`first_frames`), its picture hashed again before it is drawn.
 
 The page has no login, so every request must name this server in its Host header: a page on another
 site that rebinds its own DNS name to 127.0.0.1 reaches the port, but its requests still carry its name
@@ -16,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import threading
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -23,7 +27,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from t2v.dashboard import summary
+from t2v.dashboard import first_frames, summary
 from t2v.pipeline import CLIP, finish
 from t2v.runlog import NoSuchRun, RunLog
 from t2v.store import Folder, Store
@@ -41,6 +45,8 @@ STATIC_FILES = {
 }
 _KEY = re.compile(r"[0-9a-f]{32}")
 _CLIP_FILE = re.compile(r"/clips/([0-9a-f]{32})(\.[a-z0-9]{3,4})")
+_FIRST_FRAME = re.compile(r"/first-frames/([0-9a-f]{32})\.png")
+_MAX_FIRST_FRAMES = 1024
 _RUN_ID = re.compile(r"[0-9a-zA-Z_-]{1,32}")
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
 # A Host header: a DNS name or IPv4 address, or an IPv6 address in brackets, then maybe a port.
@@ -98,6 +104,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self._night(path[len("/api/nights/") :], body=body)
             elif match := _CLIP_FILE.fullmatch(path):
                 self._clip(match[1], match[2], body=body)
+            elif match := _FIRST_FRAME.fullmatch(path):
+                self._first_frame(match[1], body=body)
             else:
                 self._error(HTTPStatus.NOT_FOUND, "not found")
         except (BrokenPipeError, ConnectionResetError):
@@ -175,9 +183,30 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(HTTPStatus.NOT_FOUND, f"no run {run_id} in the run log")
             return
         night = summary.night(run)
+        frames = first_frames.first_frames(run)
         for job in night["jobs"]:
             _add_outputs(job, self.server.dashboard.store)
+            frame = frames.get(job["template"])
+            # An image job's first frame, or the note saying why it is not shown; neither for text-only.
+            job["first_frame"] = frame.describe() if isinstance(frame, first_frames.FirstFrame) else None
+            job["first_frame_note"] = frame if isinstance(frame, str) else None
+            if isinstance(frame, first_frames.FirstFrame):
+                self.server.remember(frame)
         self._json(night, body=body)
+
+    def _first_frame(self, key: str, *, body: bool) -> None:
+        frame = self.server.first_frame(key)
+        data = first_frames.png(frame) if frame is not None else None
+        if data is None:
+            self._error(HTTPStatus.NOT_FOUND, "no such first frame")
+            return
+        self.send_response(HTTPStatus.OK)
+        self._headers("image/png", len(data))
+        # The key names the content (the picture's bytes, size, fit and model): it never changes.
+        self.send_header("Cache-Control", "max-age=86400, immutable")
+        self.end_headers()
+        if body:
+            self.wfile.write(data)
 
     def _clip(self, key: str, suffix: str, *, body: bool) -> None:
         store = self.server.dashboard.store
@@ -255,7 +284,21 @@ class _Server(ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], dashboard: Dashboard) -> None:
         self.dashboard = dashboard
         self.host_names = frozenset(LOOPBACK_NAMES) | {_host_name(address[0])}
+        # The first frames the listed nights named, by key: the only ones `/first-frames/` serves.
+        self._first_frames: dict[str, first_frames.FirstFrame] = {}
+        self._first_frames_lock = threading.Lock()
         super().__init__(address, _Handler)
+
+    def remember(self, frame: first_frames.FirstFrame) -> None:
+        with self._first_frames_lock:
+            self._first_frames.pop(frame.key, None)
+            self._first_frames[frame.key] = frame
+            while len(self._first_frames) > _MAX_FIRST_FRAMES:
+                del self._first_frames[next(iter(self._first_frames))]  # the least recently listed
+
+    def first_frame(self, key: str) -> first_frames.FirstFrame | None:
+        with self._first_frames_lock:
+            return self._first_frames.get(key)
 
 
 def _host_name(host: str) -> str:

@@ -138,6 +138,9 @@ function drawNight(night) {
     box.append(el("div", job.template + " ", null));
     box.firstChild.append(el("span", job.status, "status-" + job.status));
     if (job.poster) box.append(thumbnail(job));
+    // An image job's first frame (its picture fitted to the clip) beside the clip; none for text-only.
+    const pair = el("div", null, "pair");
+    if (job.first_frame) pair.append(firstFrame(job));
     if (job.clip_key) {
       const video = el("video");
       video.controls = true;
@@ -147,10 +150,12 @@ function drawNight(night) {
       video.src = `/clips/${job.clip_key}.mp4`;
       if (job.poster) video.poster = job.poster;
       video.dataset.template = job.template;
-      box.append(video);
+      pair.append(video);
     } else {
-      box.append(el("p", "no clip", "note"));
+      pair.append(el("p", "no clip", "note"));
     }
+    box.append(pair);
+    if (job.first_frame_note) box.append(el("p", job.first_frame_note, "note first-frame-note"));
     if (job.outputs && job.outputs.length) box.append(outputList(job));
     clips.append(box);
   }
@@ -166,6 +171,17 @@ function thumbnail(job) {
     img.addEventListener("mouseleave", () => { img.src = job.poster; });
   }
   return img;
+}
+
+// The picture the clip starts from, as the model was given it, captioned with its file and fit.
+function firstFrame(job) {
+  const frame = job.first_frame;
+  const figure = el("figure", null, "first-frame");
+  const img = el("img");
+  img.src = frame.url;
+  img.alt = `${job.template} first frame from ${frame.picture}`;
+  figure.append(img, el("figcaption", `first frame: ${frame.picture} (${frame.size}, ${frame.fit})`));
+  return figure;
 }
 
 // Every output of the clip, each a link that downloads it under its published name.
