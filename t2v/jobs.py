@@ -8,8 +8,9 @@ import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
-from t2v import images
+from t2v import images, lora
 from t2v.errors import CatalogueError, InvalidInput
+from t2v.lora import Lora
 from t2v.media import Watermark
 from t2v.models.wan22 import DEFAULT_NEGATIVE_PROMPT, WAN22_RULES, ModelRules
 from t2v.outputs import (
@@ -94,6 +95,8 @@ class JobSpec:
     """A still: first, middle, last, a frame index, or a table {frame, format (jpeg or webp)}."""
     preview: Preview | None = None
     """A looping animation: webp, gif, or a table {format, width, fps, max_bytes}."""
+    lora: tuple[Lora, ...] = ()
+    """LoRA styles (t2v/lora.py): tables {path, scale}, paths relative to the catalogue; none by default."""
 
     def __post_init__(self) -> None:
         # A catalogue, the CLI and a re-run's JSON give lists, names and tables: hold them as the
@@ -102,12 +105,20 @@ class JobSpec:
             ("outputs", coerce_outputs),
             ("poster", coerce_poster),
             ("preview", coerce_preview),
+            ("lora", lora.coerce),
         ):
             object.__setattr__(self, name, coerce(getattr(self, name)))
 
     @property
     def cfg(self) -> bool:
         return self.guidance > 1.0
+
+    @property
+    def size_settled(self) -> bool:
+        """Whether `height`/`width` are the clip's: a text-only job's always, an image job's once its
+        `fit` is set (`images.size_for_picture` may change the size only while `fit` is unset, and
+        always sets it)."""
+        return self.image is None or self.fit is not None
 
     def validate(self, rules: ModelRules) -> None:
         """Raise InvalidInput naming the first field that breaks a rule; nothing else is checked later."""
@@ -157,7 +168,9 @@ class JobSpec:
         except ValueError as exc:
             raise InvalidInput(str(exc)) from exc
         self._check_image()
-        check_outputs(self)
+        lora.check(self.lora)
+        if self.size_settled:  # else `images.size_for_picture` runs it on the size it settles
+            check_outputs(self)
 
     def _check_image(self) -> None:
         images.check_fit(self.fit)  # a text-only template's too: [defaults] may set it for all
@@ -254,14 +267,15 @@ def _jobs_from_toml(data: dict, path: Path, text: str, rules: ModelRules) -> lis
         merged["watermark"] = replace(Watermark(), **watermark_raw)
         if isinstance(merged.get("image"), str) and merged["image"].strip():
             merged["image"] = str((path.parent / merged["image"]).resolve())  # relative to the catalogue
+        if "lora" in merged:
+            merged["lora"] = lora.relative_to(merged["lora"], path.parent)
         job = JobSpec(template=name, **merged)
         try:
             job.validate(rules)
             if job.image is not None:
                 # The template's own height/width fix the frame; from [defaults] they give the area.
                 size_given = "height" in raw or "width" in raw
-                job = images.size_for_picture(job, rules, size_given=size_given)
-                job.validate(rules)  # again: the checks that depend on the size (the outputs')
+                job = images.size_for_picture(job, rules, size_given=size_given)  # outputs checked
         except InvalidInput as exc:
             raise CatalogueError(f"{where}: {exc}") from exc
         jobs.append(job)

@@ -98,6 +98,15 @@ def generate(
             "digits of the clip's store key>.mp4]."
         ),
     ] = None,
+    lora_args: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--lora",
+            metavar="PATH[:SCALE]",
+            help="A LoRA style (.safetensors, diffusers, ComfyUI, Kohya or musubi keys) at SCALE "
+            "(default 1, -4 to 4); repeat for several.",
+        ),
+    ] = None,
     fp8_storage: Fp8Option = False,
     force: ForceOption = False,
 ) -> None:
@@ -110,7 +119,9 @@ def generate(
     \b
         t2v generate "a red fox running through snow" --height 64 --width 96 --frames 9 --steps 4
         t2v generate "the fox looks up and the snow starts to fall" --image fox.jpg
+        t2v generate "a fox in the snow" --lora styles/ink.safetensors:0.8
     """
+    from t2v import lora
     from t2v.context import check_budgets, check_jobs
 
     settings = Settings.from_env()
@@ -135,6 +146,7 @@ def generate(
         background=background,
         poster=int(poster_frame) if poster_frame is not None and poster_frame.isdigit() else poster_frame,
         preview=preview_format,
+        lora=tuple(lora.relative_to([lora.parse(a) for a in lora_args or ()], Path.cwd())),
     )
     check_jobs([job], ref)
     if job.image is not None:

@@ -7,12 +7,12 @@ import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from tqdm.auto import tqdm
 
-from t2v import checkpoints, stages
+from t2v import checkpoints, lora, stages
 from t2v import frame_timesteps as per_frame
 from t2v.digests import Verdict
 from t2v.errors import NonFiniteOutput
@@ -44,8 +44,14 @@ class DiffuseOptions(PlanOptions):
     largest activation)."""
     fp8_storage: bool = option(False, label=lambda on: "fp8" if on else None, moves_weights=True)
     """Weights stored in float8_e4m3fn and cast to bf16 per layer; loses fidelity, opt-in."""
+    adapters: tuple[lora.Adapter, ...] = option((), moves_weights=True)
+    """LoRA adapters the placed transformer holds (`t2v.lora`): every one the run has asked for so far,
+    set by `compute` from the stage's state; a job only switches among them."""
 
     def prepare(self, module: torch.nn.Module) -> torch.nn.Module:
+        # First, on the module as loaded: its layer names as the files name them (before the FFN
+        # wrappers), and its adapter weights in the groups the offloading hooks record.
+        lora.load(module, self.adapters)
         # Before any offloading hook, which must onload the weights before these forwards run; inert
         # until a timestep per frame comes, so every placed transformer gets them.
         per_frame.install(module)
@@ -75,6 +81,8 @@ def key(k: KeyInputs) -> dict[str, object]:
     first_frame = condition.key(k)
     if first_frame is not None:  # only then: a text-only job keeps the key it always had
         parts["first_frame"] = first_frame
+    if job.lora:  # likewise: a job without a LoRA keeps its key
+        parts["lora"] = lora.key_part(job.lora)
     return parts
 
 
@@ -118,6 +126,7 @@ def ladder(
 ) -> list[StagePlan]:
     # An image job's timestep is per token (0 on the picture's frame): the shared one is never its.
     timing = dict(shared_timestep=job.image is None, frame_timesteps=frame_timesteps)
+    extra = lora.adapter_bytes(job.lora) if job.lora else 0  # on the card with their layers' weights
     if not device.startswith("cuda"):
         # No card: RAM is the budget and it is ample for one component, but the same options exist,
         # so the out-of-memory fallback has somewhere to go (and is tested on this path).
@@ -145,7 +154,7 @@ def ladder(
                     options=DiffuseOptions(cfg_batch=batch, ffn_chunks=chunks, fp8_storage=fp8, **timing),
                     block_bytes=block if streaming else 0,
                     blocks=blocks if streaming else 0,
-                    estimate_bytes=resident + act,
+                    estimate_bytes=resident + act + extra,
                 )
             )
     leaf = StagePlan(
@@ -154,7 +163,8 @@ def ladder(
         device=device,
         options=DiffuseOptions(cfg_batch=1, ffn_chunks=8, fp8_storage=fp8, **timing),
         estimate_bytes=2 * s.transformer_largest_leaf_bytes
-        + attempt_bytes(s, job, batch=1, ffn_chunks=8, frame_timesteps=frame_timesteps),
+        + attempt_bytes(s, job, batch=1, ffn_chunks=8, frame_timesteps=frame_timesteps)
+        + extra,
     )
     return plans + [leaf]
 
@@ -173,6 +183,15 @@ def step_cache(transformer: torch.nn.Module, threshold: float) -> Iterator[None]
         yield
     finally:
         transformer.disable_cache()
+
+
+class DiffuseState(condition.FirstFrames):
+    """What the stage keeps for a run: the first frames' encoder (`condition.FirstFrames`) and the LoRA
+    adapters its jobs have asked for (`t2v.lora.Adapters`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.adapters = lora.Adapters()
 
 
 CHECKPOINTS = Folder(folder="diffuse-checkpoints", suffix=".safetensors")
@@ -216,7 +235,12 @@ def compute(work: Work) -> Writer:
     embeds = work.load_tensors(encode.STAGE)
     # Before the transformer is placed: the first job's encode has the card to itself.
     first_frame = work.state.latent(work) if job.image is not None else None
-    transformer = work.component()
+    # Placed with every adapter the run has asked for so far (loaded before its hooks), then the job's
+    # alone made active: a file new this run places the transformer again, others only switch.
+    adapters = work.state.adapters.for_job(job.lora)
+    placed = replace(work, plan=work.plan.with_options(adapters=adapters))
+    transformer = placed.component()
+    lora.activate(transformer, job.lora)
     temporal, spatial = work.run.vae_factors()
     noise = stages.job_noise(
         job, transformer.config.in_channels, temporal=temporal, spatial=spatial, device=work.device
@@ -269,5 +293,5 @@ STAGE = Stage(
     inputs=(encode.STAGE,),
     component="transformer",
     ladder=ladder,
-    state=condition.FirstFrames,
+    state=DiffuseState,
 )

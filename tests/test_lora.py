@@ -1,0 +1,385 @@
+"""LoRA styles per template (t2v/lora.py): adapter files made here from the tiny transformer, one in
+diffusers' layout and one in ComfyUI's; the staged path against WanPipeline with the same LoRA, a night
+of templates with different LoRAs against each alone, store keys, and bad input."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import WanPipeline
+from diffusers.hooks import HookRegistry
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+import flows.generate
+import flows.nightly
+from t2v import lora, stages
+from t2v.context import RunContext
+from t2v.engine import Hooks, StageRunner
+from t2v.errors import InvalidInput
+from t2v.jobs import Catalogue, JobSpec
+from t2v.models import tiny
+from t2v.models.registry import load_component, resolve_model
+from t2v.models.wan22 import WAN22_RULES
+from t2v.pipeline import JobKeys, KeyInputs, diffuse, encode
+from t2v.placement import apply
+from t2v.plans import ComponentSizes, Placement, StagePlan
+from t2v.runlog import RunLog
+from t2v.settings import Settings
+from t2v_cli.main import app
+
+HEIGHT, WIDTH, FRAMES, STEPS, SEED, GUIDANCE = 64, 96, 9, 3, 7, 5.0
+PROMPT, NEGATIVE = "a red fox trots through snow", "blurry"
+SIZE = dict(height=HEIGHT, width=WIDTH, frames=FRAMES, steps=STEPS, seed=SEED, guidance=GUIDANCE)
+
+# diffusers' names -> the original Wan names that ComfyUI files use (the test writes such a file; the
+# conversion back is diffusers' own `_convert_non_diffusers_wan_lora_to_diffusers`).
+_COMFY = {
+    "attn1.to_q": "self_attn.q",
+    "attn1.to_k": "self_attn.k",
+    "attn1.to_v": "self_attn.v",
+    "attn1.to_out.0": "self_attn.o",
+    "attn2.to_q": "cross_attn.q",
+    "ffn.net.0.proj": "ffn.0",
+    "ffn.net.2": "ffn.2",
+}
+
+
+def _random_lora(seed: int) -> dict[str, torch.Tensor]:
+    """A rank-4 adapter of the tiny transformer with random (non-zero) A and B matrices."""
+    transformer = tiny.build_transformer()
+    torch.manual_seed(seed)
+    config = LoraConfig(r=4, lora_alpha=4, target_modules=list(_COMFY), init_lora_weights=False)
+    transformer.add_adapter(config, adapter_name="made")
+    return get_peft_model_state_dict(transformer, adapter_name="made")
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("loras")
+    WanPipeline.save_lora_weights(folder / "ink", transformer_lora_layers=_random_lora(1))
+    comfy = {}
+    for key, value in _random_lora(2).items():
+        module, _, tail = key.rpartition(".lora_")  # blocks.0.attn1.to_q, A.weight
+        blocks, index, layer = module.split(".", 2)
+        down_up = {"A.weight": "lora_down.weight", "B.weight": "lora_up.weight"}[tail]
+        comfy[f"diffusion_model.{blocks}.{index}.{_COMFY[layer]}.{down_up}"] = value.contiguous()
+    save_file(comfy, folder / "comfy.safetensors")
+    return {"ink": folder / "ink" / "pytorch_lora_weights.safetensors", "comfy": folder / "comfy.safetensors"}
+
+
+@pytest.fixture(scope="module")
+def parts():
+    return dict(
+        tokenizer=tiny.build_tokenizer(), text_encoder=tiny.build_text_encoder(), vae=tiny.build_vae()
+    )
+
+
+_PIPELINE_RUNS: dict[tuple, torch.Tensor] = {}
+
+
+def pipeline_latents(parts, loras: list[tuple[Path, float]]) -> torch.Tensor:
+    """WanPipeline's latents with the LoRAs loaded through its own `load_lora_weights` (once each)."""
+    if tuple(loras) not in _PIPELINE_RUNS:
+        _PIPELINE_RUNS[tuple(loras)] = _pipeline_latents(parts, loras)
+    return _PIPELINE_RUNS[tuple(loras)]
+
+
+def _pipeline_latents(parts, loras: list[tuple[Path, float]]) -> torch.Tensor:
+    pipe = WanPipeline(
+        **parts, transformer=tiny.build_transformer(), scheduler=tiny.build_scheduler(), expand_timesteps=True
+    )
+    for i, (path, _) in enumerate(loras):
+        pipe.load_lora_weights(str(path), adapter_name=f"a{i}")
+    if loras:
+        pipe.set_adapters([f"a{i}" for i in range(len(loras))], [scale for _, scale in loras])
+    return pipe(
+        prompt=PROMPT,
+        negative_prompt=NEGATIVE,
+        height=HEIGHT,
+        width=WIDTH,
+        num_frames=FRAMES,
+        num_inference_steps=STEPS,
+        guidance_scale=GUIDANCE,
+        generator=torch.Generator().manual_seed(SEED),
+        output_type="latent",
+    ).frames
+
+
+def plain_latents(parts, transformer) -> torch.Tensor:
+    """The staged loop on its plain path (per-token timesteps, CFG as two passes): bit-identical to
+    the pipeline without a LoRA (tests/test_stages.py)."""
+    embeds = stages.encode_texts(
+        parts["text_encoder"], parts["tokenizer"], [PROMPT, NEGATIVE], device="cpu", max_sequence_length=512
+    )
+    shape = stages.latent_shape(48, temporal=4, spatial=16, height=HEIGHT, width=WIDTH, frames=FRAMES)
+    return stages.denoise(
+        transformer,
+        tiny.build_scheduler(),
+        stages.initial_noise(shape, seed=SEED, device="cpu"),
+        embeds[:1],
+        embeds[1:],
+        steps=STEPS,
+        guidance=GUIDANCE,
+        compute_dtype=torch.float32,
+        shared_timestep=False,
+        cfg_batch=1,
+    )
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def job_with(files, *pairs: tuple[str, float], template: str = "fox") -> JobSpec:
+    loras = tuple(lora.Lora(path=str(files[name]), scale=scale) for name, scale in pairs)
+    return JobSpec(template=template, prompt=PROMPT, negative_prompt=NEGATIVE, lora=loras, **SIZE)
+
+
+# --- the staged path against the pipeline ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("placement", [Placement.CPU, Placement.LEAF])
+def test_a_placed_transformer_with_a_lora_is_bit_identical_to_the_pipeline_with_it(parts, files, placement):
+    job = job_with(files, ("ink", 0.8), ("comfy", 0.5))
+    adapters = lora.Adapters().for_job(job.lora)
+    plan = StagePlan(
+        diffuse.STAGE.name, placement, device="cpu", options=diffuse.DiffuseOptions(adapters=adapters)
+    )
+    transformer = apply(plan, tiny.build_transformer())
+    lora.activate(transformer, job.lora)
+    reference = pipeline_latents(parts, [(files["ink"], 0.8), (files["comfy"], 0.5)])
+    torch.testing.assert_close(plain_latents(parts, transformer), reference, rtol=0, atol=0)
+    assert rel(reference, pipeline_latents(parts, [])) > 1e-2  # the styles change the clip
+    # Loaded before the offloading hooks: the adapters' own layers are offloaded groups too, as the
+    # FFN they sit in was wrapped (chunked) after the files' names had matched.
+    lora_q = transformer.blocks[0].attn1.to_q.lora_A[adapters[0].name]
+    hooked = HookRegistry.check_if_exists_or_initialize(lora_q).get_hook("group_offloading") is not None
+    assert hooked is (placement is Placement.LEAF)
+    assert transformer.blocks[0].ffn.ff.net[2].lora_B[adapters[1].name].weight.abs().sum() > 0
+
+    lora.activate(transformer, ())  # a job without: the stock transformer's result, bit for bit
+    torch.testing.assert_close(plain_latents(parts, transformer), pipeline_latents(parts, []), rtol=0, atol=0)
+
+
+def _runner(tmp_path: Path, loads: list[str] | None = None) -> StageRunner:
+    def load(ref, name):
+        if loads is not None:
+            loads.append(name)
+        return load_component(ref, name)
+
+    settings = Settings(data_dir=tmp_path, database_url=f"sqlite:///{tmp_path / 'runs.db'}")
+    run_id = RunLog(settings.runlog_url).start_run(kind="generate", model="tiny")
+    ctx = RunContext(run_id=run_id, model="tiny", outputs_dir=tmp_path / "out", settings=settings)
+    return StageRunner(ctx, hooks=Hooks(load=load))
+
+
+def _night(runner: StageRunner, jobs: list[JobSpec]) -> dict[str, torch.Tensor]:
+    """The jobs' latents from `runner`, stage-major as a flow runs them (the gc frozen meanwhile, as
+    `Residency.held` does around a run's card stages: each drop's collection is then quick)."""
+    with runner.residency.held():
+        for stage in (encode.STAGE, diffuse.STAGE):
+            for job in jobs:
+                runner.run(stage, job)
+    store = runner.store
+    return {
+        job.template: store.load_tensors(diffuse.STAGE, runner.keys(job)[diffuse.STAGE])["latents"]
+        for job in jobs
+    }
+
+
+def test_a_night_of_three_templates_gives_each_its_own_single_job_result(parts, files, tmp_path):
+    jobs = [
+        job_with(files, ("ink", 0.8), template="ink"),
+        job_with(files, ("comfy", 1.0), template="comfy"),
+        job_with(files, template="plain"),
+    ]
+    # Each alone in a run of its own (one store: the prompt is encoded once), then all in one night.
+    alone = {k: v for job in jobs for k, v in _night(_runner(tmp_path / "alone"), [job]).items()}
+    loads: list[str] = []
+    night = _night(_runner(tmp_path / "night", loads), jobs)
+    for job in jobs:
+        torch.testing.assert_close(night[job.template], alone[job.template], rtol=0, atol=0)
+    # The staged plan (CFG as one batch, a shared timestep) is within fp32 rounding of the pipeline.
+    assert rel(alone["ink"], pipeline_latents(parts, [(files["ink"], 0.8)])) < 1e-5
+    assert rel(alone["plain"], pipeline_latents(parts, [])) < 1e-5
+    assert rel(alone["ink"], alone["plain"]) > 1e-2 and rel(alone["comfy"], alone["plain"]) > 1e-2
+    # A file new to the run places the transformer again with every adapter so far; the template
+    # without a LoRA after them only switches them off.
+    assert loads.count("transformer") == 2
+
+
+# --- keys ----------------------------------------------------------------------------------------
+
+
+def test_the_diffuse_key_is_the_old_one_without_a_lora_and_takes_each_files_hash_and_scale(files, tmp_path):
+    model = resolve_model("tiny")
+    plain = job_with(files)
+    assert diffuse.key(KeyInputs(plain, model)) == dict(
+        model=model.identity,
+        seed=SEED,
+        height=HEIGHT,
+        width=WIDTH,
+        frames=FRAMES,
+        steps=STEPS,
+        guidance=GUIDANCE,
+        fp8=False,
+        step_cache=0.0,
+    )
+
+    def latents_key(job: JobSpec) -> str:
+        return JobKeys.of(diffuse_pipeline(), KeyInputs(job, model))[diffuse.STAGE]
+
+    base = latents_key(job_with(files, ("ink", 0.8)))
+    assert base != latents_key(plain)
+    assert latents_key(job_with(files, ("ink", 0.9))) != base
+    assert latents_key(job_with(files, ("ink", 0.8), ("comfy", 1.0))) != base
+    moved = tmp_path / "elsewhere.safetensors"
+    moved.write_bytes(files["ink"].read_bytes())
+    assert latents_key(JobSpec(**{**vars(job_with(files)), "lora": (lora.Lora(str(moved), 0.8),)})) == base
+    assert lora.adapter_name(moved) == lora.adapter_name(files["ink"])  # one adapter per content
+
+
+def diffuse_pipeline():
+    from t2v.pipeline import PIPELINE
+
+    return PIPELINE
+
+
+def test_the_estimates_count_the_adapters_weights(files):
+    job = job_with(files, ("ink", 1.0))
+    sizes = ComponentSizes.from_modules(transformer=tiny.build_transformer())
+    with_lora = diffuse.ladder(sizes, job, device="cuda")
+    without = diffuse.ladder(sizes, replace(job, lora=()), device="cuda")
+    extra = sum(t.numel() * 4 for t in _random_lora(1).values())
+    assert lora.adapter_bytes(job.lora) == extra > 0
+    assert [a.estimate_bytes - b.estimate_bytes for a, b in zip(with_lora, without, strict=True)] == [
+        extra
+    ] * len(without)
+
+
+# --- input ---------------------------------------------------------------------------------------
+
+
+def test_the_catalogue_reads_paths_relative_to_itself_and_defaults_apply(files, tmp_path):
+    (tmp_path / "styles").mkdir()
+    (tmp_path / "sub").mkdir()
+    ink = tmp_path / "styles" / "ink.safetensors"
+    ink.write_bytes(files["ink"].read_bytes())
+    path = tmp_path / "sub" / "templates.toml"
+    path.write_text(
+        f'[defaults]\nlora = [{{ path = "{files["comfy"]}", scale = 0.5 }}]\n'
+        f'[[template]]\nname = "a"\nprompt = "p"\n'
+        f'[[template]]\nname = "b"\nprompt = "p"\nlora = []\n'
+        '[[template]]\nname = "c"\nprompt = "p"\nlora = [{ path = "../styles/ink.safetensors" }]\n'
+    )
+    a, b, c = Catalogue.from_file(path, WAN22_RULES).jobs
+    assert a.lora == (lora.Lora(str(files["comfy"]), 0.5),)
+    assert b.lora == ()
+    assert c.lora == (lora.Lora(str(ink.resolve()), 1.0),)
+    assert lora.parse("x/y.safetensors:0.25") == lora.Lora("x/y.safetensors", 0.25)
+    assert lora.parse("C:/styles/y.safetensors") == lora.Lora("C:/styles/y.safetensors")
+
+
+def test_a_job_with_loras_comes_back_whole_from_the_run_logs_json(files, tmp_path):
+    from t2v.rerun import Night
+
+    job = job_with(files, ("ink", 0.8), ("comfy", -1.5))
+    night = Night(jobs=(job,), outputs_dir=tmp_path)
+    assert Night.from_json(night.to_json()).jobs == (job,)
+
+
+def _bad_files(folder: Path) -> dict[str, Path]:
+    made = {
+        "not-lora": {"blocks.0.attn1.to_q.weight": torch.zeros(2, 2)},
+        "other-model": {"transformer.down_blocks.0.attentions.0.to_q.lora_A.weight": torch.zeros(2, 2)},
+    }
+    out = {}
+    for name, tensors in made.items():
+        out[name] = folder / f"{name}.safetensors"
+        save_file(tensors, out[name])
+    out["pickle"] = folder / "pickle.safetensors"
+    torch.save({"a": torch.zeros(1)}, out["pickle"])
+    return out
+
+
+@pytest.mark.parametrize(
+    ("case", "scale", "message"),
+    [
+        ("not-lora", 1.0, "`lora` is not a LoRA: its keys do not name lora_A/lora_B"),
+        ("other-model", 1.0, "`lora` is not a LoRA for the Wan2.2 transformer: 1 of 1 keys match none"),
+        ("pickle", 1.0, "`lora` is not a safetensors file ("),
+        ("missing", 1.0, "`lora` file not found but is "),
+        ("ink", 4.5, "`lora` scale of {path} must be between -4 and 4 but is 4.5."),
+        ("ink", float("nan"), "`lora` scale of {path} must be a number between -4 and 4 but is nan."),
+        ("ink", "big", "`lora` scale of {path} must be a number between -4 and 4 but is 'big'."),
+    ],
+)
+def test_bad_loras_are_one_line_naming_template_and_field_before_any_model_loads(
+    case, scale, message, files, tmp_path, data_dir, monkeypatch
+):
+    monkeypatch.setattr(flows.nightly, "nightly", lambda *a, **k: pytest.fail("the flow must not start"))
+    path = {**_bad_files(tmp_path), **files}.get(case, tmp_path / "missing.safetensors")
+    catalogue = tmp_path / "templates.toml"
+    scale_toml = {float("nan"): "nan", "big": '"big"'}.get(scale, repr(scale))
+    catalogue.write_text(
+        "[defaults]\nheight = 64\nwidth = 96\nframes = 9\nsteps = 2\n\n"
+        f'[[template]]\nname = "styled"\nprompt = "p"\n'
+        f'lora = [{{ path = "{path.name if case != "ink" else path}", scale = {scale_toml} }}]\n'
+    )
+    if case not in files:
+        path = tmp_path / path.name
+    result = CliRunner().invoke(app, ["nightly", "--catalogue", str(catalogue)])
+    assert result.exit_code == 2 and result.stdout == "" and "Traceback" not in result.stderr
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"error: {catalogue}:8: template 'styled': "), line
+    assert message.format(path=path.resolve()) in line, line
+    assert not data_dir.exists()
+
+
+def test_generate_takes_lora_options(files, data_dir, monkeypatch):
+    made = []
+    monkeypatch.setattr(flows.generate, "generate", lambda job, **kw: made.append(job) or "clip.mp4")
+    common = ["generate", "a fox", "--height", "64", "--width", "96", "--frames", "9", "--steps", "2"]
+    args = [*common, "--lora", f"{files['ink']}:0.5", "--lora", str(files["comfy"])]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert made[0].lora == (lora.Lora(str(files["ink"]), 0.5), lora.Lora(str(files["comfy"]), 1.0))
+    with pytest.raises(InvalidInput, match="is the same file as"):
+        job_with(files, ("ink", 1.0), ("ink", 0.5)).validate(WAN22_RULES)
+
+
+def test_fp8_storage_keeps_the_adapters_in_float32_and_their_effect(files):
+    # Loaded before the layerwise casting, the adapters' layers are skipped by it (diffusers' default
+    # patterns leave peft's layers alone and turn off peft's input cast); loaded after it they would be
+    # created in float8 and the forward fails ("mul_cpu_reduced_float" not implemented for float8).
+    job = job_with(files, ("ink", 1.0))
+    adapters = lora.Adapters().for_job(job.lora)
+    g = torch.Generator().manual_seed(0)
+    inputs = (
+        torch.randn(1, 48, 3, 4, 6, generator=g),
+        torch.tensor([500.0]),
+        torch.randn(1, 16, 32, generator=g),
+    )
+
+    def outputs(fp8: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        options = diffuse.DiffuseOptions(adapters=adapters, fp8_storage=fp8)
+        transformer = apply(
+            StagePlan("diffuse", Placement.CPU, device="cpu", options=options), tiny.build_transformer()
+        )
+        assert {p.dtype for n, p in transformer.named_parameters() if "lora_" in n} == {torch.float32}
+        with torch.no_grad():
+            lora.activate(transformer, job.lora)
+            styled = transformer(*inputs, return_dict=False)[0]
+            lora.activate(transformer, ())
+            return styled, transformer(*inputs, return_dict=False)[0]
+
+    (styled8, plain8), (styled, plain) = outputs(True), outputs(False)
+    # fp8's own deviation (1.2% here) and the style's effect (3.1%) both survive the combination.
+    assert rel(styled8, styled) < 1.5 * rel(plain8, plain)
+    assert 0.5 < rel(styled8, plain8) / rel(styled, plain) < 2
