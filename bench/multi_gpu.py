@@ -22,6 +22,10 @@ to `<out>/multi_gpu.json`, written after each phase so a timeout still leaves th
     python bench/multi_gpu.py --out bench/results              # on a 2-GPU machine (the device tool)
     python bench/multi_gpu.py --tiny --out /tmp/multi-tiny     # CPU smoke run: built-in model, 96x64x9
 
+tests/test_bench.py runs the smoke run on its session's Prefect server (`--prefect-api`), without the
+import probe (`--no-import-probe`), and its second call (`--phases two`) on the night the first deployed
+there (`--reuse-deployment`).
+
 With `--tiny` the "GPUs" are just two worker processes (CUDA_VISIBLE_DEVICES is set all the same).
 Where there is no ffmpeg binary (the GPU machine), or with `--no-ffmpeg`, the flow-run processes save
 lossless frames as .npy and "encode" a clip by copying those frames: the workers' environment has
@@ -39,6 +43,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,7 +54,7 @@ from bench.night import (  # noqa: E402
     NEGATIVE,
     log,
     night_templates,
-    start_prefect_server,
+    prefect_server,
     stop,
     tail,
     wait_for_server,
@@ -159,6 +164,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-ffmpeg", action="store_true", help="act as if there were no ffmpeg binary")
     parser.add_argument("--timeout-s", type=float, default=5400, help="per phase, trigger to final states")
     parser.add_argument(
+        "--prefect-api",
+        metavar="URL",
+        help="deploy to and run on this Prefect server, already running (a test session's), instead of "
+        "starting one; what the night leaves on it (pool, deployment, `gpu` limit) stays",
+    )
+    parser.add_argument(
+        "--reuse-deployment",
+        action="store_true",
+        help="with --prefect-api, a night the server already has deployed as this call would deploy it "
+        "(by an earlier call on it) is used as it is, not deployed again",
+    )
+    parser.add_argument(
+        "--no-import-probe",
+        action="store_true",
+        help="leave out the timing of a flow-run process's start and imports (a smoke run)",
+    )
+    parser.add_argument(
         "--phases",
         default="one,two",
         help="`one`, `two` or both: a long night's phases can run as separate calls (a device command "
@@ -168,6 +190,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.gpus < 2:
         parser.error("--gpus has to be at least 2")
+    if args.reuse_deployment and not args.prefect_api:
+        parser.error("--reuse-deployment is for a server already running (--prefect-api)")
     args.phase_list = [p for p in args.phases.split(",") if p]
     if not args.phase_list or set(args.phase_list) - set(PHASES):
         parser.error(f"--phases takes one, two or one,two, not {args.phases!r}")
@@ -182,7 +206,8 @@ def dimensions(args: argparse.Namespace) -> tuple[int, int, int]:
     return (64, 96, 9) if args.tiny else (480, 832, 81)
 
 
-def night_header(args: argparse.Namespace, base_env: dict[str, str]) -> dict:
+def night_header(args: argparse.Namespace) -> dict:
+    """The night's settings (the `gpu` names are added when known: `main`, `run_night`)."""
     height, width, frames = dimensions(args)
     return {
         "jobs": args.jobs,
@@ -191,7 +216,6 @@ def night_header(args: argparse.Namespace, base_env: dict[str, str]) -> dict:
         "cap_gib": None if args.tiny else args.cap_gib,
         "gpus": args.gpus,
         "model": args.model,
-        "gpu": gpu_names(base_env),
     }
 
 
@@ -243,8 +267,34 @@ def scaling(results: dict) -> None:
     results["no_job_twice"] = one["no_job_twice"] and two["no_job_twice"]
 
 
+def deployed_already(args: argparse.Namespace, catalogue: Path) -> bool:
+    """Whether the server has the night deployed as `deploy_night` deploys it: the deployment on the
+    pool with this catalogue and model, one schedule per shard, and the `gpu` limits at `--gpus`."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    from deployments.deploy import GPU_LIMIT
+
+    with get_client(sync_client=True) as client:
+        try:
+            deployment = client.read_deployment_by_name(DEPLOYMENT)
+            limit = client.read_global_concurrency_limit_by_name(GPU_LIMIT)
+        except ObjectNotFound:
+            return False
+    runs_at_once = deployment.global_concurrency_limit
+    return (
+        deployment.work_pool_name == POOL
+        and deployment.parameters == {"catalogue": str(catalogue), "model": args.model}
+        and sorted(s.parameters.get("shard") for s in deployment.schedules)
+        == sorted(f"{i}/{args.gpus}" for i in range(args.gpus))
+        and runs_at_once is not None
+        and runs_at_once.limit == limit.limit == args.gpus
+    )
+
+
 def deploy_night(args: argparse.Namespace, results: dict, work: Path) -> Path:
-    """The night's catalogue and its deployment, as `t2v deploy --gpus` makes it."""
+    """The night's catalogue and its deployment, as `t2v deploy --gpus` makes it (`--reuse-deployment`:
+    unless an earlier call made it so on the same server)."""
     from deployments.deploy import NightlyDeployment, deploy
 
     catalogue = work / "night.toml"
@@ -252,6 +302,11 @@ def deploy_night(args: argparse.Namespace, results: dict, work: Path) -> Path:
     results["templates"] = write_catalogue(
         catalogue, args.jobs, height=height, width=width, frames=frames, steps=args.steps
     )
+    if args.reuse_deployment and deployed_already(args, catalogue):
+        results["deployment"] = "found as this call deploys it (--reuse-deployment)"
+        log(f"{DEPLOYMENT} on pool {POOL}: already deployed for this night")
+        return catalogue
+    results["deployment"] = "deployed"
     deploy(
         NightlyDeployment(catalogue=catalogue, model=args.model, pool=POOL, gpus=args.gpus, timezone="UTC")
     )
@@ -261,8 +316,9 @@ def deploy_night(args: argparse.Namespace, results: dict, work: Path) -> Path:
     return catalogue
 
 
-def run_night(args, results: dict, save, server, base_env, prefect_env) -> None:
-    """With the server started: deploy, then each phase asked for (saved after each)."""
+def run_night(args, results: dict, save, server, base_env, prefect_env, gpus: Future) -> None:
+    """With the server started: deploy, then each phase asked for (saved after each). `gpus`: the
+    cards' names, still being asked for in a --tiny run."""
     from bench.night import has_ffmpeg
 
     work = args.work
@@ -275,8 +331,10 @@ def run_night(args, results: dict, save, server, base_env, prefect_env) -> None:
     )
     log(f"prefect server up at {prefect_env['PREFECT_API_URL']} in {results['server_ready_s']:.1f} s")
     deploy_night(args, results, work)
-    results["import_probe"] = import_probe(worker_env)
-    log(f"a flow-run process's start and imports: {results['import_probe']}")
+    results["gpu"] = gpus.result()
+    if not args.no_import_probe:
+        results["import_probe"] = import_probe(worker_env)
+        log(f"a flow-run process's start and imports: {results['import_probe']}")
     phase = dict(work=work, worker_env=worker_env, templates=results["templates"], timeout_s=args.timeout_s)
     shards = {"one": [None], "two": [f"{i}/{args.gpus}" for i in range(args.gpus)]}
     for name in args.phase_list:
@@ -295,13 +353,18 @@ def main() -> None:
     shutil.rmtree(args.work, ignore_errors=True)
     args.work.mkdir(parents=True)
     base_env = without_run_settings()
-    results = night_header(args, base_env)
+    # The cards' names come from a child that imports torch (seconds): a GPU run needs them before it
+    # starts, a --tiny one has them asked for beside the server's start and the deploy.
+    gpus = ThreadPoolExecutor(1).submit(gpu_names, base_env)
+    results = night_header(args)
     result_path = args.out / "multi_gpu.json"
     merge_earlier(results, result_path, args.phase_list)
 
     def save() -> None:
         result_path.write_text(json.dumps(results, indent=1, default=str))
 
+    if not args.tiny:
+        results["gpu"] = gpus.result()
     if not args.tiny and (not isinstance(results["gpu"], list) or len(results["gpu"]) < args.gpus):
         results["error"] = f"needs {args.gpus} CUDA devices, found {results['gpu']}"
         save()
@@ -309,11 +372,11 @@ def main() -> None:
     save()
     # A `timeout` (SIGTERM) unwinds like Ctrl+C, so the finally blocks stop the workers and the server.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    server, prefect_env = start_prefect_server(args.work / "prefect", base_env)
+    server, prefect_env = prefect_server(args.work / "prefect", base_env, args.prefect_api)
     try:
         # Prefect reads its settings when it is first imported: point this process at the server first.
         os.environ.update(prefect_env)
-        run_night(args, results, save, server, base_env, prefect_env)
+        run_night(args, results, save, server, base_env, prefect_env, gpus)
     except BaseException as exc:
         what = "interrupted (SIGTERM or Ctrl+C)" if isinstance(exc, KeyboardInterrupt) else type(exc).__name__
         results["error"] = f"{what}: {exc}"[:4000]

@@ -13,7 +13,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from bench.night import log, stop
-from bench.timeline import label
 
 ROOT = Path(__file__).resolve().parents[1]
 POOL = "gpu-bench"
@@ -162,6 +161,7 @@ def flow_run_record(
     fr, runlog_runs: list[dict], templates: list[str], phase: Phase, worker: str | None
 ) -> dict:
     """One flow run: its state, card, shard, what it made, its span and peaks from its run-log rows."""
+    from bench.timeline import label  # it imports the stage registry (torch): not before it is needed
     from t2v.pipeline import CLIP, stages
     from t2v.shards import select_shard
 

@@ -119,12 +119,30 @@ def start_prefect_server(home: Path, base_env: Mapping[str, str]) -> tuple[subpr
     return proc, prefect_env
 
 
-def wait_for_server(api: str, proc: subprocess.Popen, log_path: Path, timeout: float = 180) -> float:
+def prefect_server(
+    home: Path, base_env: Mapping[str, str], api: str | None = None
+) -> tuple[subprocess.Popen | None, dict[str, str]]:
+    """`start_prefect_server`, or with `api` (`--prefect-api`: a server already running, such as a test
+    session's) none started: (None, the Prefect variables that point a client at `api`, with `home` as
+    this process's PREFECT_HOME)."""
+    if api is None:
+        return start_prefect_server(home, base_env)
+    home.mkdir(parents=True, exist_ok=True)
+    return None, {
+        "PREFECT_HOME": str(home),
+        "PREFECT_API_URL": api,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DO_NOT_TRACK": "1",
+    }
+
+
+def wait_for_server(api: str, proc: subprocess.Popen | None, log_path: Path, timeout: float = 180) -> float:
     """Seconds until the Prefect server at `api` answers its health check; raises if it exits first
-    or does not answer in `timeout` seconds, with the end of its log."""
+    (`proc`, None for a server this script did not start) or does not answer in `timeout` seconds,
+    with the end of its log."""
     start = time.perf_counter()
     while time.perf_counter() - start < timeout:
-        if proc.poll() is not None:
+        if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"prefect server exited with {proc.returncode}:\n{tail(log_path)}")
         try:
             with urllib.request.urlopen(f"{api}/health", timeout=2) as r:
@@ -136,10 +154,13 @@ def wait_for_server(api: str, proc: subprocess.Popen, log_path: Path, timeout: f
     raise TimeoutError(f"prefect server did not answer in {timeout} s:\n{tail(log_path)}")
 
 
-def stop(proc: subprocess.Popen, grace_s: float = 10) -> None:
-    """Terminate `proc` (kill after `grace_s`), then any of its descendants still alive (flow runs)."""
+def stop(proc: subprocess.Popen | None, grace_s: float = 10) -> None:
+    """Terminate `proc` (kill after `grace_s`), then any of its descendants still alive (flow runs);
+    None (a server this script did not start) is left alone."""
     import psutil
 
+    if proc is None:
+        return
     try:
         children = psutil.Process(proc.pid).children(recursive=True)
     except psutil.Error:

@@ -9,8 +9,9 @@ full-size weights, prompts, negative prompt, seeds and steps on both sides:
             small cards: group offloading with CUDA streams (transformer by blocks, text encoder by
             leaves) and VAE tiling. Frames are saved per clip with `np.save`.
   ours      `flows.nightly.nightly` against a local `prefect server start` that this script starts
-            first (a nightly deployment has its server running): stage-major, planned under the same
-            cap (T2V_VRAM_BUDGET_GB), run log and store included (bench/ours.py).
+            first (a nightly deployment has its server running; `--prefect-api` names one already
+            running instead, as the tests do with their session's): stage-major, planned under the
+            same cap (T2V_VRAM_BUDGET_GB), run log and store included (bench/ours.py).
 
 Reports clips/hour for both, their ratio, our time outside model compute (wall time minus each card
 stage's "compute" spans less the "place" spans inside them, as the runner's hooks report them; the
@@ -41,7 +42,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.night import log, start_prefect_server, stop, wait_for_server  # noqa: E402
+from bench.night import log, prefect_server, stop, wait_for_server  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -65,6 +66,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "starts with Inductor's on-disk cache of an earlier night, as a nightly schedule's second night does",
     )
     parser.add_argument("--work", type=Path, default=Path("/tmp/t2v-throughput"))
+    parser.add_argument(
+        "--prefect-api",
+        metavar="URL",
+        help="run our night against this Prefect server, already running (a test session's), instead "
+        "of starting one (then `prefect_server_ready_s` is only its health check)",
+    )
     parser.add_argument(
         "--deadline-s", type=float, default=420, help="optional phases start only before this"
     )
@@ -119,7 +126,7 @@ def main() -> None:
     # The server starts while the weights are built; it is up before anything is timed. Prefect reads
     # its settings when first imported: this process points at the server before that.
     home = args.work / "prefect"
-    server, prefect_env = start_prefect_server(home, os.environ)
+    server, prefect_env = prefect_server(home, os.environ, args.prefect_api)
     os.environ.update(prefect_env)
     try:
         from bench.session import open_session

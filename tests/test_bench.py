@@ -3,8 +3,9 @@ docs/benchmarks.md's throughput figures must keep running, and what they count m
 measure through the hooks the runner offers (its events, codec and loader), never by patching library
 functions, and no function of theirs grows past 80 lines.
 
-The two script runs start a real `prefect server start` (and the second, real workers), so they run
-only with T2V_TEST_DEPLOYMENT=1, which `.ci/run` sets.
+The two script runs use the session's Prefect test server (`--prefect-api`) rather than starting
+their own, and the second starts real workers on it, so they run only with T2V_TEST_DEPLOYMENT=1, which
+`.ci/run` sets.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -34,11 +36,14 @@ MAX_FUNCTION_LINES = 80
 
 
 def _run(script: str, *args: str, tmp_path: Path) -> dict:
+    """`bench/<script>.py --tiny` against the session's Prefect server; its results file."""
+    from prefect.settings import PREFECT_API_URL
+
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "T2V_"))}
     out = tmp_path / "out"
     done = subprocess.run(
         [sys.executable, f"bench/{script}.py", "--tiny", "--out", str(out), "--work", str(tmp_path / "work")]
-        + list(args),
+        + ["--prefect-api", PREFECT_API_URL.value(), *args],
         cwd=REPO,
         env=env | {"DO_NOT_TRACK": "1", "TQDM_DISABLE": "1"},
         capture_output=True,
@@ -50,7 +55,7 @@ def _run(script: str, *args: str, tmp_path: Path) -> dict:
 
 
 def test_nightly_throughput_runs_both_sides_and_accounts_for_the_wall_time(tmp_path):
-    require_slow_tests("a real Prefect server, our night and the diffusers loop")
+    require_slow_tests("our night through Prefect and the diffusers loop")
     args = ("--jobs", "3", "--steps", "2", "--skip", "compile")
     results = _run("nightly_throughput", *args, tmp_path=tmp_path)
 
@@ -85,15 +90,43 @@ def test_nightly_throughput_runs_both_sides_and_accounts_for_the_wall_time(tmp_p
     assert len(results["frames_mean_abs_diff_vs_baseline"]) == 3  # our frames, read back by the codec
 
 
-def test_multi_gpu_splits_the_night_between_workers_with_no_job_twice(tmp_path):
-    require_slow_tests("a real Prefect server and three workers")
+@pytest.fixture
+def night_deployed_on_the_session_server() -> Iterator[None]:
+    """What bench/multi_gpu.py deploys on the session's server (its pool, the nightly deployment, the
+    `gpu` limit) removed afterwards: the other tests run with no `gpu` limit (tests/test_tasks.py)."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    from bench.multi_gpu_phase import DEPLOYMENT, POOL
+    from deployments.deploy import GPU_LIMIT
+
+    yield
+    with get_client(sync_client=True) as client:
+        removals = (
+            lambda: client.delete_deployment(client.read_deployment_by_name(DEPLOYMENT).id),
+            lambda: client.delete_work_pool(POOL),
+            lambda: client.delete_global_concurrency_limit_by_name(GPU_LIMIT),
+        )
+        for remove in removals:
+            try:
+                remove()
+            except ObjectNotFound:
+                pass
+
+
+def test_multi_gpu_splits_the_night_between_workers_with_no_job_twice(
+    tmp_path, night_deployed_on_the_session_server
+):
+    require_slow_tests("a Prefect deployment and three workers")
     # As two calls, the way a night too long for one device command is measured: the second merges.
     # --no-ffmpeg: the workers' flow runs get the .npy codec through T2V_HOOKS, as on the GPU machine.
-    common = ("--jobs", "3", "--steps", "2", "--no-ffmpeg")
+    common = ("--jobs", "3", "--steps", "2", "--no-ffmpeg", "--no-import-probe")
     first = _run("multi_gpu", *common, "--phases", "one", tmp_path=tmp_path)
     assert "two" not in first and "scaling_wall" not in first
-    results = _run("multi_gpu", *common, "--phases", "two", tmp_path=tmp_path)
+    # The same server: the second call finds the night deployed by the first (`prefect deploy` is ~10 s).
+    results = _run("multi_gpu", *common, "--phases", "two", "--reuse-deployment", tmp_path=tmp_path)
     assert results["one"] == first["one"]
+    assert first["deployment"] == "deployed" and results["deployment"].startswith("found")
 
     one, two = results["one"], results["two"]
     assert one["completed"] and two["completed"] and results["no_job_twice"]
