@@ -19,6 +19,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -79,13 +80,21 @@ def run_case(case: str, folder: Path, scratch: Path, timeout_s: float | None = N
         f"'{a}'" for a in night_command(who, folder, resolution, data)
     )
     start = time.perf_counter()
+    child = subprocess.Popen(
+        ["sh", "-c", shell], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    sampler = MemorySampler(group, child.pid)
+    sampler.start()
     try:
-        done = subprocess.run(
-            ["sh", "-c", shell], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s
-        )
-    except subprocess.TimeoutExpired as late:
-        said = (late.stdout or b"").decode() + (late.stderr or b"").decode()
-        done = subprocess.CompletedProcess(late.cmd, -9, said, f"\ntimed out after {timeout_s} s")
+        stdout, stderr = child.communicate(timeout=timeout_s)
+        done = subprocess.CompletedProcess(child.args, child.returncode, stdout, stderr)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        stdout, stderr = child.communicate()
+        stderr += f"\ntimed out after {timeout_s} s"
+        done = subprocess.CompletedProcess(child.args, -9, stdout, stderr)
+    finally:
+        sampler.stop()
     wall = time.perf_counter() - start
     events = dict(line.split() for line in (group / "memory.events").read_text().splitlines())
     said = (done.stdout + done.stderr).splitlines()
@@ -103,7 +112,49 @@ def run_case(case: str, folder: Path, scratch: Path, timeout_s: float | None = N
         "gpu": gpu_name(),
         "host_log": [line[-300:] for line in said if "on the host" in line or "page-locked" in line],
         "tail": (done.stdout + done.stderr)[-1500:],
+        "memory": sampler.summary(),
     }
+
+
+class MemorySampler(threading.Thread):
+    """The cgroup's `memory.stat` (anonymous vs page cache vs unevictable) and the night's own
+    `/proc/PID/status` every quarter second: what a peak was made of, and when (wall-clock times, to
+    line up with the night's log)."""
+
+    FIELDS = ("anon", "file", "active_file", "inactive_file", "file_mapped", "unevictable", "shmem", "kernel")
+
+    def __init__(self, group: Path, pid: int, every_s: float = 0.25) -> None:
+        super().__init__(daemon=True)
+        self.group, self.pid, self.every_s = group, pid, every_s
+        self.samples: list[dict] = []
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        while not self._done.wait(self.every_s):
+            sample = {"clock": time.strftime("%H:%M:%S"), "t_s": round(time.perf_counter(), 2)}
+            try:
+                stat = dict(line.split() for line in (self.group / "memory.stat").read_text().splitlines())
+                sample |= {k: round(int(stat[k]) / 2**30, 2) for k in self.FIELDS if k in stat}
+                sample["current"] = round(int((self.group / "memory.current").read_text()) / 2**30, 2)
+                status = Path(f"/proc/{self.pid}/status").read_text().splitlines()
+                for line in status:
+                    name, _, value = line.partition(":")
+                    if name in ("RssAnon", "RssFile", "RssShmem", "VmLck", "VmPin"):
+                        sample[name] = round(int(value.split()[0]) / 2**20, 2)
+            except (OSError, ValueError, KeyError):
+                pass
+            self.samples.append(sample)
+
+    def stop(self) -> None:
+        self._done.set()
+        self.join()
+
+    def summary(self) -> dict:
+        """The largest anonymous use, the last samples before the end (a kill's cause), one a second."""
+        if not self.samples:
+            return {}
+        most = max(self.samples, key=lambda s: s.get("anon", 0))
+        return {"max_anon": most, "last": self.samples[-6:], "every_second": self.samples[::4]}
 
 
 def _peak(group: Path) -> float | None:

@@ -3,6 +3,7 @@ and a dropped component really gone before the next loads. No GPU here: the driv
 recorder; the loads, file mappings and bookkeeping are real."""
 
 import gc
+import logging
 import weakref
 from pathlib import Path
 
@@ -160,3 +161,40 @@ def test_a_prefetch_without_room_loads_nothing_and_says_so() -> None:
     assert residency.prefetching("transformer", "tiny") is False
     assert residency.prefetched("transformer", "tiny") is None and loads == []
     residency.release()
+
+
+def test_a_prefetch_leaves_the_host_memory_a_mapped_stage_streams_from(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The 12 GiB night on the GPU machine: the text encoder streamed mapped (its file pages uncharged,
+    # another group's cache), the budget showed 11.2 GiB free, and the transformer's prefetch pinned
+    # 9.3 GiB beside the encode until the OOM killer ended the night.
+    from t2v.context import RunContext
+    from t2v.engine import StageRunner
+    from t2v.engine import runner as runner_module
+    from t2v.engine.residency import host_has_room
+    from t2v.hostmem import HostMemory
+    from t2v.runlog import RunLog
+    from t2v.settings import Settings
+
+    settings = Settings(data_dir=tmp_path, database_url=f"sqlite:///{tmp_path / 'runs.db'}")
+    run_id = RunLog(settings.runlog_url).start_run(kind="generate", model="tiny")
+    runner = StageRunner(
+        RunContext(run_id=run_id, model="tiny", outputs_dir=tmp_path / "out", settings=settings)
+    )
+    monkeypatch.setattr(StageRunner, "device", property(lambda self: "cuda:0"))  # decided as for a card
+    encoder_bytes = runner.sizes("text_encoder")[1]
+    monkeypatch.setattr(
+        runner_module, "probe_host", lambda budget: HostMemory(8 * GiB, encoder_bytes // 2, "cgroup")
+    )
+    assert runner.mapped_bytes() == 0
+    assert runner.host_placement("text_encoder") is HostPlacement.MAPPED
+    runner.residency.get("text_encoder", "tag", tiny.build_text_encoder)
+    assert runner.mapped_bytes() == encoder_bytes
+
+    assert host_has_room("transformer", GiB // 8, budget_gib=2)  # 0.125 GiB + the 1.5 GiB reserve
+    with caplog.at_level(logging.INFO, logger="t2v"):
+        assert not host_has_room("transformer", GiB // 8, budget_gib=2, streaming_bytes=GiB)
+    assert "1.0 GiB more streamed by the stage running" in caplog.text
+    runner.residency.drop("text_encoder")
+    assert runner.mapped_bytes() == 0

@@ -31,15 +31,26 @@ PREFETCH_ROOM = 1.0
 the budget counts as room (`t2v.hostmem`)."""
 
 
-def host_has_room(name: str, size_bytes: int, budget_gib: float | None = None) -> bool:
+def host_has_room(
+    name: str, size_bytes: int, budget_gib: float | None = None, *, streaming_bytes: int = 0
+) -> bool:
     """Whether the host budget (its free memory, its cgroup's limit, or `budget_gib`: `t2v.hostmem`)
-    has `PREFETCH_ROOM` times `size_bytes`, and the reserve, left for loading `name` ahead."""
+    has `PREFETCH_ROOM` times `size_bytes`, and the reserve, left for loading `name` ahead, beside the
+    `streaming_bytes` of components held mapped (`HostPlacement.MAPPED`)."""
     need = PREFETCH_ROOM * size_bytes + HOST_RESERVE
-    # Not the page cache: a stage running beside it may be streaming its weights from there.
-    free = probe_host(budget_gib, page_cache_is_room=False).budget_bytes
+    # Not the page cache: a stage running beside it may be streaming its weights from there. Nor the
+    # file pages a mapped component streams from, which the budget shows as free while they are
+    # uncharged (another group's cache) or not yet read: a page-locked copy loaded beside such a
+    # stage takes the memory its weights come through.
+    free = probe_host(budget_gib, page_cache_is_room=False).budget_bytes - streaming_bytes
     if free < need:
         log.info(
-            "not prefetching %s: %.1f GiB of host memory free, %.1f wanted", name, free / 2**30, need / 2**30
+            "not prefetching %s: %.1f GiB of host memory free (%.1f GiB more streamed by the stage "
+            "running), %.1f wanted",
+            name,
+            max(free, 0) / 2**30,
+            streaming_bytes / 2**30,
+            need / 2**30,
         )
         return False
     return True
@@ -189,6 +200,10 @@ class Residency:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+    def holds(self, name: str) -> bool:
+        """Whether `name` is loaded (placed, or prefetched and not yet taken)."""
+        return name in self._held or name in self._ahead
 
     @property
     def loaded(self) -> list[str]:

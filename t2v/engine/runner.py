@@ -211,6 +211,12 @@ class StageRunner:
         with self._lock:
             return self._hosts.setdefault(component, decided)
 
+    def mapped_bytes(self) -> int:
+        """The weights of the loaded components that stream from their files (`HostPlacement.MAPPED`)."""
+        with self._lock:
+            mapped = [c for c, host in self._hosts.items() if host is HostPlacement.MAPPED]
+        return sum(self.sizes(c)[1] for c in mapped if self.residency.holds(c))
+
     def sizes(self, component: str) -> tuple[ComponentSizes, int]:
         """What the planner needs of `component`, and its bytes (`plans.component_sizes`); under the
         run's lock because a stage's tasks start together and a prefetch asks first."""
@@ -258,7 +264,9 @@ class StageRunner:
         name = stage.component
 
         def room() -> bool:
-            return host_has_room(name, self.sizes(name)[1], self.settings.ram_budget_gib)
+            return host_has_room(
+                name, self.sizes(name)[1], self.settings.ram_budget_gib, streaming_bytes=self.mapped_bytes()
+            )
 
         def load() -> torch.nn.Module:
             with self.hooks.span("load", stage), self.residency.loading():
