@@ -4,7 +4,9 @@
     python bench/host_ram.py nights /tmp/wan --out bench/results --cases ours:832x480x81:16,...
 
 Each case is `who:resolution:memory_max_gib[:card_cap_gib]` (`none` for no limit; who is `ours`, t2v's
-`generate`, or `stock`, diffusers' WanPipeline with `enable_model_cpu_offload()`; the card is capped at
+`generate`, `gguf`, the same with the transformer from `FOLDER.q8_0.gguf` (write it first with
+`python -m t2v.models.gguf write FOLDER FOLDER.q8_0.gguf --type Q8_0`), or `stock`, diffusers'
+WanPipeline with `enable_model_cpu_offload()`; the card is capped at
 6 GiB unless the fourth field says otherwise: stock cannot place the transformer under 6 GiB at all). Each
 night runs in a fresh process moved into its own cgroup before it imports anything; the cgroup's
 `memory.peak` and `memory.events` say how high it went and whether the OOM killer ended it. Root and a
@@ -27,6 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 CGROUPS = Path("/sys/fs/cgroup")
 SIZES = {"1280x704x121": (704, 1280, 121), "832x480x81": (480, 832, 81), "96x64x9": (64, 96, 9)}
 STEPS = 3
+GGUF_TYPE = "Q8_0"
 
 
 def save(folder: Path) -> None:
@@ -55,9 +58,11 @@ def night_command(who: str, folder: Path, resolution: str, data: Path) -> list[s
     height, width, frames = SIZES[resolution]
     if who == "stock":
         return [sys.executable, str(Path(__file__)), "stock", str(folder), resolution]
+    # `gguf`: the folder with the GGUF transformer written beside it (`t2v.models.gguf write`).
+    model = f"{folder}+{folder}.{GGUF_TYPE.lower()}.gguf" if who == "gguf" else str(folder)
     return [
         sys.executable, "-m", "t2v_cli.main", "generate", "a corgi running through fresh snow",
-        "--model", str(folder), "--height", str(height), "--width", str(width), "--frames", str(frames),
+        "--model", model, "--height", str(height), "--width", str(width), "--frames", str(frames),
         "--steps", str(STEPS), "--out", str(data / "clip.mp4"),
     ]  # fmt: skip
 
@@ -108,7 +113,7 @@ def run_case(case: str, folder: Path, scratch: Path, timeout_s: float | None = N
         "oom_kills": int(events.get("oom_kill", 0)),
         "wall_s": wall,
         "cgroup_peak_gib": _peak(group),
-        "plans": plans_of(data) if who == "ours" else None,
+        "plans": plans_of(data) if who != "stock" else None,
         "gpu": gpu_name(),
         "host_log": [line[-300:] for line in said if "on the host" in line or "page-locked" in line],
         "tail": (done.stdout + done.stderr)[-1500:],

@@ -1,0 +1,150 @@
+"""The VAE decode alone, full-size random weights: dtypes, tile shapes and cuDNN's settings, under a card
+cap, against whole frames in fp32 (the pipeline's own decode) on the same latents.
+
+    python bench/decoder_speed.py --out bench/results          # on a GPU (the device tool)
+
+A variant is `dtype:tile_h x tile_w:flags` (`whole` for no tiling; a tile as tall as the frame makes
+column strips); flags: `bench` (cudnn.benchmark), `cl` (channels-last 3D weights), `cap6`/`cap8` (card
+cap). Each runs twice on fresh latents of one seed; the second run's time is reported (the first pays
+cuDNN's search). Deviation: mean and max of |frame - fp32 whole frame| in 1/255 units.
+Records go to `decoder_speed.json`: {resolution, variant, cap_gib, decode_s, first_s, peak_reserved_gib,
+mean_abs_255, max_abs_255, passes, gpu}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import t2v  # noqa: E402, F401  (its allocator settings before torch touches the card)
+
+# isort: split
+import torch  # noqa: E402
+
+from bench.clock import GiB, free_cuda  # noqa: E402
+
+LATENTS = {"1280x704x121": (31, 44, 80), "832x480x81": (21, 30, 52)}
+VARIANTS = {
+    "1280x704x121": [
+        "float32:whole:",
+        "bfloat16:whole:",
+        "bfloat16:256x256:cap6",
+        "bfloat16:256x256:cap6,bench",
+        "bfloat16:256x256:cap6,bench,cl",
+        "bfloat16:384x384:cap6,bench",
+        "bfloat16:512x512:cap6,bench",
+        "bfloat16:704x256:cap6,bench",
+        "bfloat16:704x384:cap6,bench",
+    ],
+    "832x480x81": [
+        "float32:whole:",
+        "bfloat16:whole:cap6,bench",
+        "bfloat16:256x256:cap6",
+        "bfloat16:256x256:cap6,bench",
+        "bfloat16:480x384:cap6,bench",
+        "bfloat16:512x512:cap6,bench",
+    ],
+}
+
+
+def decode(vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
+    from t2v.stages import decode_latents
+
+    return torch.from_numpy(decode_latents(vae, latents, device="cuda"))
+
+
+def run_variant(masters: dict, res: str, variant: str, latents: torch.Tensor, reference) -> dict:
+    from t2v.pipeline.decode import decoder_passes
+
+    dtype_name, tile, flag_text = variant.split(":")
+    flags = set(filter(None, flag_text.split(",")))
+    cap = 6 if "cap6" in flags else 8 if "cap8" in flags else None
+    free_cuda()
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(cap * GiB / total if cap else 1.0)
+    torch.backends.cudnn.benchmark = "bench" in flags
+    record = {"resolution": res, "variant": variant, "cap_gib": cap, "gpu": torch.cuda.get_device_name()}
+    try:
+        vae = masters[dtype_name]
+        vae.encoder = None
+        if "cl" in flags:
+            vae.to(memory_format=torch.channels_last_3d)
+        if tile == "whole":
+            vae.disable_tiling()
+        else:
+            th, tw = (int(x) for x in tile.split("x"))
+            vae.enable_tiling(
+                tile_sample_min_height=th,
+                tile_sample_min_width=tw,
+                tile_sample_stride_height=th * 3 // 4,
+                tile_sample_stride_width=tw * 3 // 4,
+            )
+        vae.to("cuda")
+        times = []
+        for _ in range(2):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            start = time.perf_counter()
+            frames = decode(vae, latents)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        record |= {
+            "first_s": times[0],
+            "decode_s": times[1],
+            "peak_reserved_gib": torch.cuda.max_memory_reserved() / GiB,
+            "passes": decoder_passes(vae, tuple(latents.shape)),
+        }
+        if reference is not None:
+            diff = (frames.float() - reference.float()).abs()
+            record |= {"mean_abs_255": diff.mean().item(), "max_abs_255": diff.max().item()}
+        else:
+            record["frames"] = frames
+    except torch.OutOfMemoryError as exc:
+        record["error"] = f"OOM: {str(exc)[:160]}"
+    except Exception:  # noqa: BLE001 - a bench records what broke and goes on
+        record["error"] = traceback.format_exc()[-600:]
+    finally:
+        masters[dtype_name].to("cpu")
+        if "cl" in flags:
+            masters[dtype_name].to(memory_format=torch.contiguous_format)
+        torch.backends.cudnn.benchmark = False
+        free_cuda()
+    return record
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--resolutions", default="1280x704x121,832x480x81")
+    args = parser.parse_args()
+    from t2v.models import fullsize
+
+    fp32 = fullsize.build("vae", dtype=torch.float32)
+    bf16 = fullsize.build("vae", dtype=torch.float32).to(torch.bfloat16)
+    masters = {"float32": fp32, "bfloat16": bf16}
+    records: list[dict] = []
+    args.out.mkdir(parents=True, exist_ok=True)
+    for res in args.resolutions.split(","):
+        frames, h, w = LATENTS[res]
+        gen = torch.Generator().manual_seed(0)
+        latents = torch.randn(1, 48, frames, h, w, generator=gen)
+        reference = None
+        for variant in VARIANTS[res]:
+            record = run_variant(masters, res, variant, latents, reference)
+            if reference is None:
+                reference = record.pop("frames", None)
+            records.append(record)
+            print(json.dumps({k: v for k, v in record.items() if k != "frames"}), flush=True)
+            (args.out / "decoder_speed.json").write_text(json.dumps(records, indent=1))
+
+
+if __name__ == "__main__":
+    main()
