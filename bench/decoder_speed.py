@@ -68,7 +68,6 @@ def run_variant(masters: dict, res: str, variant: str, latents: torch.Tensor, re
     free_cuda()
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction(cap * GiB / total if cap else 1.0)
-    torch.backends.cudnn.benchmark = "bench" in flags
     record = {"resolution": res, "variant": variant, "cap_gib": cap, "gpu": torch.cuda.get_device_name()}
     try:
         vae = masters[dtype_name]
@@ -87,13 +86,14 @@ def run_variant(masters: dict, res: str, variant: str, latents: torch.Tensor, re
             )
         vae.to("cuda")
         times = []
-        for _ in range(2):
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            start = time.perf_counter()
-            frames = decode(vae, latents)
-            torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
+        with torch.backends.cudnn.flags(enabled=True, benchmark="bench" in flags, deterministic=False):
+            for _ in range(2):
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                start = time.perf_counter()
+                frames = decode(vae, latents)
+                torch.cuda.synchronize()
+                times.append(time.perf_counter() - start)
         record |= {
             "first_s": times[0],
             "decode_s": times[1],
@@ -113,7 +113,6 @@ def run_variant(masters: dict, res: str, variant: str, latents: torch.Tensor, re
         masters[dtype_name].to("cpu")
         if "cl" in flags:
             masters[dtype_name].to(memory_format=torch.contiguous_format)
-        torch.backends.cudnn.benchmark = False
         free_cuda()
     return record
 

@@ -166,14 +166,17 @@ def test_a_prefetch_without_room_loads_nothing_and_says_so() -> None:
 def test_a_prefetch_leaves_the_host_memory_a_mapped_stage_streams_from(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # The 12 GiB night on the GPU machine: the text encoder streamed mapped (its file pages uncharged,
-    # another group's cache), the budget showed 11.2 GiB free, and the transformer's prefetch pinned
-    # 9.3 GiB beside the encode until the OOM killer ended the night.
+    # The 12 GiB night on the GPU machine: the transformer's prefetch, decided at the night's start,
+    # pinned 9.3 GiB while the text encoder streamed mapped beside it (its file pages uncharged,
+    # another group's cache, so the budget showed them free) until the OOM killer ended the night.
     from t2v.context import RunContext
     from t2v.engine import StageRunner
     from t2v.engine import runner as runner_module
     from t2v.engine.residency import host_has_room
     from t2v.hostmem import HostMemory
+    from t2v.pipeline.decode import STAGE as DECODE
+    from t2v.pipeline.diffuse import STAGE as DIFFUSE
+    from t2v.pipeline.encode import STAGE as ENCODE
     from t2v.runlog import RunLog
     from t2v.settings import Settings
 
@@ -187,14 +190,18 @@ def test_a_prefetch_leaves_the_host_memory_a_mapped_stage_streams_from(
     monkeypatch.setattr(
         runner_module, "probe_host", lambda budget: HostMemory(8 * GiB, encoder_bytes // 2, "cgroup")
     )
-    assert runner.mapped_bytes() == 0
+    assert runner.mapped_bytes(ENCODE) == 0  # nothing before the first stage
+    # Before the encoder is loaded: its placement is decided then (mapped), and counted.
+    assert runner.mapped_bytes(DIFFUSE) == encoder_bytes
     assert runner.host_placement("text_encoder") is HostPlacement.MAPPED
-    runner.residency.get("text_encoder", "tag", tiny.build_text_encoder)
-    assert runner.mapped_bytes() == encoder_bytes
+    runner.component(ENCODE, StagePlan("encode", Placement.CPU, device="cpu"))
+    assert runner.mapped_bytes(DIFFUSE) == encoder_bytes
+    # The VAE's prefetch also leaves the transformer's: at this budget it streams mapped too.
+    assert runner.mapped_bytes(DECODE) == encoder_bytes + runner.sizes("transformer")[1]
+    runner.residency.drop("text_encoder")
+    assert runner.mapped_bytes(DIFFUSE) == 0  # done with: the diffuse stage's component may be prefetched
 
     assert host_has_room("transformer", GiB // 8, budget_gib=2)  # 0.125 GiB + the 1.5 GiB reserve
     with caplog.at_level(logging.INFO, logger="t2v"):
         assert not host_has_room("transformer", GiB // 8, budget_gib=2, streaming_bytes=GiB)
     assert "1.0 GiB more streamed by the stage running" in caplog.text
-    runner.residency.drop("text_encoder")
-    assert runner.mapped_bytes() == 0

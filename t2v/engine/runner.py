@@ -101,6 +101,8 @@ class StageRunner:
         self._lock = threading.Lock()
         self._keys: dict[JobSpec, JobKeys] = {}
         self._hosts: dict[str, HostPlacement] = {}
+        self._placed: set[str] = set()
+        """Components placed this run (a dropped one is done with)."""
         self._state = {stage.name: stage.state() for stage in self.pipeline if stage.state}
         self._tokenizer = None
         self._scheduler = None
@@ -211,11 +213,17 @@ class StageRunner:
         with self._lock:
             return self._hosts.setdefault(component, decided)
 
-    def mapped_bytes(self) -> int:
-        """The weights of the loaded components that stream from their files (`HostPlacement.MAPPED`)."""
+    def mapped_bytes(self, stage: Stage) -> int:
+        """The weights that the components of the stages before `stage` stream from their files
+        (`HostPlacement.MAPPED`), where loaded or still to be loaded this run: what a prefetch for
+        `stage` would load beside. Their placement is decided here if it is not yet (it is kept)."""
+        earlier = self.pipeline[: self.pipeline.index(stage)]
+        components = {s.component for s in earlier if s.on_card and s.component != stage.component}
         with self._lock:
-            mapped = [c for c, host in self._hosts.items() if host is HostPlacement.MAPPED]
-        return sum(self.sizes(c)[1] for c in mapped if self.residency.holds(c))
+            finished = {c for c in self._placed if not self.residency.holds(c)}
+        return sum(
+            self.sizes(c)[1] for c in components - finished if self.host_placement(c) is HostPlacement.MAPPED
+        )
 
     def sizes(self, component: str) -> tuple[ComponentSizes, int]:
         """What the planner needs of `component`, and its bytes (`plans.component_sizes`); under the
@@ -241,6 +249,8 @@ class StageRunner:
                 if module is None:
                     with self.hooks.span("load", stage, None, plan), self.residency.loading():
                         module = self.hooks.load(self.model, name)
+                with self._lock:
+                    self._placed.add(name)
                 module = apply(plan, module, pin=lambda target: self.residency.pin(name, target))
                 if plan.placement is Placement.GPU:
                     self.residency.unpin(name)  # all on the card now: the host copy only takes room
@@ -265,7 +275,10 @@ class StageRunner:
 
         def room() -> bool:
             return host_has_room(
-                name, self.sizes(name)[1], self.settings.ram_budget_gib, streaming_bytes=self.mapped_bytes()
+                name,
+                self.sizes(name)[1],
+                self.settings.ram_budget_gib,
+                streaming_bytes=self.mapped_bytes(stage),
             )
 
         def load() -> torch.nn.Module:
