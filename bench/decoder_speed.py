@@ -8,7 +8,7 @@ column strips); flags: `bench` (cudnn.benchmark), `cl` (channels-last 3D weights
 cap). Each runs twice on fresh latents of one seed; the second run's time is reported (the first pays
 cuDNN's search). Deviation: mean and max of |frame - fp32 whole frame| in 1/255 units.
 Records go to `decoder_speed.json`: {resolution, variant, cap_gib, decode_s, first_s, peak_reserved_gib,
-mean_abs_255, max_abs_255, passes, gpu}.
+mean_abs_255, max_abs_255, gpu}.
 """
 
 from __future__ import annotations
@@ -54,8 +54,6 @@ def decode(vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
 
 
 def run_variant(masters: dict, res: str, variant: str, latents: torch.Tensor, reference) -> dict:
-    from t2v.pipeline.decode import decoder_passes
-
     dtype_name, tile, flag_text = variant.split(":")
     flags = set(filter(None, flag_text.split(",")))
     cap = 6 if "cap6" in flags else 8 if "cap8" in flags else None
@@ -92,7 +90,6 @@ def run_variant(masters: dict, res: str, variant: str, latents: torch.Tensor, re
             "first_s": times[0],
             "decode_s": times[1],
             "peak_reserved_gib": torch.cuda.max_memory_reserved() / GiB,
-            "passes": decoder_passes(vae, tuple(latents.shape)),
         }
         if reference is not None:
             diff = (frames.float() - reference.float()).abs()

@@ -80,6 +80,7 @@ def run_case(case: str, folder: Path, scratch: Path, timeout_s: float | None = N
         "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
         "DO_NOT_TRACK": "1",
     }
+    evict_page_cache(folder)
     # The child joins the cgroup first (`sh` writes its own pid, then becomes the night).
     shell = f"echo $$ > {group}/cgroup.procs && exec " + " ".join(
         f"'{a}'" for a in night_command(who, folder, resolution, data)
@@ -160,6 +161,16 @@ class MemorySampler(threading.Thread):
             return {}
         most = max(self.samples, key=lambda s: s.get("anon", 0))
         return {"max_anon": most, "last": self.samples[-6:], "every_second": self.samples[::4]}
+
+
+def evict_page_cache(folder: Path) -> None:
+    """Drop the folder's files (and a GGUF beside it) from the page cache, as after a reboot: what the
+    night reads is then charged to its own cgroup and reclaimed under its limit. Pages left cached by
+    the `save` (or an earlier night) belong to another group, which the limit never sees."""
+    files = [p for p in folder.rglob("*") if p.is_file()] + list(folder.parent.glob(f"{folder.name}.*.gguf"))
+    for path in files:
+        with open(path, "rb") as f:
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
 
 
 def _peak(group: Path) -> float | None:
