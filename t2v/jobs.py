@@ -8,7 +8,7 @@ import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
-from t2v import images, lora
+from t2v import images, lora, samplers, step_caches
 from t2v.errors import CatalogueError, InvalidInput
 from t2v.lora import Lora
 from t2v.media import Watermark
@@ -56,10 +56,12 @@ class JobSpec:
     guidance: float = field(default=5.0, metadata={"help": "Classifier-free guidance; <= 1 turns it off."})
     """Classifier-free guidance scale; <= 1 turns guidance off (one transformer pass a step)."""
     fps: int = field(default=24, metadata={"help": "Frames per second of the MP4."})
-    step_cache: float = 0.0
-    """First-block cache threshold (diffusers' FirstBlockCacheConfig); 0 turns it off (the default).
-    Above 0, a step whose first block barely changed reuses the other blocks' last residual: faster,
-    and the clip changes, so it is opt-in per template and part of the store key."""
+    step_cache: float | str = field(default=0.0, metadata={"help": step_caches.HELP})
+    """A step cache (t2v/step_caches.py); 0 turns it off (the default). A number up to 1 is diffusers'
+    FirstBlockCache at that threshold (a step whose first block barely changed reuses the other blocks'
+    last residual); "mag" or "mag:THRESHOLD" is MagCache with its authors' TI2V-5B ratios (whole steps
+    reuse the last residual while the ratios predict little change). Faster, and the clip changes, so
+    it is opt-in per template and part of the store key."""
     # The first frame from a picture (t2v/images.py): its path (a str, as the run log's JSON keeps it)
     # and how it fills the frame; both None for a text-only job.
     image: str | None = field(
@@ -97,6 +99,22 @@ class JobSpec:
     """A looping animation: webp, gif, or a table {format, width, fps, max_bytes}."""
     lora: tuple[Lora, ...] = ()
     """LoRA styles (t2v/lora.py): tables {path, scale}, paths relative to the catalogue; none by default."""
+    # The sampler (t2v/samplers.py); unset, the model's own: its folder's preset, else its scheduler.
+    sampler: str | None = field(
+        default=None,
+        metadata={
+            "help": "model (the folder's scheduler, --steps), euler or dmd (at --timesteps; dmd has no "
+            "guidance). Unset: the folder's preset (FastWan2.2: dmd at 1000,757,522), else model."
+        },
+    )
+    timesteps: tuple[float, ...] = field(
+        default=(),
+        metadata={
+            "help": "For --sampler euler or dmd: timesteps from noise (1000) down, comma-separated, e.g. "
+            "1000,757,522; the step count follows from them."
+        },
+    )
+    """Explicit timesteps in [0, 1000], strictly decreasing; when given, `steps` is their number."""
 
     def __post_init__(self) -> None:
         # A catalogue, the CLI and a re-run's JSON give lists, names and tables: hold them as the
@@ -108,6 +126,9 @@ class JobSpec:
             ("lora", lora.coerce),
         ):
             object.__setattr__(self, name, coerce(getattr(self, name)))
+        object.__setattr__(self, "timesteps", samplers.coerce_timesteps(self.timesteps))
+        if isinstance(self.timesteps, tuple) and self.timesteps:
+            object.__setattr__(self, "steps", len(self.timesteps))  # one step per explicit timestep
 
     @property
     def cfg(self) -> bool:
@@ -153,12 +174,8 @@ class JobSpec:
             _bad("guidance", self.guidance, "must be a number")
         if not math.isfinite(self.guidance) or self.guidance < 0:
             _bad("guidance", self.guidance, "must be a finite number >= 0")
-        if (
-            not isinstance(self.step_cache, int | float)
-            or isinstance(self.step_cache, bool)
-            or not 0 <= self.step_cache <= 1
-        ):
-            _bad("step_cache", self.step_cache, "must be a number between 0 (off) and 1")
+        if not step_caches.valid(self.step_cache):
+            _bad("step_cache", self.step_cache, step_caches.RULE)
         if not 1 <= self.fps <= MAX_FPS:
             _bad("fps", self.fps, f"must be between 1 and {MAX_FPS}")
         if not 0 <= self.seed <= MAX_SEED:
@@ -167,6 +184,7 @@ class JobSpec:
             self.watermark.validate()
         except ValueError as exc:
             raise InvalidInput(str(exc)) from exc
+        samplers.check(self, rules)
         self._check_image()
         lora.check(self.lora)
         if self.size_settled:  # else `images.size_for_picture` runs it on the size it settles
@@ -271,6 +289,9 @@ def _jobs_from_toml(data: dict, path: Path, text: str, rules: ModelRules) -> lis
             merged["lora"] = lora.relative_to(merged["lora"], path.parent)
         job = JobSpec(template=name, **merged)
         try:
+            # The model's preset where the template names no sampler; a guidance of the template's own
+            # with a sampler that has none is then refused, one from [defaults] turned off.
+            job = samplers.resolve(job, rules, guidance_given="guidance" in raw)
             job.validate(rules)
             if job.image is not None:
                 # The template's own height/width fix the frame; from [defaults] they give the area.

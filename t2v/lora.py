@@ -123,7 +123,7 @@ def check(loras: object) -> None:
 
 def _check_file(path: Path) -> None:
     try:
-        keys = _converted_keys(str(path.resolve()), *_version(path))
+        keys = tuple(_converted(str(path.resolve()), *_version(path)))
     except InvalidInput:
         raise
     except Exception as exc:  # safetensors' and diffusers' own errors: a file they cannot read
@@ -145,8 +145,9 @@ def _version(path: Path) -> tuple[int, int]:
 
 
 @functools.lru_cache(maxsize=64)
-def _converted_keys(path: str, size: int, mtime_ns: int) -> tuple[str, ...]:
-    """The file's keys after diffusers' conversion, once per version of the file in this process."""
+def _converted(path: str, size: int, mtime_ns: int) -> dict[str, tuple[int, ...]]:
+    """The file's keys after diffusers' conversion and their shapes, once per version of the file in
+    this process."""
     from safetensors import safe_open
 
     try:
@@ -159,7 +160,38 @@ def _converted_keys(path: str, size: int, mtime_ns: int) -> tuple[str, ...]:
         _bad(path, "holds no tensors")
     if not all("lora" in key for key in state):
         _bad(path, "is not a LoRA: its keys do not name lora_A/lora_B (or lora_down/lora_up) weights")
-    return tuple(state)
+    return {key: tuple(tensor.shape) for key, tensor in state.items()}
+
+
+def check_fits(loras: tuple[Lora, ...], transformer: Any) -> None:
+    """Raise InvalidInput naming `lora` unless each file's layers are layers of `transformer` (the
+    model's, built on the meta device: no weights) with the features the file's matrices take. A LoRA
+    of another Wan (a 14B one: 40 blocks of 5120 features) passes `check`, which knows layer names
+    only, and would otherwise fail only once the transformer is loaded."""
+    modules = dict(transformer.named_modules())
+    for item in {adapter_name(item.path): item for item in loras}.values():
+        shapes = _converted(str(Path(item.path).resolve()), *_version(Path(item.path)))
+        missing = sorted({_target(k) for k in shapes} - set(modules))
+        if missing:
+            _bad(
+                item.path,
+                f"does not fit this model's transformer: it has no layer {missing[0]} ({len(missing)} of the "
+                f"file's {len({_target(k) for k in shapes})} layers are missing)",
+            )
+        for key, shape in shapes.items():
+            module = modules[_target(key)]
+            side = "A" if ".lora_A." in key else "B" if ".lora_B." in key else None
+            if side is None or not key.endswith(".weight") or len(shape) != 2:
+                continue
+            features = getattr(module, "in_features" if side == "A" else "out_features", None)
+            given = shape[1] if side == "A" else shape[0]
+            if isinstance(features, int) and features != given:
+                way = "in" if side == "A" else "out"
+                _bad(
+                    item.path,
+                    f"does not fit this model's transformer: its layer {_target(key)} has {features} "
+                    f"features {way}, the file's lora_{side} {given}",
+                )
 
 
 def _module_of(key: str) -> str:
@@ -298,17 +330,21 @@ def _target(key: str) -> str:
 
 
 class Adapters:
-    """The diffuse stage's LoRA state for one run: every adapter its jobs have asked for so far, in
-    order. A placement carries them all (`DiffuseOptions.adapters`, part of the residency key), so a
-    job whose file is new this run has the transformer placed again with it; jobs asking for files
-    already loaded only switch."""
+    """The diffuse stage's LoRA state for one run: every adapter its jobs have asked for, in order. A
+    placement carries them all (`DiffuseOptions.adapters`, part of the residency key). Given the jobs
+    still to come (`expected`) at the first, it holds the night's every file from the start, so each
+    is loaded once and the transformer placed once; a job whose file is new to the run places it
+    again, with it."""
 
     def __init__(self) -> None:
         self.wanted: tuple[Adapter, ...] = ()
 
-    def for_job(self, loras: tuple[Lora, ...]) -> tuple[Adapter, ...]:
-        """What the placed transformer must hold for a job with `loras`: all asked for so far."""
-        for item in loras:
+    def for_job(
+        self, loras: tuple[Lora, ...], *, expected: Iterable[tuple[Lora, ...]] = ()
+    ) -> tuple[Adapter, ...]:
+        """What the placed transformer must hold for a job with `loras`: all asked for so far, and
+        those of the `expected` jobs' LoRAs."""
+        for item in (*(item for later in expected for item in later), *loras):
             adapter = Adapter.of(item)
             if adapter not in self.wanted:
                 self.wanted += (adapter,)

@@ -55,10 +55,16 @@ def generate(
     steps: int = job_option("steps"),
     seed: int = job_option("seed"),
     guidance: float = job_option("guidance"),
+    sampler: str | None = job_option("sampler"),
+    timesteps_arg: Annotated[
+        str | None, typer.Option("--timesteps", metavar="T1,T2,...", help=job_help("timesteps"))
+    ] = None,
     fps: int = job_option("fps"),
     negative_prompt: str = job_option("negative_prompt"),
     image: str | None = job_option("image"),
     fit: str | None = job_option("fit"),
+    # Text: a threshold or "mag[:THRESHOLD]", read into the field's float or str by `from_text`.
+    step_cache: str = job_option("step_cache"),
     watermark_text: Annotated[
         str,
         typer.Option(
@@ -120,8 +126,10 @@ def generate(
         t2v generate "a red fox running through snow" --height 64 --width 96 --frames 9 --steps 4
         t2v generate "the fox looks up and the snow starts to fall" --image fox.jpg
         t2v generate "a fox in the snow" --lora styles/ink.safetensors:0.8
+        t2v generate "a fox in the snow" --step-cache mag
+        t2v generate "a fox in the snow" --model FOLDER --sampler dmd --timesteps 1000,757,522
     """
-    from t2v import lora
+    from t2v import lora, samplers, step_caches
     from t2v.context import check_budgets, check_jobs
 
     settings = Settings.from_env()
@@ -139,6 +147,7 @@ def generate(
         fps=fps,
         image=str(Path(image).expanduser().absolute()) if image else image,
         fit=fit,
+        step_cache=step_caches.from_text(step_cache),
         watermark=Watermark(text=watermark_text),
         outputs=tuple(aspects.split(",")),
         fill=fill,
@@ -147,7 +156,13 @@ def generate(
         poster=int(poster_frame) if poster_frame is not None and poster_frame.isdigit() else poster_frame,
         preview=preview_format,
         lora=tuple(lora.relative_to([lora.parse(a) for a in lora_args or ()], Path.cwd())),
+        sampler=sampler,
+        timesteps=timesteps_arg,
     )
+    # The model folder's preset unless --sampler is given; an explicit --guidance with a sampler
+    # that has none is refused, the default one turned off.
+    given = ctx.get_parameter_source("guidance").name in ("COMMANDLINE", "ENVIRONMENT")
+    job = samplers.resolve(job, ref.rules, guidance_given=given)
     check_jobs([job], ref)
     if job.image is not None:
         job = _sized_for_picture(ctx, job, ref)

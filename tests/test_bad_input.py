@@ -12,6 +12,8 @@ import shlex
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 import flows.generate
@@ -66,6 +68,7 @@ def test_rejected_input(case, command, extra, message, data_dir, tmp_path, monke
         "long": LONG,
         "no_index": str(folder / "empty-model"),
         "not_wan": str(folder / "other-model"),
+        "unknown_pipeline": str(folder / "mystery-model"),
         "blocker": str(folder / "blocker"),
         "mp4_folder": str(folder / "clips.mp4"),
         "other_clip": str(folder / "other.mp4"),
@@ -74,6 +77,19 @@ def test_rejected_input(case, command, extra, message, data_dir, tmp_path, monke
     (folder / "empty-model").mkdir(parents=True)
     (folder / "other-model").mkdir()
     (folder / "other-model" / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    # A Wan2.2 folder's layout under a pipeline neither diffusers nor t2v knows.
+    for sub in ("text_encoder", "tokenizer", "transformer", "vae", "scheduler"):
+        (folder / "mystery-model" / sub).mkdir(parents=True)
+    (folder / "mystery-model" / "model_index.json").write_text('{"_class_name": "MysteryVideoPipeline"}')
+    # Safetensors files that are no LoRA, a LoRA of another model, and one of a wider Wan than tiny.
+    save_file({"blocks.0.attn1.to_q.weight": torch.zeros(2, 2)}, folder / "not-lora.safetensors")
+    save_file(
+        {"transformer.down_blocks.0.attentions.0.to_q.lora_A.weight": torch.zeros(2, 2)},
+        folder / "other-model.safetensors",
+    )
+    save_file(
+        {"transformer.blocks.0.attn1.to_q.lora_A.weight": torch.zeros(4, 3072)}, folder / "wide.safetensors"
+    )
     (folder / "blocker").write_text("a file where a folder would go\n")
     (folder / "fake-logo.png").write_text("not a png\n")
     (folder / "clips.mp4").mkdir()

@@ -214,6 +214,35 @@ def test_a_night_of_three_templates_gives_each_its_own_single_job_result(parts, 
     assert loads.count("transformer") == 2
 
 
+def test_a_night_that_announces_its_jobs_loads_each_file_once_and_places_the_transformer_once(
+    files, tmp_path, monkeypatch
+):
+    # The worst order for loading as the files come: a plain job first, then each file new.
+    jobs = [
+        job_with(files, template="plain"),
+        job_with(files, ("ink", 0.8), template="ink"),
+        job_with(files, ("comfy", 1.0), ("ink", 0.5), template="both"),
+    ]
+    alone = {k: v for job in jobs for k, v in _night(_runner(tmp_path / "alone"), [job]).items()}
+    loads: list[str] = []
+    injected: list[str] = []
+    read = lora.state_dict
+    monkeypatch.setattr(lora, "state_dict", lambda path: injected.append(Path(path).name) or read(path))
+    runner = _runner(tmp_path / "night", loads)
+    # As flows/night.py runs a night: each card stage's jobs handed to `prefetch` before it runs.
+    with runner.residency.held():
+        for stage in (encode.STAGE, diffuse.STAGE):
+            runner.prefetch(stage, jobs)
+            for job in jobs:
+                runner.run(stage, job)
+    assert loads.count("transformer") == 1  # placed once, with both files, for the plain job already
+    assert sorted(injected) == sorted(path.name for path in files.values())  # each file read once
+    for job in jobs:
+        latents = runner.store.load_tensors(diffuse.STAGE, runner.keys(job)[diffuse.STAGE])["latents"]
+        torch.testing.assert_close(latents, alone[job.template], rtol=0, atol=0)
+    assert runner.pending(diffuse.STAGE) == ()  # all stored: a re-run would load no file
+
+
 # --- keys ----------------------------------------------------------------------------------------
 
 
@@ -340,6 +369,40 @@ def test_bad_loras_are_one_line_naming_template_and_field_before_any_model_loads
     assert line.startswith(f"error: {catalogue}:8: template 'styled': "), line
     assert message.format(path=path.resolve()) in line, line
     assert not data_dir.exists()
+
+
+@pytest.mark.parametrize(
+    ("tensors", "message"),
+    [
+        (
+            {"transformer.blocks.5.attn1.to_q.lora_A.weight": torch.zeros(4, 24)},
+            "it has no layer blocks.5.attn1.to_q (1 of the file's 1 layers are missing)",
+        ),
+        (
+            {"transformer.blocks.0.attn1.to_q.lora_A.weight": torch.zeros(4, 3072)},
+            "its layer blocks.0.attn1.to_q has 24 features in, the file's lora_A 3072",
+        ),
+        (
+            {"transformer.blocks.0.ffn.net.2.lora_B.weight": torch.zeros(3072, 4)},
+            "its layer blocks.0.ffn.net.2 has 24 features out, the file's lora_B 3072",
+        ),
+    ],
+    ids=["block-past-the-last", "features-in", "features-out"],
+)
+def test_a_lora_of_another_size_is_refused_before_any_model_loads(tensors, message, tmp_path):
+    # Names of the Wan2.2 transformer's layers (`lora.check` passes them), shapes or blocks of another
+    # Wan (a 14B file has 40 blocks of 5120 features): the model's transformer on the meta device says so.
+    from t2v.context import check_jobs
+
+    path = tmp_path / "other.safetensors"
+    save_file(tensors, path)
+    job = JobSpec(template="fox", prompt=PROMPT, lora=(lora.Lora(str(path)),), **SIZE)
+    job.validate(WAN22_RULES)
+    with pytest.raises(InvalidInput) as caught:
+        check_jobs([job], resolve_model("tiny"))
+    assert (
+        str(caught.value) == f"`lora` does not fit this model's transformer: {message} but is {str(path)!r}."
+    )
 
 
 def test_generate_takes_lora_options(files, data_dir, monkeypatch):

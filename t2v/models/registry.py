@@ -10,11 +10,12 @@ import functools
 import hashlib
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
+from t2v import samplers
 from t2v.errors import InvalidInput, ModelNotFound
 from t2v.models import gguf, tiny
 from t2v.models.wan22 import WAN22_RULES, ModelRules
@@ -88,12 +89,23 @@ def resolve_model(spec: str) -> ModelRef:
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ModelNotFound(f"`--model` folder {spec!r} has a broken model_index.json ({exc}).") from exc
         missing = [name for name in _SUBFOLDERS if not (path / name).is_dir()]
-        if pipeline_class != "WanPipeline" or missing:
+        # A pipeline diffusers does not have (FastVideo's WanDMDPipeline) over Wan2.2 TI2V components in
+        # diffusers' layout: its components load one by one as any folder's, with the preset it implies.
+        preset = samplers.PIPELINE_PRESETS.get(pipeline_class) if isinstance(pipeline_class, str) else None
+        if (pipeline_class != "WanPipeline" and preset is None) or missing:
+            if not missing and not _diffusers_has(pipeline_class):
+                known = ", ".join(samplers.PIPELINE_PRESETS)
+                raise ModelNotFound(
+                    f"`--model` folder {spec!r} names pipeline {pipeline_class!r}, which is neither a "
+                    f"diffusers pipeline nor one t2v has a sampler preset for ({known}); a Wan2.2 TI2V "
+                    "diffusers folder names WanPipeline."
+                )
             raise ModelNotFound(
                 f"`--model` folder {spec!r} is not a Wan2.2 TI2V diffusers folder "
                 f"(pipeline {pipeline_class!r}, missing {missing or 'nothing'})."
             )
-        return ModelRef(spec=spec, source=str(path.resolve()), identity=_folder_identity(path))
+        rules = WAN22_RULES if preset is None else replace(WAN22_RULES, preset=preset)
+        return ModelRef(spec=spec, source=str(path.resolve()), identity=_folder_identity(path), rules=rules)
     # fullmatch: `$` alone would accept a trailing newline and make it part of the identity.
     if _HUB_ID.fullmatch(spec) and not path.exists() and not spec.startswith("."):
         return ModelRef(spec=spec, source=spec, identity=f"hub:{spec}")
@@ -101,6 +113,13 @@ def resolve_model(spec: str) -> ModelRef:
         f"`--model` {spec!r} is not a folder here, nor a hub id like 'Wan-AI/Wan2.2-TI2V-5B-Diffusers'; "
         f"use '{BUILTIN}' for the built-in model."
     )
+
+
+def _diffusers_has(pipeline_class: object) -> bool:
+    """Whether diffusers has a pipeline of that name (imported only for a folder t2v does not know)."""
+    import diffusers
+
+    return isinstance(pipeline_class, str) and hasattr(diffusers, pipeline_class)
 
 
 def _with_gguf(spec: str, folder: str, file: str) -> ModelRef:
@@ -118,6 +137,7 @@ def _with_gguf(spec: str, folder: str, file: str) -> ModelRef:
         spec=spec,
         source=base.source,
         identity=f"{base.identity}+{checked.identity}",
+        rules=base.rules,
         transformer_file=str(checked.path),
     )
 
@@ -180,11 +200,17 @@ def load_vae(ref: ModelRef, *, dtype: torch.dtype = torch.float32) -> torch.nn.M
 
 
 def load_scheduler(ref: ModelRef):
+    """The folder's scheduler, of the class its config names (UniPC for Wan2.2; a few-step folder's may
+    be another), UniPC where that is no diffusers scheduler."""
     if ref.builtin:
         return tiny.build_scheduler()
-    from diffusers import UniPCMultistepScheduler
+    import diffusers
+    from diffusers import SchedulerMixin, UniPCMultistepScheduler
 
-    return UniPCMultistepScheduler.from_pretrained(ref.source, subfolder="scheduler")
+    config = UniPCMultistepScheduler.load_config(ref.source, subfolder="scheduler")
+    named = getattr(diffusers, str(config.get("_class_name")), None)
+    cls = named if isinstance(named, type) and issubclass(named, SchedulerMixin) else UniPCMultistepScheduler
+    return cls.from_config(config)
 
 
 def skeleton(ref: ModelRef, component: str) -> torch.nn.Module:

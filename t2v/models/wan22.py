@@ -5,6 +5,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from importlib import resources
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from t2v.samplers import Preset
 
 FULL_SIZE: dict = json.loads(resources.files("t2v.models").joinpath("wan22_ti2v_5b.json").read_text())
 """The public full-size architecture (a copy of shared/wan22_ti2v_5b.json): no weights, only shapes."""
@@ -19,7 +23,8 @@ DEFAULT_NEGATIVE_PROMPT = (
 
 @dataclass(frozen=True)
 class ModelRules:
-    """Input rules a job must meet for a model; checked before any weights load."""
+    """Input rules a job must meet for a model, and the sampler it implies; checked before any weights
+    load."""
 
     spatial_multiple: int = 32
     """VAE spatial factor (16) times the transformer's patch (2)."""
@@ -31,6 +36,9 @@ class ModelRules:
     """Five seconds at 24 fps, the length the model was trained for."""
     max_sequence_length: int = MAX_SEQUENCE_LENGTH
     """Tokens of the prompt that reach the text encoder; longer prompts are rejected."""
+    preset: Preset | None = None
+    """The sampler a job that names none gets (`t2v.samplers.resolve`): a few-step checkpoint's folder
+    implies one (FastWan2.2's `WanDMDPipeline`); None: the folder's own scheduler."""
 
 
 WAN22_RULES = ModelRules()

@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 import torch
 from tqdm.auto import tqdm
 
-from t2v import checkpoints, lora, stages
+from t2v import checkpoints, lora, samplers, stages, step_caches
 from t2v import frame_timesteps as per_frame
 from t2v.digests import Verdict
 from t2v.errors import NonFiniteOutput
@@ -66,7 +66,8 @@ class DiffuseOptions(PlanOptions):
 
 
 def key(k: KeyInputs) -> dict[str, object]:
-    job = k.job
+    # As the diffusion runs it: a job that names no sampler on a preset folder keys as its preset.
+    job = samplers.resolve(k.job, k.model.rules)
     parts: dict[str, object] = dict(
         model=k.model.identity,
         seed=job.seed,
@@ -83,6 +84,9 @@ def key(k: KeyInputs) -> dict[str, object]:
         parts["first_frame"] = first_frame
     if job.lora:  # likewise: a job without a LoRA keeps its key
         parts["lora"] = lora.key_part(job.lora)
+    sampler = samplers.Sampler.of(job).key_part()
+    if sampler is not None:  # and one on the model's scheduler
+        parts["sampler"] = sampler
     return parts
 
 
@@ -170,15 +174,18 @@ def ladder(
 
 
 @contextmanager
-def step_cache(transformer: torch.nn.Module, threshold: float) -> Iterator[None]:
-    """diffusers' first-block cache on `transformer` for one job; the component outlives the job, the
-    cache must not (the next job may not ask for it, and its state belongs to this job's steps)."""
-    if threshold <= 0:
+def step_cache(
+    transformer: torch.nn.Module, setting: float | str, *, steps: int = 0, image: bool = False
+) -> Iterator[None]:
+    """The job's step cache (`t2v.step_caches`: a first-block threshold, or "mag" with the job's step
+    count and whether it starts from a picture) on `transformer` for one job; the component outlives
+    the job, the cache must not (the next job may not ask for it, and its state belongs to this job's
+    steps)."""
+    config = step_caches.config(setting, steps=steps, image=image)
+    if config is None:
         yield
         return
-    from diffusers import FirstBlockCacheConfig
-
-    transformer.enable_cache(FirstBlockCacheConfig(threshold=threshold))
+    transformer.enable_cache(config)
     try:
         yield
     finally:
@@ -200,11 +207,14 @@ CHECKPOINTS = Folder(folder="diffuse-checkpoints", suffix=".safetensors")
 
 class _Checkpointing:
     """Saves the diffusion's state after a step once `every_s` seconds have passed since the last save
-    (0: after every step), and tells the hooks each step is done (the kill-at-a-step drill)."""
+    (0: after every step), and tells the hooks each step is done: its progress (the live night view),
+    then `on_step` (the kill-at-a-step drill, which must find the step already reported)."""
 
     def __init__(self, work: Work, every_s: float) -> None:
         self.work, self.every_s = work, every_s
         self.last = time.monotonic()
+        # Made as the denoising starts: the job shows its step count from 0 rather than nothing.
+        work.progress(0, work.job.steps)
 
     def __call__(self, done: int, latents: torch.Tensor, scheduler: object) -> None:
         work = self.work
@@ -214,6 +224,7 @@ class _Checkpointing:
                 with work.run.store.writing(CHECKPOINTS, work.key) as temp:
                     checkpoints.save(temp, checkpoints.Checkpoint(done, latents, state))
                 self.last = time.monotonic()
+        work.progress(done, work.job.steps)
         for hook in work.run.hooks.on_step:
             hook(work.stage, work.job, done)
 
@@ -229,15 +240,21 @@ def _resume(work: Work) -> checkpoints.Checkpoint | None:
 
 
 def compute(work: Work) -> Writer:
+    # The job as its key saw it (a preset folder's sampler where it names none): the checkpoints and
+    # the progress count its steps. dmd resumes exactly: its fresh noise comes from the seed and step.
+    work = replace(work, job=samplers.resolve(work.job, work.run.model.rules))
     job, options = work.job, work.plan.options
+    sampler = samplers.Sampler.of(job)
     # A step cache's state is not saved: a resumed diffusion would differ from an uninterrupted one.
-    resumable = job.step_cache <= 0
+    resumable = not step_caches.enabled(job.step_cache)
     embeds = work.load_tensors(encode.STAGE)
     # Before the transformer is placed: the first job's encode has the card to itself.
     first_frame = work.state.latent(work) if job.image is not None else None
-    # Placed with every adapter the run has asked for so far (loaded before its hooks), then the job's
-    # alone made active: a file new this run places the transformer again, others only switch.
-    adapters = work.state.adapters.for_job(job.lora)
+    # Placed with every adapter the run's jobs ask for (loaded before its hooks: the jobs still to
+    # diffuse, as the flow announced them, so the transformer is placed once a night), then the job's
+    # alone made active. A stage run without that list places it again for a file new to the run.
+    expected = [j.lora for j in work.run.pending(STAGE)]
+    adapters = work.state.adapters.for_job(job.lora, expected=expected)
     placed = replace(work, plan=work.plan.with_options(adapters=adapters))
     transformer = placed.component()
     lora.activate(transformer, job.lora)
@@ -247,11 +264,11 @@ def compute(work: Work) -> Writer:
     )
     with (
         tqdm(total=job.steps, desc=f"{job.template} denoise", unit="step", leave=False) as bar,
-        step_cache(transformer, job.step_cache),
+        step_cache(transformer, job.step_cache, steps=job.steps, image=job.image is not None),
     ):
         latents = stages.denoise(
             transformer,
-            work.run.scheduler(),
+            sampler.scheduler(seed=job.seed) or work.run.scheduler(),
             noise,
             embeds["cond"],
             embeds.get("uncond"),
