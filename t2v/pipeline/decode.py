@@ -52,20 +52,22 @@ def ladder(s: ComponentSizes, job: JobSpec, *, device: str, fp8: bool = False) -
     pixels = job.height * job.width
 
     def estimate(size: int, tile: int | None) -> int:
-        # Measured on an H100 (docs/benchmarks.md): ~6.5k activation values per pixel decoded at once
-        # (a whole frame, or one tile), one latent frame at a time with the causal cache carrying the
-        # rest; tiling also holds the decoded tiles and the blended video (~3.5 copies of the output).
+        # Whole frames, measured on an H100 (docs/benchmarks.md): ~6.5k activation values per pixel
+        # decoded at once, one latent frame at a time with the causal cache carrying the rest. Tiles,
+        # fitted to the H200's peaks at 1280x704x121 in bf16 (4.1 GiB with 256 px tiles, 5.3 with
+        # 512, bench/decoder_speed.py): ~3.4k values per tile pixel, and the decoded tiles beside the
+        # blended video hold ~4 copies of the output.
         out = 3 * job.frames * pixels * size
         if tile is None:
             return s.vae_params * size + 6_500 * size * pixels + 2 * out
-        return s.vae_params * size + 6_500 * size * tile * tile + int(3.5 * out)
+        return s.vae_params * size + 3_500 * size * tile * tile + 4 * out
 
     # Order: speed, then fidelity. Whole frames in fp32 are the pipeline's own decode; measured on
-    # random weights, tiles of 256 px moved frames by ~5/255 on average and 128 px tiles by ~14/255,
-    # bf16 by <1/255, so bf16 comes before smaller tiles. Fewer, larger tiles are faster as well as
-    # closer: the decoder runs frame by frame per tile, so 15 tiles of 256 px at 480P launch 5x the
-    # kernels of 3 tiles of 512 px and recompute ~1.7x the pixels in the overlaps (8.8 s against
-    # 4.2 s whole, docs/benchmarks.md).
+    # random weights, tiles of 256 px moved frames by ~5/255 on average, 512 px tiles by ~2/255 and
+    # 128 px tiles by ~14/255, bf16 by <1/255, so bf16 comes before smaller tiles. Fewer, larger tiles
+    # are faster as well as closer: the decoder runs frame by frame per tile, so 15 tiles of 256 px at
+    # 480P launch 5x the kernels of 3 tiles of 512 px and recompute ~1.7x the pixels in the overlaps
+    # (8.8 s against 4.2 s whole; at 720P 20.8 s with 256 px tiles, 13.7 s with 512, docs/benchmarks.md).
     options = [
         ("float32", None),
         ("bfloat16", None),
