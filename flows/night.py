@@ -20,7 +20,7 @@ from t2v.context import RunContext, open_runlog
 from t2v.dashboard.summary import stage_table
 from t2v.jobs import JobSpec
 from t2v.pipeline import Stage, stages
-from tasks.stages import gpu_slot, prefetch, task_for
+from tasks.stages import gpu_slot, prefetch, task_for, watched
 
 Logger = logging.Logger | logging.LoggerAdapter
 
@@ -34,16 +34,17 @@ def run_stages(jobs: Sequence[JobSpec], ctx: RunContext, logger: Logger, *, tabl
     on_card = [s for s in pipeline if s.on_card]
     off_card = _Chains([s for s in pipeline if not s.on_card], ctx, failed, logger)
     try:
-        # The card is the run's from the first card stage to the last (tasks.stages.gpu_slot).
-        with gpu_slot(ctx):
-            for i, stage in enumerate(on_card):
-                for ahead in on_card[
-                    i : i + 2
-                ]:  # this stage's component (the first waits for it), the next's
-                    prefetch(ahead, jobs, ctx)
-                then = off_card.start if stage is on_card[-1] else None
-                _stage(stage, jobs, ctx, failed, logger, then=then)
-        results = off_card.collect(jobs)
+        # The whole night is recorded live (steps, memory, heartbeat) for the dashboard; its last
+        # figures are written before the run's status below.
+        with watched(ctx):
+            # The card is the run's from the first card stage to the last (tasks.stages.gpu_slot).
+            with gpu_slot(ctx):
+                for i, stage in enumerate(on_card):
+                    for ahead in on_card[i : i + 2]:  # this stage's component (the first waits), the next's
+                        prefetch(ahead, jobs, ctx)
+                    then = off_card.start if stage is on_card[-1] else None
+                    _stage(stage, jobs, ctx, failed, logger, then=then)
+            results = off_card.collect(jobs)
     except BaseException as exc:
         # Not a job's failure (those are caught per job) but the run's: record how it ended.
         runlog.finish_run(ctx.run_id, status="failed" if isinstance(exc, Exception) else "interrupted")

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from t2v import lora
 from t2v.errors import CatalogueError, InvalidInput, NoPlanFits
 from t2v.jobs import JobSpec, template_line
 from t2v.models import registry
@@ -81,16 +82,20 @@ def open_runlog(url: str) -> RunLog:
 def check_jobs(jobs: Iterable[JobSpec], model: ModelRef, *, catalogue: Path | str | None = None) -> None:
     """Validate jobs against the model's rules, prompt token counts included; raises InvalidInput.
 
-    Loads the tokenizer and no weights: this is what runs before a flow starts. With `catalogue`,
-    messages say which template of which file is wrong.
+    Loads the tokenizer and no weights (a LoRA is checked against the transformer built on the meta
+    device): this is what runs before a flow starts. With `catalogue`, messages say which template of
+    which file is wrong.
     """
     jobs = list(jobs)
-    tokenizer = None
+    tokenizer = transformer = None
     for job in jobs:
         try:
             job.validate(model.rules)
             tokenizer = tokenizer or registry.load_tokenizer(model)
             job.check_prompt_length(tokenizer, model.rules)
+            if job.lora:  # each file against this model's transformer, built on the meta device
+                transformer = transformer or registry.skeleton(model, "transformer")
+                lora.check_fits(job.lora, transformer)
         except InvalidInput as exc:
             if catalogue is None:
                 raise

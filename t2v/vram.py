@@ -26,6 +26,7 @@ __all__ = [
     "DeviceMemory",
     "PeakMemory",
     "hold_to_budget",
+    "open_nvml",
     "physical_device",
     "probe",
     "uncapped",
@@ -247,6 +248,25 @@ def uncapped() -> Iterator[None]:
                 torch.cuda.set_per_process_memory_fraction(fraction, index)
 
 
+def open_nvml(torch_index: int) -> tuple[ModuleType, Any] | None:
+    """NVML, initialised, and the handle of CUDA device `torch_index` as this process sees it; None
+    without pynvml, a driver or that device. The caller calls `nvmlShutdown()` when done."""
+    try:
+        nvml = _import_pynvml()
+    except ImportError:
+        return None
+    try:
+        nvml.nvmlInit()
+    except nvml.NVMLError:
+        return None
+    try:
+        target = physical_device(torch_index, os.environ.get("CUDA_VISIBLE_DEVICES"))
+        return nvml, _nvml_handle(nvml, target)
+    except (LookupError, nvml.NVMLError):
+        nvml.nvmlShutdown()
+        return None
+
+
 class PeakMemory:
     """Context manager measuring a stage's peaks: torch CUDA peak allocated/reserved (reset at entry),
     the highest NVML-seen used memory on that GPU (sampled by a daemon thread every `interval_s`
@@ -335,21 +355,9 @@ class PeakMemory:
         if torch.cuda.is_initialized():
             torch.cuda.reset_peak_memory_stats(self._torch_index)
         # Without NVML the torch peaks are still worth having.
-        try:
-            nvml = _import_pynvml()
-        except ImportError:
-            return
-        try:
-            nvml.nvmlInit()
-        except nvml.NVMLError:
-            return
-        try:
-            target = physical_device(self._torch_index, os.environ.get("CUDA_VISIBLE_DEVICES"))
-            self._nvml_handle = _nvml_handle(nvml, target)
-        except (LookupError, nvml.NVMLError):
-            nvml.nvmlShutdown()
-            return
-        self._nvml = nvml
+        opened = open_nvml(self._torch_index)
+        if opened is not None:
+            self._nvml, self._nvml_handle = opened
 
     def _sample(self) -> None:
         try:

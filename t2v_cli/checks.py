@@ -110,6 +110,14 @@ class UnmadeRunLog:
         log = self._made()
         return log.last_run_id(kind=kind) if log is not None else None
 
+    def progress(self, run_ids: list[str]) -> dict[str, list[dict[str, Any]]]:
+        log = self._made()
+        return log.progress(run_ids) if log is not None else {run_id: [] for run_id in run_ids}
+
+    def timeline(self, run_id: str) -> list[tuple]:
+        log = self._made()
+        return log.timeline(run_id) if log is not None else []
+
 
 def check_out_path(out: str) -> Path:
     """`--out` as a path a clip can be published at: a file name ending in .mp4 that is not a folder,

@@ -102,6 +102,14 @@ def gpu_slot(ctx: RunContext) -> Iterator[None]:
         yield
 
 
+@contextmanager
+def watched(ctx: RunContext) -> Iterator[None]:
+    """Record the run's progress, memory timeline and heartbeat in the run log while inside (its
+    runner's `LiveRecorder`: one daemon thread, a write a second), for the dashboard's live view."""
+    with runner_for(ctx).live:
+        yield
+
+
 def prefetch(stage: Stage, jobs: Sequence[JobSpec], ctx: RunContext) -> bool:
     """Start loading `stage`'s component into host memory while the current stage runs (not a task: it
     returns at once; a stage that has to wait for it counts the wait in its row)."""

@@ -79,7 +79,7 @@ def test_head_is_the_newest_script_and_the_history_is_one_line():
 
     script = ScriptDirectory(str(MIGRATIONS))
     assert script.get_heads() == [HEAD]  # HEAD is what the fast check at open compares with
-    assert [s.revision for s in script.walk_revisions()] == ["0003", "0002", "0001"]
+    assert [s.revision for s in script.walk_revisions()] == ["0004", "0003", "0002", "0001"]
 
 
 @pytest.mark.parametrize("made_by", ["migrations", "the release before", "the first release"])
@@ -102,7 +102,9 @@ def test_an_old_run_log_keeps_every_row(tmp_path):
     stage = 4  # stage_runs.stage: only the older release's last row is renamed
     old = before["stage_runs"]
     renamed = [r[:stage] + ("finish",) + r[stage + 1 :] if r[stage] == "watermark" else r for r in old]
-    assert after == {"runs": before["runs"], "stage_runs": renamed}
+    # runs.heartbeat (0004) comes last and is empty: those nights were not recorded live.
+    assert [r[:-1] for r in after["runs"]] == before["runs"] and {r[-1] for r in after["runs"]} == {None}
+    assert after["stage_runs"] == renamed
     assert sum(r[stage] == "watermark" for r in old) == 1
     # The renamed row is the first attempt of its job's finish: a new one is the second.
     with log.stage(
@@ -118,9 +120,9 @@ def test_a_first_release_run_log_gains_its_columns_and_keeps_its_rows(tmp_path):
     log = RunLog(sqlite_url(path))
 
     after = _rows(path)
-    # The new columns come last and are empty: every earlier value is as it was.
-    assert [r[:-1] for r in after["runs"]] == before["runs"]
-    assert {r[-1] for r in after["runs"]} == {None}
+    # The new columns (jobs_json, then heartbeat) come last and are empty: every earlier value is as it was.
+    assert [r[:-2] for r in after["runs"]] == before["runs"]
+    assert {r[-2:] for r in after["runs"]} == {(None, None)}
     assert len(after["stage_runs"]) == len(before["stage_runs"]) == 16
     assert log.run(log.start_run(kind="nightly", model="tiny", jobs_json="{}"))["jobs_json"] == "{}"
 

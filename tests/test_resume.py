@@ -76,14 +76,19 @@ def test_a_stopped_diffusion_continues_from_its_last_step_and_ends_bit_identical
     assert not second.store.has(CHECKPOINTS, key)  # gone once the latents are stored
 
 
-def test_with_a_step_cache_nothing_is_saved_between_steps(tmp_path):
+def test_with_a_step_cache_nothing_is_saved_between_steps_but_every_step_is_reported(tmp_path):
     job = JobSpec(template="owl", prompt="an owl", height=64, width=96, frames=9, steps=4, step_cache=0.05)
-    runner = _runner(tmp_path)
+    reported = []
+    runner = _runner(
+        tmp_path, hooks=Hooks(on_progress=(lambda stage, j, done, total: reported.append(done),))
+    )
     runner.run(ENCODE, job)
     written = []
     runner.store.on_written = lambda stage, temp: written.append(stage.folder)
+    reported.clear()
     runner.run(DIFFUSE, job)
     assert CHECKPOINTS.folder not in written
+    assert reported == [0, 1, 2, 3, 4]  # the live night view still sees the steps
 
 
 def test_no_checkpoint_is_written_before_its_interval(tmp_path):

@@ -12,6 +12,10 @@ run log (`first_frames`), its picture hashed again before it is drawn.
 The page has no login, so every request must name this server in its Host header: a page on another
 site that rebinds its own DNS name to 127.0.0.1 reaches the port, but its requests still carry its name
 (see `_host_allowed`).
+
+A night still "running" in the run log may be one whose process died (kill -9, the OOM killer): before
+answering with one, the server closes the rows of dead processes (`RunLog.mark_interrupted`, at most
+every `SWEEP_S`), so the page shows it interrupted at its last known step instead of running forever.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import json
 import logging
 import re
 import threading
+import time
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -27,7 +32,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from t2v.dashboard import first_frames, summary
+from t2v.dashboard import first_frames, live, summary
 from t2v.pipeline import CLIP, finish
 from t2v.runlog import NoSuchRun, RunLog
 from t2v.store import Folder, Store
@@ -54,6 +59,9 @@ _HOST = re.compile(r"(\[[0-9a-f:.]+\]|[0-9a-z.-]+)(?::(\d{1,5}))?")
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
 _CHUNK = 256 * 1024
 _MAX_NIGHTS = 200
+SWEEP_S = 5.0
+"""Seconds between two sweeps for dead processes' rows, however often the page polls."""
+_HISTORY_NIGHTS = 10
 # The page loads only its own files; style-src allows the inline styles Chart.js puts on its canvas.
 _CSP = "default-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; object-src 'none'"
 
@@ -163,13 +171,21 @@ class _Handler(BaseHTTPRequestHandler):
             except ValueError:
                 self._error(HTTPStatus.BAD_REQUEST, "`limit` must be a whole number")
                 return
-        runs = self.server.dashboard.runlog.runs(limit=limit)
+        runlog = self.server.dashboard.runlog
+        runs = runlog.runs(limit=limit)
+        if any(r["status"] == "running" for r in runs) and self.server.sweep():
+            runs = runlog.runs(limit=limit)  # a dead night's rows were closed: read them as they are now
+        running = [r for r in runs if r["status"] == "running"]
+        progress = runlog.progress([r["id"] for r in running]) if running else {}
+        listed = summary.nights(runs)
+        for night, run in zip(listed, runs, strict=True):
+            night["live"] = (
+                live.view(run, progress[run["id"]], known=live.history(runs, before=run["started"]))
+                if run["id"] in progress
+                else None
+            )
         self._json(
-            {
-                "stages": list(summary.stage_names()),
-                "nights": summary.nights(runs),
-                "trends": summary.trends(runs),
-            },
+            {"stages": list(summary.stage_names()), "nights": listed, "trends": summary.trends(runs)},
             body=body,
         )
 
@@ -177,12 +193,16 @@ class _Handler(BaseHTTPRequestHandler):
         if not _RUN_ID.fullmatch(run_id):
             self._error(HTTPStatus.NOT_FOUND, "no such run")
             return
+        runlog = self.server.dashboard.runlog
         try:
-            run = self.server.dashboard.runlog.run(run_id)
+            run = runlog.run(run_id)
+            if run["status"] == "running" and self.server.sweep():
+                run = runlog.run(run_id)
         except NoSuchRun:
             self._error(HTTPStatus.NOT_FOUND, f"no run {run_id} in the run log")
             return
         night = summary.night(run)
+        _add_live(night, run, runlog)
         frames = first_frames.first_frames(run)
         for job in night["jobs"]:
             _add_outputs(job, self.server.dashboard.store)
@@ -260,6 +280,24 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
 
 
+def _add_live(night: dict[str, Any], run: dict[str, Any], runlog: RunLog) -> None:
+    """The live view of a night (`t2v.dashboard.live`): its progress rows, the panel of a running or
+    interrupted night, the memory timeline, the stage attempts marked on it and each figure's peak."""
+    progress = runlog.progress([run["id"]])[run["id"]]
+    samples = runlog.timeline(run["id"])
+    known = {}
+    if run["status"] == "running":  # what an earlier night's stages cost, for the estimate
+        known = live.history(runlog.runs(limit=_HISTORY_NIGHTS), before=run["started"])
+    marked = live.segments(run, samples)
+    night["progress"] = [
+        {k: p[k] for k in ("template", "stage", "step", "steps", "updated")} for p in progress
+    ]
+    night["live"] = live.view(run, progress, known=known)
+    night["timeline"] = live.timeline(samples)
+    night["segments"] = marked
+    night["timeline_peaks"] = live.peaks(samples, marked)
+
+
 def _add_outputs(job: dict[str, Any], store: Store) -> None:
     """A job's outputs as the store lists them under its clip key (`finish.outputs_in_store`), each with
     its URL and download name; the clip key becomes its first MP4's, the one the page plays."""
@@ -287,7 +325,23 @@ class _Server(ThreadingHTTPServer):
         # The first frames the listed nights named, by key: the only ones `/first-frames/` serves.
         self._first_frames: dict[str, first_frames.FirstFrame] = {}
         self._first_frames_lock = threading.Lock()
+        self._sweep_lock = threading.Lock()
+        self._swept = -SWEEP_S
         super().__init__(address, _Handler)
+
+    def sweep(self) -> bool:
+        """Close the rows of dead processes (`RunLog.mark_interrupted`) unless that was done in the last
+        `SWEEP_S`; whether it ran. A run log this server may not write to is only read."""
+        with self._sweep_lock:
+            if time.monotonic() - self._swept < SWEEP_S:
+                return False
+            self._swept = time.monotonic()
+            try:
+                self.dashboard.runlog.mark_interrupted()
+            except Exception as exc:  # a read-only copy of a run log: show it as it is
+                log.warning("could not close the rows of dead processes: %s", exc)
+                return False
+            return True
 
     def remember(self, frame: first_frames.FirstFrame) -> None:
         with self._first_frames_lock:

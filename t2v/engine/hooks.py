@@ -1,6 +1,7 @@
 """What a run lets others watch and change without patching library functions: events with times
-(card waits and holds, component loads, computes, writes), checks before a compute (the OOM drill),
-a callback once a stored file is written (the pause drill), the video codec and the component loader.
+(card waits and holds, component loads, computes, writes), how far a compute is (its steps, for the
+live night view), checks before a compute (the OOM drill), a callback once a stored file is written
+(the pause drill), the video codec and the component loader.
 
 Benchmarks build their timelines from the events; tests and drills hand in their checks.
 """
@@ -72,6 +73,10 @@ class Hooks:
     """Called with a stored file's temporary path before it is renamed into place."""
     on_step: tuple[Callable[[Stage, JobSpec, int], None], ...] = ()
     """Called after each denoising step (and its checkpoint, if one was due) with the steps done."""
+    on_progress: tuple[Callable[[Stage, JobSpec, int, int | None], None], ...] = ()
+    """Called as a compute advances, with its steps done and how many there are (None: not counted):
+    the encode's texts, the diffusion's steps, the decoder's passes (a latent frame, or one tile of
+    one). Called on the compute's thread, between its kernels: a listener must only note the value."""
     codec: Any = field(default_factory=_default_codec)
     """Writes lossless frames and encodes clips (`t2v.media.Codec`)."""
     load: Loader = field(default_factory=_default_loader)
@@ -86,6 +91,7 @@ class Hooks:
             before_compute=self.before_compute + other.before_compute,
             on_written=self.on_written + other.on_written,
             on_step=self.on_step + other.on_step,
+            on_progress=self.on_progress + other.on_progress,
             codec=other.codec if other.codec is not default.codec else self.codec,
             load=other.load if other.load is not default.load else self.load,
         )
@@ -104,6 +110,11 @@ class Hooks:
         )
         for listener in self.on_event:
             listener(event)
+
+    def progress(self, stage: Stage, job: JobSpec, done: int, total: int | None) -> None:
+        """Tell the `on_progress` listeners that `stage` of `job` has done `done` of `total` steps."""
+        for listener in self.on_progress:
+            listener(stage, job, done, total)
 
     @contextmanager
     def span(

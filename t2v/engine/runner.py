@@ -1,7 +1,8 @@
 """Runs one stage of one job: skip it if its output is stored, else pick a memory plan, compute, store,
 and log every attempt. What a Prefect task wraps; it knows the store, the run log and the models, not
 Prefect. The work is split among objects the runner owns: the card (`Card`), what is loaded
-(`Residency`), the attempts and their rows (`Attempts`); drills and benchmarks come in as `Hooks`.
+(`Residency`), the attempts and their rows (`Attempts`), the live record of the night (`LiveRecorder`);
+drills and benchmarks come in as `Hooks`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from t2v.engine.attempts import Attempts
 from t2v.engine.card import Card
 from t2v.engine.drills import Drills
 from t2v.engine.hooks import Hooks, hooks_from
+from t2v.engine.live import LiveRecorder
 from t2v.engine.residency import Residency, host_has_room
 from t2v.errors import StoreDamaged
 from t2v.hostmem import probe_host
@@ -71,7 +73,15 @@ class StageRunner:
         self.outputs_dir: Path = ctx.outputs_dir
         self.pipeline = tuple(pipeline or stages())
         self.memory = memory or probe(budget_gib=self.settings.vram_budget_gib)
-        self.hooks = (hooks or Hooks()) + Drills(self.settings).hooks() + hooks_from(self.settings.hooks)
+        # The live record's listeners are always on (they only note values); its thread runs while a
+        # flow watches the run (`with runner.live:`, tasks.stages.watched).
+        self.live = LiveRecorder(self.runlog, ctx.run_id, self.memory.device)
+        self.hooks = (
+            (hooks or Hooks())
+            + Drills(self.settings).hooks()
+            + hooks_from(self.settings.hooks)
+            + self.live.hooks()
+        )
         self.card = Card(self.memory.device)
         self.residency = Residency()
         self.attempts = Attempts(
@@ -103,6 +113,7 @@ class StageRunner:
         self._hosts: dict[str, HostPlacement] = {}
         self._placed: set[str] = set()
         """Components placed this run (a dropped one is done with)."""
+        self._announced: dict[str, tuple[JobSpec, ...]] = {}
         self._state = {stage.name: stage.state() for stage in self.pipeline if stage.state}
         self._tokenizer = None
         self._scheduler = None
@@ -268,7 +279,10 @@ class StageRunner:
         """Start loading `stage`'s component into host memory in the background; False (and nothing
         started) where it has none or every job has that stage's output stored. The background load
         first checks that the host has the room to hold it beside what is loaded already, and loads
-        nothing where it lacks it, as on a small machine: its stage then loads it."""
+        nothing where it lacks it, as on a small machine: its stage then loads it. The jobs are
+        remembered as the stage's (`pending`), whatever is stored."""
+        with self._lock:
+            self._announced[stage.name] = tuple(jobs)
         if not stage.on_card or all(self.store.has(stage, self.keys(j)[stage]) for j in jobs):
             return False
         name = stage.component
@@ -287,6 +301,14 @@ class StageRunner:
 
         self.residency.prefetch(name, self.model.identity, load, room)
         return True
+
+    def pending(self, stage: Stage) -> tuple[JobSpec, ...]:
+        """The jobs the flow has announced for `stage` (it hands them to `prefetch` before the stage
+        runs) whose output of it is not stored yet, in order; none for a stage run alone. What a stage
+        needs to know of its later jobs before the first (the LoRA files to load once)."""
+        with self._lock:
+            jobs = self._announced.get(stage.name, ())
+        return tuple(j for j in jobs if not self.store.has(stage, self.keys(j)[stage]))
 
     def _written(self, stage: Stage, temp: Path) -> None:
         for listener in self.hooks.on_written:

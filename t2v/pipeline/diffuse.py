@@ -207,10 +207,11 @@ CHECKPOINTS = Folder(folder="diffuse-checkpoints", suffix=".safetensors")
 
 class _Checkpointing:
     """Saves the diffusion's state after a step once `every_s` seconds have passed since the last save
-    (0: after every step), and tells the hooks each step is done: its progress (the live night view),
-    then `on_step` (the kill-at-a-step drill, which must find the step already reported)."""
+    (0: after every step; None: never, as with a step cache, whose state is not saved), and tells the
+    hooks each step is done: its progress (the live night view), then `on_step` (the kill-at-a-step
+    drill, which must find the step already reported)."""
 
-    def __init__(self, work: Work, every_s: float) -> None:
+    def __init__(self, work: Work, every_s: float | None) -> None:
         self.work, self.every_s = work, every_s
         self.last = time.monotonic()
         # Made as the denoising starts: the job shows its step count from 0 rather than nothing.
@@ -218,7 +219,8 @@ class _Checkpointing:
 
     def __call__(self, done: int, latents: torch.Tensor, scheduler: object) -> None:
         work = self.work
-        if done < work.job.steps and time.monotonic() - self.last >= self.every_s:
+        due = self.every_s is not None and time.monotonic() - self.last >= self.every_s
+        if done < work.job.steps and due:
             state = checkpoints.scheduler_state(scheduler)
             if state is not None:
                 with work.run.store.writing(CHECKPOINTS, work.key) as temp:
@@ -281,7 +283,7 @@ def compute(work: Work) -> Writer:
             frame_timesteps=options.frame_timesteps,
             on_step=lambda i, n: bar.update(1),
             resume=_resume(work) if resumable else None,
-            after_step=_Checkpointing(work, work.run.settings.checkpoint_seconds) if resumable else None,
+            after_step=_Checkpointing(work, work.run.settings.checkpoint_seconds if resumable else None),
         )
     if not torch.isfinite(latents).all():
         raise NonFiniteOutput(

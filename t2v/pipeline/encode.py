@@ -90,9 +90,12 @@ class Texts:
 def compute(work: Work) -> Writer:
     encoder = work.component()
     texts: Texts = work.state
-    tensors = {"cond": texts.embed(work, encoder, work.job.prompt)}
-    if work.job.cfg:
-        tensors["uncond"] = texts.embed(work, encoder, work.job.negative_prompt)
+    wanted = {"cond": work.job.prompt} | ({"uncond": work.job.negative_prompt} if work.job.cfg else {})
+    work.progress(0, len(wanted))
+    tensors = {}
+    for done, (name, text) in enumerate(wanted.items(), start=1):
+        tensors[name] = texts.embed(work, encoder, text)
+        work.progress(done, len(wanted))  # the live night view counts texts, remembered ones too
     if not all(torch.isfinite(t).all() for t in tensors.values()):
         raise NonFiniteOutput(f"{work.job.template}: the prompt's embeddings hold NaN or infinite values")
     return work.save_tensors(tensors)

@@ -64,6 +64,8 @@ class RunServices(Protocol):
 
     def component(self, stage: Stage, plan: StagePlan) -> torch.nn.Module: ...
 
+    def pending(self, stage: Stage) -> Sequence[JobSpec]: ...
+
 
 @dataclass(frozen=True)
 class Stage:
@@ -162,6 +164,11 @@ class Work:
         """The stage's component, placed for this plan."""
         assert self.plan is not None, f"{self.stage.name} has no plan: it has no component"
         return self.run.component(self.stage, self.plan)
+
+    def progress(self, done: int, total: int | None) -> None:
+        """Report how far this attempt is (`Hooks.progress`: the live night view): cheap enough to call
+        between a compute's steps."""
+        self.run.hooks.progress(self.stage, self.job, done, total)
 
     def input_path(self, stage: Stage) -> Path:
         return self.run.store.path(stage, self.keys[stage])

@@ -5,7 +5,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -14,6 +14,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
+from t2v.runlog import live
 from t2v.runlog.database import one_line, open_engine, retry, write_engine
 from t2v.runlog.errors import NoSuchRun, RunLogUnavailable
 from t2v.runlog.guard import SqliteFile, damaged, is_damaged, sqlite_path, unavailable
@@ -318,6 +319,29 @@ class RunLog:
         """
         host = socket.gethostname()
         return self._write(lambda session: close_dead_rows(session, host))
+
+    # -- a night as it runs (t2v.runlog.live) ------------------------------------------------
+
+    def record_live(
+        self,
+        run_id: str,
+        *,
+        progress: Mapping[live.ProgressKey, live.ProgressValue],
+        chunks: Sequence[tuple[int, bytes]] = (),
+    ) -> None:
+        """One beat of a running night: its heartbeat, the progress rows that changed and the timeline
+        chunks that did (`(seq, packed samples)`), in one short transaction."""
+        self._write(
+            lambda session: live.write(session, run_id, progress=progress, chunks=chunks, now=utcnow())
+        )
+
+    def progress(self, run_ids: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
+        """Each run's progress rows (template, stage, step, steps, updated), oldest first."""
+        return self._read(lambda session: live.read_progress(session, list(run_ids)))
+
+    def timeline(self, run_id: str) -> list[live.Sample]:
+        """The run's memory samples (`live.SAMPLE_FIELDS`), oldest first; empty for a run without them."""
+        return self._read(lambda session: live.read_timeline(session, run_id))
 
     # -- reading --------------------------------------------------------------------------
 

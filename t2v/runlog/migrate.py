@@ -23,7 +23,7 @@ from t2v.runlog.errors import RunLogTooNew
 
 log = logging.getLogger(__name__)
 
-HEAD = "0003"
+HEAD = "0004"
 """The newest revision in `migrations/versions/`: what every run log is brought to."""
 FIRST = "0001"
 """The revision that creates the tables; an unversioned run log that has them is stamped with it."""

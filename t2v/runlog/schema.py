@@ -15,6 +15,7 @@ from sqlalchemy import (
     Float,
     ForeignKey,
     Integer,
+    LargeBinary,
     String,
     Text,
     TypeDecorator,
@@ -82,6 +83,9 @@ class Run(_Base):
     jobs_json: Mapped[str | None] = mapped_column(Text)
     """The night's job specs as the run saw them (t2v.rerun.Night), so `t2v rerun` finishes that
     night even if the catalogue was edited since. Added after the first release (migration 0002)."""
+    heartbeat: Mapped[datetime | None] = mapped_column(_UTCDateTime())
+    """When the run's live recorder (t2v.engine.live) last wrote, about once a second while it runs: a
+    night on another host that stops beating is taken for dead (t2v.runlog.sweep). Migration 0004."""
 
 
 STAGE_NAME_MAX_CHARS = 16
@@ -119,6 +123,32 @@ class StageRun(_Base):
     error: Mapped[str | None] = mapped_column(Text)
     output_key: Mapped[str | None] = mapped_column(Text)
     pid: Mapped[int] = mapped_column(Integer)
+
+
+class Progress(_Base):
+    """How far a job's stage is: one row per (run, template, stage), updated in place at most once a
+    second by the live recorder (migration 0004). `steps` is None for a stage that does not count."""
+
+    __tablename__ = "progress"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(String(32), ForeignKey("runs.id"), index=True)
+    template: Mapped[str] = mapped_column(Text)
+    stage: Mapped[str] = mapped_column(String(STAGE_NAME_MAX_CHARS))
+    step: Mapped[int] = mapped_column(Integer)
+    steps: Mapped[int | None] = mapped_column(Integer)
+    updated: Mapped[datetime] = mapped_column(_UTCDateTime())
+
+
+class TimelineChunk(_Base):
+    """Up to `t2v.runlog.live.CHUNK_SAMPLES` memory samples of a run, packed (`t2v.runlog.live.pack`):
+    a row a minute instead of a row a second (migration 0004)."""
+
+    __tablename__ = "timeline"
+
+    run_id: Mapped[str] = mapped_column(String(32), ForeignKey("runs.id"), primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    samples: Mapped[bytes] = mapped_column(LargeBinary)
 
 
 def check(value: str, allowed: tuple[str, ...], what: str) -> None:

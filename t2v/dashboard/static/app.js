@@ -1,14 +1,20 @@
 // The dashboard page: reads /api/nights and /api/nights/<id>, draws Chart.js charts, lists clips.
 // Everything from the run log is put in the page as text (textContent), never as HTML: error
-// messages and template names are not ours to trust.
+// messages and template names are not ours to trust. It polls the API by itself: every LIVE_MS while
+// a night runs (the recorder writes once a second), every IDLE_MS otherwise (a new night appears), and
+// redraws only what changed, so a clip that plays is not restarted by a poll.
 "use strict";
+
+const LIVE_MS = 1000;
+const IDLE_MS = 5000;
 
 // The stages come from the server (the pipeline's registry), in pipeline order, with /api/nights.
 let STAGES = [];
 const PALETTE = ["#4e79a7", "#e15759", "#59a14f", "#f28e2b", "#76b7b2", "#edc948", "#b07aa1", "#ff9da7"];
 const COLOURS = new Proxy({}, { get: (_, stage) => PALETTE[Math.max(STAGES.indexOf(stage), 0) % PALETTE.length] });
 // Kept on window so that tests (and a curious user in the console) can read what was drawn.
-window.t2v = { charts: {}, nights: null, night: null, ready: false };
+window.t2v = { charts: {}, nights: null, night: null, ready: false, polls: 0 };
+const drawn = { nights: null, trends: null, night: null, clips: null };  // what each part was drawn from
 
 function el(tag, text, className) {
   const node = document.createElement(tag);
@@ -69,11 +75,128 @@ function drawNights(nights, selected) {
     if (night.id === selected) row.classList.add("selected");
     row.append(el("td", (night.started || "").slice(0, 19).replace("T", " ")), el("td", night.kind),
       el("td", night.status, "status-" + night.status), el("td", night.jobs_ok), el("td", notOk(night)),
-      el("td", seconds(night.wall_s)), el("td", night.model), el("td", night.id.slice(0, 12)));
+      el("td", seconds(night.wall_s)), el("td", night.model), el("td", night.id.slice(0, 12)),
+      el("td", nowText(night.live), "now"));
     row.addEventListener("click", () => { location.hash = night.id; });
     body.append(row);
   }
   document.getElementById("no-runs").hidden = nights.length > 0;
+}
+
+// A running night in one line: the jobs computing now with their steps, and when it should end.
+function nowText(view) {
+  if (!view) return "";
+  const busy = view.jobs.filter((j) => j.state === "running").map((j) => `${j.template} ${j.stage} ${stepText(j)}`);
+  return busy.join(", ") + (view.ends_at ? ` · ends ${clock(view.ends_at)}` : "");
+}
+
+function stepText(job) {
+  if (job.step === null || job.step === undefined) return "";
+  return job.steps ? `${job.step}/${job.steps}` : String(job.step);
+}
+
+function clock(iso) {
+  return new Date(iso).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit" });
+}
+
+// The live panel: elapsed, the estimated end, and each job's stage and step (for an interrupted night,
+// the last ones the run log heard of).
+function drawLive(night) {
+  const view = night.live;
+  document.getElementById("live").hidden = !view;
+  if (!view) return;
+  const running = night.status === "running";
+  let meta = `${running ? "running for" : "interrupted after"} ${seconds(view.elapsed_s)}`;
+  if (running) meta += view.ends_at ? ` · ends about ${clock(view.ends_at)} (in ${seconds(view.remaining_s)})`
+    : " · end not known yet (no stage has a pace to go by)";
+  if (running && view.heartbeat_age_s !== null && view.heartbeat_age_s > 10)
+    meta += ` · last heard from ${seconds(view.heartbeat_age_s)} ago`;
+  document.getElementById("live-meta").textContent = meta;
+  const body = document.querySelector("#live-jobs tbody");
+  body.replaceChildren();
+  for (const job of view.jobs) {
+    const row = el("tr");
+    row.dataset.template = job.template;
+    const bar = el("progress");
+    if (job.steps) { bar.max = job.steps; bar.value = job.step || 0; } else bar.hidden = job.state !== "running";
+    const cell = el("td");
+    cell.append(bar);
+    row.append(el("td", job.template), el("td", job.stage, "stage"), el("td", stepText(job), "step"), cell,
+      el("td", job.state, "status-" + job.state));
+    body.append(row);
+  }
+}
+
+// Stage bands behind the memory lines: one per stage (the night is stage-major), labelled with its
+// plans, and a tick at each attempt's start, so a peak reads against the stage and plan it fell in.
+const stageBands = {
+  id: "stageBands",
+  beforeDatasetsDraw(chart, _args, options) {
+    const { ctx, chartArea: area, scales: { x } } = chart;
+    ctx.save();
+    ctx.font = "11px system-ui, sans-serif";
+    (options.bands || []).forEach((band, i) => {
+      const x0 = x.getPixelForValue(band.start_s), x1 = x.getPixelForValue(band.end_s);
+      ctx.fillStyle = COLOURS[band.stage] + "22";
+      ctx.fillRect(x0, area.top, Math.max(x1 - x0, 1), area.bottom - area.top);
+      ctx.fillStyle = COLOURS[band.stage];
+      ctx.fillText(band.label, x0 + 3, area.top + 12 + 13 * (i % 3));
+    });
+    for (const mark of options.marks || []) {
+      const at = x.getPixelForValue(mark.start_s);
+      ctx.strokeStyle = COLOURS[mark.stage];
+      ctx.beginPath();
+      ctx.moveTo(at, area.bottom);
+      ctx.lineTo(at, area.bottom - 8);
+      ctx.stroke();
+    }
+    ctx.restore();
+  },
+};
+
+function bandsOf(segments) {
+  const bands = [];
+  for (const stage of STAGES) {
+    const rows = segments.filter((s) => s.stage === stage);
+    if (!rows.length) continue;
+    const plans = [...new Set(rows.map((r) => r.plan).filter((p) => p))];
+    bands.push({ stage, start_s: Math.min(...rows.map((r) => r.start_s)), end_s: Math.max(...rows.map((r) => r.end_s)),
+      label: plans.length ? `${stage} · ${plans.join(", ")}` : stage });
+  }
+  return bands;
+}
+
+const SERIES = [
+  ["nvml_gib", "card used (NVML)", "#e15759"], ["reserved_gib", "card reserved (PyTorch)", "#f28e2b"],
+  ["rss_gib", "host RSS", "#4e79a7"], ["cgroup_gib", "cgroup usage", "#76b7b2"],
+];
+
+function drawTimeline(night) {
+  const points = night.timeline || [];
+  document.getElementById("timeline-chart-box").hidden = points.length === 0;
+  document.getElementById("timeline-note").hidden = points.length > 0;
+  const bands = bandsOf(night.segments || []);
+  window.t2v.timeline = { points, bands };
+  if (!points.length) {
+    if (window.t2v.charts["timeline-chart"]) window.t2v.charts["timeline-chart"].destroy();
+    delete window.t2v.charts["timeline-chart"];
+    document.getElementById("timeline-peaks").textContent = "";
+    return;
+  }
+  const datasets = SERIES.filter(([key]) => points.some((p) => p[key] !== null)).map(([key, label, colour]) => ({
+    label, data: points.map((p) => ({ x: p.t_s, y: p[key] })), borderColor: colour, backgroundColor: colour,
+    pointRadius: 0, borderWidth: 1.5 }));
+  replaceChart("timeline-chart", { type: "line", data: { datasets }, plugins: [stageBands], options: {
+    parsing: false,
+    plugins: { stageBands: { bands, marks: night.segments || [] } },
+    scales: { x: { type: "linear", min: 0, title: { display: true, text: "since the night started" },
+      ticks: { callback: (value) => seconds(value) } },
+    y: { beginAtZero: true, title: { display: true, text: "GiB" } } } } });
+  document.getElementById("timeline-peaks").textContent = (night.timeline_peaks || []).map((p) => {
+    const label = SERIES.find(([key]) => key === p.field)[1];
+    const during = p.during.map((d) => `${d.stage} of ${d.template}${d.plan ? ` (${d.plan})` : ""}`).join(", ");
+    return `peak ${label} ${p.gib.toFixed(2)} GiB at ${seconds(p.t_s)}${during ? `, in ${during}` : ""}`;
+  }).join("; ");
 }
 
 function drawNight(night) {
@@ -130,6 +253,13 @@ function drawNight(night) {
     body.append(row);
   }
 
+  drawLive(night);
+  drawTimeline(night);
+  // Clips are rebuilt only when they change: a poll of a running night must not restart one playing.
+  const clipsFrom = JSON.stringify([night.id, night.jobs.map((j) => [j.template, j.status, j.clip_key,
+    j.outputs, j.first_frame, j.first_frame_note])]);
+  if (clipsFrom === drawn.clips) return;
+  drawn.clips = clipsFrom;
   const clips = document.getElementById("clips");
   clips.replaceChildren();
   for (const job of night.jobs) {
@@ -199,24 +329,41 @@ function outputList(job) {
   return list;
 }
 
-async function load() {
-  window.t2v.ready = false;
+// Draw `part` from `value` unless it was last drawn from the same data.
+function redraw(part, value, draw) {
+  const from = JSON.stringify(value);
+  if (from === drawn[part]) return;
+  drawn[part] = from;
+  draw(value);
+}
+
+let timer = null;
+
+async function load({ poll = false } = {}) {
+  clearTimeout(timer);
+  if (!poll) window.t2v.ready = false;
   try {
     const data = await getJSON("/api/nights");
     STAGES = data.stages;
     window.t2v.nights = data;
     const selected = location.hash.slice(1) || (data.nights[0] && data.nights[0].id);
-    drawNights(data.nights, selected);
-    drawTrends(data.trends);
+    redraw("nights", [data.nights, selected], ([nights, chosen]) => drawNights(nights, chosen));
+    redraw("trends", data.trends, drawTrends);
     if (selected) {
-      window.t2v.night = await getJSON(`/api/nights/${encodeURIComponent(selected)}`);
-      drawNight(window.t2v.night);
+      const night = await getJSON(`/api/nights/${encodeURIComponent(selected)}`);
+      window.t2v.night = night;
+      redraw("night", night, drawNight);
     }
+    document.getElementById("source").textContent = "";
   } catch (error) {
     document.getElementById("source").textContent = "error: " + error.message;
   }
   window.t2v.ready = true;
+  window.t2v.polls += 1;
+  const live = (window.t2v.nights && window.t2v.nights.nights.some((n) => n.status === "running")) ||
+    (window.t2v.night && window.t2v.night.status === "running");
+  timer = setTimeout(() => load({ poll: true }), live ? LIVE_MS : IDLE_MS);
 }
 
-window.addEventListener("hashchange", load);
+window.addEventListener("hashchange", () => load());
 load();
