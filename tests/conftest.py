@@ -1,4 +1,5 @@
-"""Shared fixtures: one Prefect test server for the whole session and a throw-away data folder."""
+"""Shared fixtures: one Prefect test server for the whole session, a throw-away data folder, the tiny
+model's components."""
 
 import os
 
@@ -19,6 +20,20 @@ def prefect_server() -> Iterator[None]:
     """A temporary Prefect server and database for every flow of the session (it takes ~25 s to start)."""
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(scope="module")
+def parts() -> dict:
+    """The tiny model's components, built once per test module (a module's tests may add hooks or
+    adapters to them; another module gets its own)."""
+    from t2v.models import tiny
+
+    return dict(
+        tokenizer=tiny.build_tokenizer(),
+        text_encoder=tiny.build_text_encoder(),
+        transformer=tiny.build_transformer(),
+        vae=tiny.build_vae(),
+    )
 
 
 @pytest.fixture

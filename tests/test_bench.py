@@ -35,15 +35,17 @@ BENCH_FILES = sorted((REPO / "bench").glob("*.py"))
 MAX_FUNCTION_LINES = 80
 
 
-def _run(script: str, *args: str, tmp_path: Path) -> dict:
-    """`bench/<script>.py --tiny` against the session's Prefect server; its results file."""
+def _run(script: str, *args: str, tmp_path: Path, prefect: bool = True) -> dict:
+    """`bench/<script>.py --tiny` (against the session's Prefect server unless `prefect` is False:
+    a script that drives the StageRunner itself); its results file."""
     from prefect.settings import PREFECT_API_URL
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "T2V_"))}
     out = tmp_path / "out"
+    server = ["--prefect-api", PREFECT_API_URL.value()] if prefect else []
     done = subprocess.run(
         [sys.executable, f"bench/{script}.py", "--tiny", "--out", str(out), "--work", str(tmp_path / "work")]
-        + ["--prefect-api", PREFECT_API_URL.value(), *args],
+        + [*server, *args],
         cwd=REPO,
         env=env | {"DO_NOT_TRACK": "1", "TQDM_DISABLE": "1"},
         capture_output=True,
@@ -137,6 +139,36 @@ def test_multi_gpu_splits_the_night_between_workers_with_no_job_twice(
     assert sorted(made) == templates and all(two["split"][w] for w in ("gpu0", "gpu1"))
     assert results["scaling_wall"] == pytest.approx(one["wall_s"] / two["wall_s"])  # same clips in each
     assert one["outputs"]["npy_content"] == two["outputs"]["npy_content"] == 3
+
+
+def test_few_step_times_each_dmd_clip_by_stage_and_the_lora_night_against_the_plain_one(tmp_path):
+    from safetensors import safe_open
+
+    results = _run("few_step", tmp_path=tmp_path, prefect=False)
+    assert {"gpu", "cap_gib", "clips", "lora_night_ratio", "finish_codec"} <= set(results)
+    assert [c["resolution"] for c in results["clips"]] == ["96x64x9", "64x32x5"]
+    for clip in results["clips"]:
+        assert (clip["steps"], clip["sampler"], clip["timesteps"]) == (3, "dmd", [1000, 757, 522])
+        assert clip["failed"] == {} and clip["oom_attempts"] == []
+        parts = [clip[f"{s.name}_s"] for s in stages()]
+        assert all(part > 0 for part in parts) and clip["other_s"] >= 0
+        assert sum(parts) + clip["other_s"] == pytest.approx(clip["total_s"])
+        assert set(clip["plans"]) == {s.name for s in stages()}
+    night = results["lora_night"]
+    without, styled = night["without"], night["with"]
+    assert results["lora_night_ratio"] == pytest.approx(styled["wall_s"] / without["wall_s"])
+    assert (night["jobs"], night["steps"], without["clips"], styled["clips"]) == (2, 2, 2, 2)
+    assert without["failed"] == styled["failed"] == {} and len(styled["diffuse_job_s"]) == 2
+    assert night["layout"] == ["style1:1.0", "style2:0.8"]
+    # The files are diffusers' layout (what WanPipeline.save_lora_weights writes), rank 4, every block.
+    lora_file = tmp_path / "work" / "loras" / "style1" / "pytorch_lora_weights.safetensors"
+    with safe_open(str(lora_file), "pt") as f:
+        keys = set(f.keys())
+        assert f.get_tensor("transformer.blocks.0.attn1.to_q.lora_A.weight").shape[0] == 4
+    assert len(keys) == 2 * len(night["layers"]) * 2  # tiny: two blocks, A and B per layer
+    # One phase again: the other's figures are kept.
+    again = _run("few_step", "--phases", "lora", tmp_path=tmp_path, prefect=False)
+    assert again["clips"] == results["clips"] and again["lora_night_ratio"] != results["lora_night_ratio"]
 
 
 def test_the_first_compiled_job_s_excess_over_the_later_ones_is_counted_as_compile():

@@ -46,16 +46,6 @@ def noise_picture(width: int, height: int, seed: int = 0) -> Image.Image:
 
 
 @pytest.fixture(scope="module")
-def parts():
-    return dict(
-        tokenizer=tiny.build_tokenizer(),
-        text_encoder=tiny.build_text_encoder(),
-        transformer=tiny.build_transformer(),
-        vae=tiny.build_vae(),
-    )
-
-
-@pytest.fixture(scope="module")
 def embeds(parts):
     return stages.encode_texts(
         parts["text_encoder"], parts["tokenizer"], [PROMPT, NEGATIVE], device="cpu", max_sequence_length=512

@@ -125,16 +125,6 @@ def test_euler_reaches_the_clean_latents_at_its_timesteps():
 # --- the staged path ---------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def parts():
-    return dict(
-        tokenizer=tiny.build_tokenizer(),
-        text_encoder=tiny.build_text_encoder(),
-        transformer=tiny.build_transformer(),
-        vae=tiny.build_vae(),
-    )
-
-
 @torch.no_grad()
 def reference(parts, *, seed: int, timesteps, condition: torch.Tensor | None = None) -> torch.Tensor:
     """One call of the DMD loop as FastVideo's `DmdDenoisingStage` writes it (with the first frame of

@@ -15,16 +15,6 @@ PROMPT, NEGATIVE = "a red fox trots through snow", "blurry"
 
 
 @pytest.fixture(scope="module")
-def parts():
-    return dict(
-        tokenizer=tiny.build_tokenizer(),
-        text_encoder=tiny.build_text_encoder(),
-        transformer=tiny.build_transformer(),
-        vae=tiny.build_vae(),
-    )
-
-
-@pytest.fixture(scope="module")
 def reference(parts):
     """The pipeline's own latents and frames for the same inputs and seed."""
     pipe = WanPipeline(**parts, scheduler=tiny.build_scheduler(), expand_timesteps=True)

@@ -128,16 +128,6 @@ def test_50_steps_skip_about_half_after_the_first_ten():
 
 
 @pytest.fixture(scope="module")
-def parts():
-    return dict(
-        tokenizer=tiny.build_tokenizer(),
-        text_encoder=tiny.build_text_encoder(),
-        transformer=tiny.build_transformer(),
-        vae=tiny.build_vae(),
-    )
-
-
-@pytest.fixture(scope="module")
 def embeds(parts):
     return stages.encode_texts(
         parts["text_encoder"],
