@@ -7,6 +7,7 @@ values that read well in logs.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from t2v import lora
+from t2v.compile_cache import CompiledShapes, shape_key
 from t2v.errors import CatalogueError, InvalidInput, NoPlanFits
 from t2v.jobs import JobSpec, template_line
 from t2v.models import registry
@@ -21,6 +23,8 @@ from t2v.models.registry import ModelRef, resolve_model
 from t2v.plans import compile_pays
 from t2v.runlog import RunLog
 from t2v.settings import Settings
+
+log = logging.getLogger("t2v")
 
 
 @dataclass(frozen=True)
@@ -61,8 +65,26 @@ def start_run(
         outputs_dir=outputs_dir,
         settings=settings,
         fp8_storage=fp8_storage,
-        compile_blocks=compile_pays((j.steps for j in jobs), settings.compile),
+        compile_blocks=_compiles(jobs, ref.identity, settings),
     )
+
+
+def _compiles(jobs: Sequence[JobSpec], identity: str, settings: Settings) -> bool:
+    """`plans.compile_pays` for the night, warm where an earlier night compiled all of its shapes;
+    logged, with what the compile is expected to cost (a GPU run only compiles)."""
+    steps = sum(j.steps for j in jobs)
+    warm = CompiledShapes(settings.inductor_dir).holds(shape_key(j, identity) for j in jobs)
+    compiles = compile_pays([steps], settings.compile, warm=warm)
+    log.info(
+        "torch.compile of the transformer's blocks (on a GPU): %s for %d steps (T2V_COMPILE=%s; Inductor's "
+        "cache %s these shapes: a compile costs ~%s)",
+        "on" if compiles else "off",
+        steps,
+        settings.compile,
+        "holds" if warm else "does not hold",
+        "3 s" if warm else "16 s",
+    )
+    return compiles
 
 
 _RUNLOGS: dict[str, RunLog] = {}

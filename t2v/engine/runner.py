@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from t2v.compile_cache import CompiledShapes, shape_key
 from t2v.context import RunContext, open_runlog
 from t2v.digests import Verdict
 from t2v.engine.attempts import Attempts
@@ -159,6 +160,10 @@ class StageRunner:
             self.attempts.run(
                 stage, job, job_key=keys.final, key=key, plans=self.plans(stage, job), compute=compute
             )
+            if self.compile_blocks and stage.component == "transformer":
+                # The night's kernels are in Inductor's cache now: a later night at these shapes
+                # compiles after far fewer steps (`plans.compile_pays`).
+                CompiledShapes(self.settings.inductor_dir).add([shape_key(job, self.model.identity)])
         if stage.result is None:
             return key
         return stage.result(Work(stage=stage, job=job, keys=keys, run=self))
