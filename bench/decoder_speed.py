@@ -43,6 +43,8 @@ VARIANTS = {
         "float32:whole:",
         "bfloat16:256x256:cap6,bench",
         "bfloat16:480x416:cap6,bench",
+        "bfloat16:512x512:cap6,bench",
+        "bfloat16:whole:cap6,bench",
     ],
 }
 
