@@ -8,11 +8,18 @@ a copy (13.2 s for the transformer and VAE on an H100 host, docs/benchmarks.md).
 a tensor that is already page-locked as it is, so pinning the component beforehand makes that a no-op.
 
 `pin_host_tensors` page-locks the memory the weights already occupy (`cudaHostRegister`): no new memory
-and no copy. Two kinds of tensor are copied first, each kind into one buffer (`pack_host_tensors`):
+and no copy. Three kinds of tensor are copied first (`pack_host_tensors`):
 - those that lie in a file's memory mapping, as every weight `from_pretrained` loads from safetensors
   does: their pages are the page cache, which the kernel may drop and read again, and registering them
-  breaks them into private copies page by page anyway. They are packed into one anonymous buffer, which
-  is then registered like any other memory, and the file's pages become reclaimable cache again;
+  breaks them into private copies page by page anyway;
+- those smaller than `SHARES_PAGES_BELOW`, which the C library may have placed on its heap, where their
+  first and last pages also hold other allocations. The driver registers whole pages, and a copy from or
+  to a tensor that lies partly in registered pages fails with "invalid argument": registered in place,
+  a small tensor (a LoRA adapter's, a bias) would take part of its neighbours' pages with it, such as a
+  resident block's adapter weights that are moved to the card next. Larger tensors get a mapping of
+  their own, whose pages hold nothing else.
+  Both kinds go into one buffer mapped for it alone, which is then registered like any other memory,
+  and the file's pages become reclaimable cache again;
 - those in a range the driver refuses (memory some other registration covers): they are packed into one
   page-locked buffer.
 No buffer comes from PyTorch's page-locked allocator per tensor: it rounds every block up to a power of
@@ -39,6 +46,9 @@ PACK_ALIGN = 4096
 """Byte alignment of each tensor in a packed host buffer: page-aligned copies to the card."""
 REGISTER_THREADS = 8
 """Ranges registered at once: page-locking is the kernel's work, page by page, and runs in parallel."""
+SHARES_PAGES_BELOW = 32 * 2**20
+"""glibc's largest mmap threshold: it serves every request from this size up with a mapping of its own;
+below it, from its heap, where pages are shared (the threshold moves up to it as mappings are freed)."""
 
 
 def cuda_register(address: int, nbytes: int) -> bool:
@@ -64,7 +74,8 @@ class HostPin:
     packed_bytes: int = 0
     """Bytes copied into a page-locked buffer because the driver refused their range."""
     copied_bytes: int = 0
-    """Bytes copied out of file mappings into anonymous memory before registering it."""
+    """Bytes copied into a buffer of their own before registering it: out of file mappings, or small
+    tensors whose pages may hold other allocations."""
     seconds: float = 0.0
     unregister: Callable[[int], object] = cuda_unregister
 
@@ -94,13 +105,17 @@ def pin_host_tensors(
     allocate: Callable[[int], torch.Tensor] = pinned_buffer,
     is_pinned: Callable[[torch.Tensor], bool] = torch.Tensor.is_pinned,
     mappings: Callable[[], list[tuple[int, int]]] = lambda: file_mappings(),
+    shares_pages_below: int = SHARES_PAGES_BELOW,
 ) -> HostPin:
     """Page-lock the host memory of `module`'s parameters and buffers where it is, after copying those in
-    file mappings (`mappings()`) into one anonymous buffer; what cannot be registered is packed into one
-    page-locked buffer. Values, ties and tensor objects are unchanged."""
+    file mappings (`mappings()`) and those under `shares_pages_below` bytes into one buffer of their
+    own; what cannot be registered is packed into one page-locked buffer. Values, ties and tensor
+    objects are unchanged."""
     start = time.perf_counter()
-    mapped = _in_file_mappings(_host_tensors(module).values(), mappings())
-    copied = pack_host_tensors(module, _anonymous_buffer, only=mapped) if mapped else 0
+    host = [t for t in _host_tensors(module).values() if not is_pinned(t)]
+    moved = _in_file_mappings(host, mappings())
+    moved |= {id(t) for t in host if t.untyped_storage().nbytes() < shares_pages_below}
+    copied = pack_host_tensors(module, _anonymous_buffer, only=moved) if moved else 0
     tensors = [t for t in _host_tensors(module).values() if not is_pinned(t)]
     ranges = page_ranges(tensors)
     # Threads of their own, ended here: a refused registration leaves a CUDA error in its host thread's
@@ -124,7 +139,7 @@ def pin_host_tensors(
     pin.copied_bytes = copied
     pin.seconds = time.perf_counter() - start
     log.info(
-        "page-locked %s: %.2f GB registered (%.2f GB of it copied out of file mappings first), "
+        "page-locked %s: %.2f GB registered (%.2f GB of it copied into a buffer of its own first), "
         "%.2f GB packed, %.2f s",
         type(module).__name__,
         pin.registered_bytes / 1e9,
@@ -136,7 +151,9 @@ def pin_host_tensors(
 
 
 def _anonymous_buffer(nbytes: int) -> torch.Tensor:
-    return torch.empty(nbytes, dtype=torch.uint8)
+    """A buffer whose pages hold nothing else (an anonymous mapping of its own, page-aligned), whatever
+    its size: `torch.empty` would take a small one from the heap. The tensor keeps the mapping alive."""
+    return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=torch.uint8)
 
 
 def file_mappings(maps: Path = Path("/proc/self/maps")) -> list[tuple[int, int]]:

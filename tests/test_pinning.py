@@ -62,6 +62,8 @@ def test_pinning_registers_in_place_packs_what_is_refused_and_release_unregister
 
     pin = pin_host_tensors(
         encoder,
+        # The tiny model's tensors are all small: taken as owning their pages, to test registering in place.
+        shares_pages_below=0,
         register=register,
         unregister=unregistered.append,
         allocate=allocate,
@@ -93,7 +95,11 @@ def test_registered_memory_stays_allocated_until_released_even_when_the_weights_
     weight = encoder.shared.weight
     storage_ptr = weight.untyped_storage().data_ptr()
     pin = pin_host_tensors(
-        encoder, register=lambda a, n: True, unregister=lambda a: None, is_pinned=lambda t: False
+        encoder,
+        register=lambda a, n: True,
+        unregister=lambda a: None,
+        is_pinned=lambda t: False,
+        shares_pages_below=0,
     )
     encoder.to(torch.float64)  # swaps every parameter's data for a new storage
     assert weight.untyped_storage().data_ptr() != storage_ptr
@@ -108,6 +114,7 @@ def test_tensors_already_page_locked_are_left_alone():
     seen = []
     pin = pin_host_tensors(
         encoder,
+        shares_pages_below=0,
         register=lambda a, n: seen.append((a, n)) or True,
         unregister=lambda a: None,
         is_pinned=lambda t: id(t) in pinned_ids,
@@ -178,6 +185,7 @@ def test_tensors_that_share_one_storage_are_registered_once():
     registered = []
     pin = pin_host_tensors(
         module,
+        shares_pages_below=0,
         register=lambda a, n: registered.append(a) or True,
         unregister=lambda a: None,
         is_pinned=lambda t: False,
@@ -208,6 +216,7 @@ def test_a_pack_that_fails_leaves_nothing_registered():
     try:
         pin_host_tensors(
             encoder,
+            shares_pages_below=0,
             register=register,
             unregister=unregistered.append,
             allocate=allocate,
@@ -218,3 +227,34 @@ def test_a_pack_that_fails_leaves_nothing_registered():
     else:
         raise AssertionError("the failed pack should have raised")
     assert registered and sorted(unregistered) == sorted(registered)
+
+
+def test_small_tensors_are_moved_to_pages_of_their_own_before_registering():
+    # A heap allocation shares its first and last pages with its neighbours; registered in place, a
+    # small tensor would page-lock part of theirs, and the card's copies of a tensor that lies partly in
+    # registered pages fail ("invalid argument": a resident block's LoRA weights on the H200).
+    neighbours, layers = [], []
+    for _ in range(8):  # small tensors of the module among others on the heap
+        layers.append(torch.nn.Linear(24, 24))
+        neighbours.extend(torch.randn(24) for _ in range(8))
+    module = torch.nn.Sequential(*layers, torch.nn.Linear(512, 512))
+    big = module[-1].weight  # 1 MiB: taken as a mapping of its own here
+    x = torch.randn(2, 24)
+    before = module[:-1](x)
+    registered = []
+    pin = pin_host_tensors(
+        module,
+        shares_pages_below=2**20,
+        register=lambda a, n: registered.append((a, n)) or True,
+        unregister=lambda a: None,
+        is_pinned=lambda t: False,
+        mappings=lambda: [],
+    )
+    small = [t for layer in layers for t in layer.parameters()] + [module[-1].bias]
+    (buffer,) = {t.untyped_storage().data_ptr() for t in small}  # all in one buffer
+    assert buffer % PAGE == 0 and pin.copied_bytes >= sum(t.numel() * 4 for t in small)
+    assert torch.equal(module[:-1](x), before)
+    assert len(_range_of(big, registered)) == 1 and big.untyped_storage().nbytes() == 2**20
+    for n in neighbours:  # nothing outside the module lies in a registered page
+        ptr = n.untyped_storage().data_ptr()
+        assert not any(a <= ptr < a + size for a, size in registered)
