@@ -135,10 +135,12 @@ def _passes_reported(work: Work, vae: torch.nn.Module, shape: tuple[int, ...]) -
 def compute(work: Work) -> Writer:
     latents = work.load_tensors(diffuse.STAGE)["latents"]
     vae = work.component()
-    # cuDNN's autotuner picks the 3D convolutions' kernels per tile shape, which repeat within a clip
-    # and across a night's: 20.8 -> 19.0 s at 720P with 256 px tiles on the H200 (docs/benchmarks.md).
-    autotuned = torch.backends.cudnn.flags(enabled=True, benchmark=True, deterministic=False)
-    with autotuned, _passes_reported(work, vae, tuple(latents.shape)):
+    # cuDNN's heuristics choose the convolutions' kernels, not its autotuner (`cudnn.benchmark`):
+    # PyTorch keeps the autotuner's choices per thread, and each stage task runs in a thread of its
+    # own, so every job would search again. In a night's thread that search cost more than it saved
+    # (480P with 512 px tiles: 14.4 s a decode against 3.8 s, docs/benchmarks.md).
+    off = torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=False)
+    with off, _passes_reported(work, vae, tuple(latents.shape)):
         frames = stages.decode_latents(vae, latents, device=work.device)
     run, stage, key, fps = work.run, work.stage, work.key, work.job.fps
 
