@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from t2v import lora
+from t2v import attention, lora
 from t2v.compile_cache import CompiledShapes, shape_key
 from t2v.errors import CatalogueError, InvalidInput, NoPlanFits
 from t2v.jobs import JobSpec, template_line
@@ -113,6 +113,7 @@ def check_jobs(jobs: Iterable[JobSpec], model: ModelRef, *, catalogue: Path | st
     for job in jobs:
         try:
             job.validate(model.rules)
+            attention.check_installed(job.attention)  # this host's packages: sage's, before a model loads
             tokenizer = tokenizer or registry.load_tokenizer(model)
             job.check_prompt_length(tokenizer, model.rules)
             if job.lora:  # each file against this model's transformer, built on the meta device
@@ -135,7 +136,8 @@ def check_budgets(jobs: Sequence[JobSpec], model: ModelRef, settings: Settings, 
     """Refuse, before any weights load, a night that cannot fit: a card stage whose leanest plan needs
     more than the card's budget, or more host memory than is left (without a card a component is loaded
     whole; with one, the leanest host plan streams it from its mapped files). Raises NoPlanFits saying
-    what the smallest plan needs. Reads configs, not weights."""
+    what the smallest plan needs; InvalidInput for a job naming a card's attention kernel (cudnn, flash,
+    efficient, sage) without a card. Reads configs, not weights."""
     from t2v.hostmem import probe_host
     from t2v.models.registry import check_switches
     from t2v.pipeline import stages
@@ -144,6 +146,11 @@ def check_budgets(jobs: Sequence[JobSpec], model: ModelRef, settings: Settings, 
 
     check_switches(model, fp8=fp8)
     card = probe(budget_gib=settings.vram_budget_gib)
+    for job in jobs:  # a kernel named for a card, where the run has none
+        try:
+            attention.check_device(job.attention, card.device)
+        except InvalidInput as exc:
+            raise InvalidInput(f"template {job.template!r}: {exc}") from exc
     host = probe_host(settings.ram_budget_gib)
     raise_it = "raise the memory limit or T2V_RAM_BUDGET_GB"
     for stage in (s for s in stages() if s.on_card):

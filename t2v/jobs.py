@@ -8,6 +8,7 @@ import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
+from t2v import attention as attn
 from t2v import images, lora, samplers, step_caches
 from t2v.errors import CatalogueError, InvalidInput
 from t2v.lora import Lora
@@ -62,6 +63,10 @@ class JobSpec:
     last residual); "mag" or "mag:THRESHOLD" is MagCache with its authors' TI2V-5B ratios (whole steps
     reuse the last residual while the ratios predict little change). Faster, and the clip changes, so
     it is opt-in per template and part of the store key."""
+    attention: str = field(default=attn.AUTO, metadata={"help": attn.HELP})
+    """The attention kernel (t2v/attention.py): "auto" takes the fastest exact one on a CUDA card for
+    the job's size (measured once per size), sdpa off a card; "sdpa", "cudnn", "flash" or "efficient"
+    name one. "sage" (SageAttention) is lossy, so opt-in and part of the store key."""
     # The first frame from a picture (t2v/images.py): its path (a str, as the run log's JSON keeps it)
     # and how it fills the frame; both None for a text-only job.
     image: str | None = field(
@@ -176,6 +181,8 @@ class JobSpec:
             _bad("guidance", self.guidance, "must be a finite number >= 0")
         if not step_caches.valid(self.step_cache):
             _bad("step_cache", self.step_cache, step_caches.RULE)
+        if not attn.valid(self.attention):
+            _bad("attention", self.attention, attn.RULE)
         if not 1 <= self.fps <= MAX_FPS:
             _bad("fps", self.fps, f"must be between 1 and {MAX_FPS}")
         if not 0 <= self.seed <= MAX_SEED:

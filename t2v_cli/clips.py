@@ -65,6 +65,7 @@ def generate(
     fit: str | None = job_option("fit"),
     # Text: a threshold or "mag[:THRESHOLD]", read into the field's float or str by `from_text`.
     step_cache: str = job_option("step_cache"),
+    attention: str = job_option("attention"),
     watermark_text: Annotated[
         str,
         typer.Option(
@@ -127,6 +128,7 @@ def generate(
         t2v generate "the fox looks up and the snow starts to fall" --image fox.jpg
         t2v generate "a fox in the snow" --lora styles/ink.safetensors:0.8
         t2v generate "a fox in the snow" --step-cache mag
+        t2v generate "a fox in the snow" --model FOLDER --attention sage
         t2v generate "a fox in the snow" --model FOLDER --sampler dmd --timesteps 1000,757,522
     """
     from t2v import lora, samplers, step_caches
@@ -148,6 +150,7 @@ def generate(
         image=str(Path(image).expanduser().absolute()) if image else image,
         fit=fit,
         step_cache=step_caches.from_text(step_cache),
+        attention=attention,
         watermark=Watermark(text=watermark_text),
         outputs=tuple(aspects.split(",")),
         fill=fill,

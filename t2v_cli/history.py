@@ -44,13 +44,13 @@ def runs(
             + (f"  (re-run of {run['parent_run_id']})" if run["parent_run_id"] else "")
         )
         typer.echo(
-            f"  {'template':<24} {'stage':<9} {'status':<11} {'plan':<28} {'wall s':>8} "
+            f"  {'template':<24} {'stage':<9} {'status':<11} {'plan':<48} {'wall s':>8} "
             f"{'vram GiB':>9} {'ram GiB':>8}"
         )
         for row in run["stages"]:
             typer.echo(
                 f"  {row['template'][:24]:<24} {row['stage']:<9} {row['status']:<11} "
-                f"{(row['plan'] or '-')[:28]:<28} {_num(row['wall_s'], 2):>8} "
+                f"{(row['plan'] or '-')[:48]:<48} {_num(row['wall_s'], 2):>8} "
                 f"{_num(row['peak_reserved_gib'], 2):>9} {_num(row['peak_rss_gib'], 2):>8}"
             )
             if row["error"]:

@@ -331,9 +331,9 @@ def test_a_night_encodes_each_first_frame_once_and_loads_the_encoder_once(tmp_pa
     rows = RunLog(settings.runlog_url).run(run_id)["stages"]
     plans = {r["template"]: r["plan"] for r in rows if r["stage"] == diffuse.STAGE.name}
     assert plans == {
-        "card1": "diffuse:cpu-cfg2-token-ts",
-        "card2": "diffuse:cpu-cfg2-token-ts",
-        "text": "diffuse:cpu-cfg2",
+        "card1": "diffuse:cpu-cfg2-token-ts-attn-sdpa",
+        "card2": "diffuse:cpu-cfg2-token-ts-attn-sdpa",
+        "text": "diffuse:cpu-cfg2-attn-sdpa",
     }
     assert CLIP.name in {r["stage"] for r in rows}
 

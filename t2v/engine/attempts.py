@@ -17,10 +17,13 @@ from t2v.jobs import JobSpec
 from t2v.pipeline import Stage
 from t2v.pipeline.stage import Writer
 from t2v.plans import StagePlan
-from t2v.runlog import RunLog
+from t2v.runlog import RunLog, StageRecord
 from t2v.vram import PeakMemory
 
 log = logging.getLogger("t2v")
+
+Compute = Callable[[StagePlan | None, Callable[[str], None]], Writer | None]
+"""`compute(plan, label)`: one attempt on `plan`; `label(text)` adds `-text` to its row's plan."""
 
 
 class Attempts:
@@ -60,7 +63,7 @@ class Attempts:
         job_key: str,
         key: str,
         plans: list[StagePlan | None],
-        compute: Callable[[StagePlan | None], Writer | None],
+        compute: Compute,
     ) -> None:
         """Compute on the first plan that does not run out of memory; raises NoPlanFits if none."""
         last_error: BaseException | None = None
@@ -91,7 +94,7 @@ class Attempts:
         job_key: str,
         key: str,
         plan: StagePlan | None,
-        compute: Callable[[StagePlan | None], Writer | None],
+        compute: Compute,
     ) -> None:
         # A planned stage has the card to itself (and its peaks are its own) from before its row starts
         # (a job waiting for the card has no row yet, so a row's wall time is its own) to the end of its
@@ -110,7 +113,7 @@ class Attempts:
                     with peak, hooks.span("compute", stage, job, plan):
                         for check in hooks.before_compute:
                             check(stage, plan, job)
-                        write = compute(plan)
+                        write = compute(plan, lambda label: _label(record, label))
                 finally:  # a failed attempt's peaks are what the next plan must beat
                     record.peak_allocated_gib = peak.allocated_gib
                     record.peak_reserved_gib = peak.reserved_gib
@@ -122,3 +125,7 @@ class Attempts:
                     with hooks.span("write", stage, job, plan):
                         write()
                 record.output_key = key
+
+
+def _label(record: StageRecord, label: str) -> None:
+    record.plan = f"{record.plan}-{label}" if record.plan else label

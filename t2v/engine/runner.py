@@ -11,7 +11,7 @@ import copy
 import logging
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -154,8 +154,9 @@ class StageRunner:
             self._check_inputs(stage, job, keys)
             state = self._state.get(stage.name)
 
-            def compute(plan: StagePlan | None):
-                return stage.compute(Work(stage=stage, job=job, keys=keys, run=self, plan=plan, state=state))
+            def compute(plan: StagePlan | None, label: Callable[[str], None]):
+                work = Work(stage=stage, job=job, keys=keys, run=self, plan=plan, state=state, on_label=label)
+                return stage.compute(work)
 
             self.attempts.run(
                 stage, job, job_key=keys.final, key=key, plans=self.plans(stage, job), compute=compute

@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 import torch
 from tqdm.auto import tqdm
 
-from t2v import checkpoints, lora, samplers, stages, step_caches
+from t2v import attention, checkpoints, lora, samplers, stages, step_caches
 from t2v import frame_timesteps as per_frame
 from t2v.digests import Verdict
 from t2v.errors import NonFiniteOutput
@@ -87,6 +87,9 @@ def key(k: KeyInputs) -> dict[str, object]:
     sampler = samplers.Sampler.of(job).key_part()
     if sampler is not None:  # and one on the model's scheduler
         parts["sampler"] = sampler
+    kernel = attention.key_part(job.attention)
+    if kernel is not None:  # only the lossy one: the exact kernels change bf16 rounding, not the clip
+        parts["attention"] = kernel
     return parts
 
 
@@ -260,6 +263,10 @@ def compute(work: Work) -> Writer:
     placed = replace(work, plan=work.plan.with_options(adapters=adapters))
     transformer = placed.component()
     lora.activate(transformer, job.lora)
+    # The kernel for this job's size (`auto` probes the card once per size), named on its run-log row.
+    shape = attention.Shape.of(transformer, diffusion_tokens(job), work.run.model.weight_dtype)
+    kernel = attention.use(transformer, job.attention, shape, work.device)
+    work.label_plan(f"attn-{kernel}")
     temporal, spatial = work.run.vae_factors()
     noise = stages.job_noise(
         job, transformer.config.in_channels, temporal=temporal, spatial=spatial, device=work.device

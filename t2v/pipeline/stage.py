@@ -150,6 +150,8 @@ class Work:
     run: RunServices
     plan: StagePlan | None = None
     state: object = None
+    on_label: Callable[[str], None] | None = None
+    """Where `label_plan` goes: the attempt's run-log row (`t2v.engine.attempts`); None outside one."""
 
     @property
     def key(self) -> str:
@@ -164,6 +166,12 @@ class Work:
         """The stage's component, placed for this plan."""
         assert self.plan is not None, f"{self.stage.name} has no plan: it has no component"
         return self.run.component(self.stage, self.plan)
+
+    def label_plan(self, label: str) -> None:
+        """Add `-label` to this attempt's plan on its run-log row, for a choice the compute makes itself
+        (the diffusion's attention kernel). The plan keeps its name, which residency and drills match."""
+        if self.on_label is not None:
+            self.on_label(label)
 
     def progress(self, done: int, total: int | None) -> None:
         """Report how far this attempt is (`Hooks.progress`: the live night view): cheap enough to call
