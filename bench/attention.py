@@ -144,7 +144,7 @@ def main() -> None:
     transformer.compile_repeated_blocks(dynamic=False)
     for size in sizes:
         attention.apply(transformer, attention.resolve("auto", shapes[size], device))
-        out, times = _steps(transformer, scheduler, latents[size], cond, uncond, args.steps + 1)
+        out, times = _steps(transformer, scheduler, latents[size], cond, uncond, args.steps)
         record = _record(size, f"compile+{attention.current(transformer)}", times, out, references.get(size))
         records.append(record)
         print(json.dumps({k: v for k, v in record.items() if k != "step_times_s"}), flush=True)

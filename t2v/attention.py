@@ -4,12 +4,13 @@ diffusers sends every attention call of the Wan transformer (`WanAttnProcessor`,
 through `dispatch_attention_fn`, by a backend name that `ModelMixin.set_attention_backend` sets on all
 processors at once: t2v picks the name, diffusers runs the kernel. `JobSpec.attention` is one of:
 
-- `auto` (the default): on a CUDA card, the fastest of PyTorch's exact kernels (cuDNN, flash,
-  memory-efficient) for the job's self-attention (nearly all of the cost: the cross-attention has 512
-  text tokens), timed once per card, torch release and shape in this process (~0.3 s at 720P); off a
-  card, `sdpa`. Exact kernels differ in bf16 rounding only, as compiled blocks do: not in the key.
+- `auto` (the default): on a CUDA card, PyTorch's own pick (`sdpa`) unless one of its exact kernels
+  (cuDNN, flash, memory-efficient) by name times `MARGIN` faster on the job's self-attention (nearly
+  all of the cost: the cross-attention has 512 text tokens), timed once per card, torch release and
+  shape in this process (~0.4 s at 720P); off a card, `sdpa`. Exact kernels differ in bf16 rounding
+  only, as compiled blocks do: not in the key.
 - `sdpa` (PyTorch picks per call), or `cudnn`, `flash`, `efficient` (that kernel, on a card).
-- `sage`: SageAttention (`pip install sageattention`, CUDA only), Q and K in int8, ~1.4% off exact
+- `sage`: SageAttention 2.1.1+ (`SAGE_MIN_VERSION`, CUDA only), Q and K in int8, ~1.4% off exact
   attention: opt-in, never picked by `auto`, and part of the diffuse store key.
 
 No torch or diffusers at import: `t2v.jobs`, and with it `t2v --help`, import this module.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -32,7 +34,12 @@ log = logging.getLogger("t2v")
 
 AUTO, SDPA, SAGE = "auto", "sdpa", "sage"
 LOSSLESS = ("cudnn", "flash", "efficient")
-"""What `auto` times on a card; a tie goes to the first."""
+"""The exact kernels by name."""
+MARGIN = 0.05
+"""How much faster than `sdpa` a named kernel must time to be taken. Naming one runs each call inside
+PyTorch's kernel selection context, which the probe's card-side timing does not see: on the H200 the
+cuDNN kernel by name made 720P steps 3% slower than `sdpa`, which dispatches to that same kernel
+(bit-identical latents, docs/benchmarks.md)."""
 BACKENDS = {SDPA: "native", **{name: f"_native_{name}" for name in LOSSLESS}, SAGE: "sage"}
 """Our names of diffusers' `AttentionBackendName` values."""
 _OURS = {value: name for name, value in BACKENDS.items()}
@@ -41,7 +48,7 @@ TIMED_CALLS = 3
 RULE = "must be one of " + ", ".join(SETTINGS)
 HELP = (
     "Attention kernel: auto (the fastest exact one on this card for the clip's size; sdpa off a card), "
-    "sdpa, cudnn, flash, efficient; or sage (pip install sageattention): lossy (~1.4%), so a new clip."
+    "sdpa, cudnn, flash, efficient; or sage (SageAttention 2.1.1+): lossy (~1.4%), so a new clip."
 )
 
 
@@ -50,12 +57,34 @@ def valid(setting: object) -> bool:
     return isinstance(setting, str) and setting in SETTINGS
 
 
+SAGE_MIN_VERSION = (2, 1, 1)
+"""diffusers' `sage` backend needs SageAttention 2.1.1 or later; PyPI's newest release is 1.0.6 (built
+from github.com/thu-ml/SageAttention instead)."""
+
+
+def _version(package: str) -> tuple[int, ...] | None:
+    from importlib import metadata
+
+    if importlib.util.find_spec(package) is None:
+        return None
+    try:
+        text = metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+    return tuple(int(part) for part in re.findall(r"\d+", text)[:3])
+
+
 def check_installed(setting: str) -> None:
-    """Refuse `sage` where its package cannot be imported: before any model loads, not at the first step."""
-    if setting == SAGE and importlib.util.find_spec("sageattention") is None:
+    """Refuse `sage` where its package is missing or too old for diffusers: before any model loads, not
+    at the first step."""
+    if setting != SAGE:
+        return
+    found = _version("sageattention")
+    if found is None or found < SAGE_MIN_VERSION:
+        have = "is not installed here" if found is None else f"is {'.'.join(map(str, found))} here"
         raise InvalidInput(
-            "`attention` 'sage' needs the sageattention package, which is not installed here; "
-            "`pip install sageattention` (CUDA only), or use auto."
+            f"`attention` 'sage' needs the sageattention package 2.1.1 or later, which {have}; build it "
+            "from github.com/thu-ml/SageAttention (CUDA only; PyPI has 1.0.6), or use auto."
         )
 
 
@@ -119,6 +148,8 @@ def torch_offers(backend: str) -> bool:
     import torch
 
     cuda = torch.backends.cuda
+    if backend == SDPA:
+        return True
     if backend == "cudnn":
         return torch.backends.cudnn.is_available() and cuda.cudnn_sdp_enabled()
     if backend == "flash":
@@ -138,7 +169,7 @@ class Probe:
     a night's jobs of one size probe once. Its parts are fields so that a test can give it kernels that
     fail or are missing, and a clock."""
 
-    candidates: Sequence[str] = LOSSLESS
+    candidates: Sequence[str] = (SDPA, *LOSSLESS)
     offered: Callable[[str], bool] = torch_offers
     timer: Callable[[str, Shape, str], float] = cuda_milliseconds
     """`timer(backend, shape, device)`: milliseconds a call; raises where the kernel cannot run it."""
@@ -167,6 +198,8 @@ class Probe:
                 continue
             notes.append(f"{backend} {times[backend]:.2f} ms")
         best = min(times, key=times.__getitem__) if times else SDPA
+        if SDPA in times and times[best] > (1 - MARGIN) * times[SDPA]:
+            best = SDPA  # PyTorch's own pick, unless a named kernel is clearly faster
         log.info("attention on %s, %s: %s; taking %s", card, shape, ", ".join(notes) or "no kernel", best)
         return best
 

@@ -153,7 +153,10 @@ def pin_host_tensors(
 def _anonymous_buffer(nbytes: int) -> torch.Tensor:
     """A buffer whose pages hold nothing else (an anonymous mapping of its own, page-aligned), whatever
     its size: `torch.empty` would take a small one from the heap. The tensor keeps the mapping alive."""
-    return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=torch.uint8)
+    # Private: a shared anonymous mapping is listed as /dev/zero, which `file_mappings` would count.
+    return torch.frombuffer(
+        mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS), dtype=torch.uint8
+    )
 
 
 def file_mappings(maps: Path = Path("/proc/self/maps")) -> list[tuple[int, int]]:
