@@ -38,7 +38,8 @@ PREFIX = "transformer"
 """What `lora_state_dict` puts before the transformer's keys (diffusers' `TRANSFORMER_NAME`)."""
 
 LOADED_BYTES_PER_ELEMENT = 4
-"""peft keeps adapter weights in float32 beside bf16 base layers (`autocast_adapter_dtype`)."""
+"""An upper bound: loaded through diffusers (`inject_adapter_in_model`, which does not upcast them as a
+`PeftModel` would), peft gives the adapters their base layer's dtype: bf16 beside bf16 weights."""
 
 
 @dataclass(frozen=True)
