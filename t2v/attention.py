@@ -47,7 +47,7 @@ SETTINGS = (AUTO, *BACKENDS)
 TIMED_CALLS = 3
 RULE = "must be one of " + ", ".join(SETTINGS)
 HELP = (
-    "Attention kernel: auto (the fastest exact one on this card for the clip's size; sdpa off a card), "
+    "Attention kernel: auto (sdpa, or an exact kernel clearly faster on this card for the clip's size), "
     "sdpa, cudnn, flash, efficient; or sage (SageAttention 2.1.1+): lossy (~1.4%), so a new clip."
 )
 

@@ -64,9 +64,10 @@ class JobSpec:
     reuse the last residual while the ratios predict little change). Faster, and the clip changes, so
     it is opt-in per template and part of the store key."""
     attention: str = field(default=attn.AUTO, metadata={"help": attn.HELP})
-    """The attention kernel (t2v/attention.py): "auto" takes the fastest exact one on a CUDA card for
-    the job's size (measured once per size), sdpa off a card; "sdpa", "cudnn", "flash" or "efficient"
-    name one. "sage" (SageAttention) is lossy, so opt-in and part of the store key."""
+    """The attention kernel (t2v/attention.py): "auto" keeps "sdpa" on a CUDA card unless an exact
+    kernel by name times clearly faster for the job's size (measured once per size), sdpa off a card;
+    "sdpa", "cudnn", "flash" or "efficient" name one. "sage" (SageAttention) is lossy, so opt-in and
+    part of the store key."""
     # The first frame from a picture (t2v/images.py): its path (a str, as the run log's JSON keeps it)
     # and how it fills the frame; both None for a text-only job.
     image: str | None = field(
