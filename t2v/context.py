@@ -20,7 +20,7 @@ from t2v.errors import CatalogueError, InvalidInput, NoPlanFits
 from t2v.jobs import JobSpec, template_line
 from t2v.models import registry
 from t2v.models.registry import ModelRef, resolve_model
-from t2v.plans import compile_pays
+from t2v.plans import compile_pays, compile_weight
 from t2v.runlog import RunLog
 from t2v.settings import Settings
 
@@ -70,16 +70,21 @@ def start_run(
 
 
 def _compiles(jobs: Sequence[JobSpec], identity: str, settings: Settings) -> bool:
-    """`plans.compile_pays` for the night, warm where an earlier night compiled all of its shapes;
-    logged, with what the compile is expected to cost (a GPU run only compiles)."""
+    """`plans.compile_pays` for the night's steps weighted by their size (`plans.compile_weight`), warm
+    where an earlier night compiled all of its shapes; logged, with what the compile is expected to
+    cost (a GPU run only compiles)."""
+    from t2v.pipeline.diffuse import diffusion_tokens
+
     steps = sum(j.steps for j in jobs)
+    weighted = sum(j.steps * compile_weight(diffusion_tokens(j)) for j in jobs)
     warm = CompiledShapes(settings.inductor_dir).holds(shape_key(j, identity) for j in jobs)
-    compiles = compile_pays([steps], settings.compile, warm=warm)
+    compiles = compile_pays([weighted], settings.compile, warm=warm)
     log.info(
-        "torch.compile of the transformer's blocks (on a GPU): %s for %d steps (T2V_COMPILE=%s; Inductor's "
-        "cache %s these shapes: a compile costs ~%s)",
+        "torch.compile of the transformer's blocks (on a GPU): %s for %d steps, worth %.0f at 480P "
+        "(T2V_COMPILE=%s; Inductor's cache %s these shapes: a compile costs ~%s)",
         "on" if compiles else "off",
         steps,
+        weighted,
         settings.compile,
         "holds" if warm else "does not hold",
         "3 s" if warm else "16 s",

@@ -278,9 +278,27 @@ measured on an H200 at 480P under 8 GiB, the compile cost 2.2-4.4 s and each ste
 (0.474 -> 0.359 s), so it pays back after 19-38 steps: one 50-step clip."""
 
 
-def compile_pays(steps: Iterable[int], mode: str = "auto", *, warm: bool = False) -> bool:
-    """Whether to `torch.compile` the transformer's blocks for a run with these jobs' step counts;
-    `warm` where Inductor's cache holds the run's shapes compiled already (`t2v.compile_cache`).
+COMPILED_STEP_SAVING_S = ((8_190, 0.11), (27_280, 0.32))
+"""Seconds a compiled step saves against an eager one, by the step's video tokens: 832x480x81 (0.108 s
+uncapped, 0.115 under 8 GiB) and 1280x704x121 (0.32 s uncapped), on an H200 (docs/benchmarks.md). The
+step counts above are 480P steps; a larger clip's step saves more, and counts for more."""
+
+
+def compile_weight(tokens: int) -> float:
+    """How many 480P steps' worth of saving one step of `tokens` video tokens brings to a compile:
+    linear between the measured sizes (and beyond the larger), and 1 at or below 480P, where the step
+    counts stay as they were measured."""
+    (small, saved_small), (large, saved_large) = COMPILED_STEP_SAVING_S
+    if tokens <= small:
+        return 1.0
+    saved = saved_small + (saved_large - saved_small) * (tokens - small) / (large - small)
+    return saved / saved_small
+
+
+def compile_pays(steps: Iterable[float], mode: str = "auto", *, warm: bool = False) -> bool:
+    """Whether to `torch.compile` the transformer's blocks for a run with these jobs' step counts (in
+    480P steps: `compile_weight`); `warm` where Inductor's cache holds the run's shapes compiled already
+    (`t2v.compile_cache`).
 
     `mode` is `auto`, `on` or `off` (T2V_COMPILE, checked by `Settings.from_env`)."""
     if mode not in COMPILE_MODES:

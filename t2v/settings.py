@@ -140,7 +140,7 @@ class Settings:
     `torch.OutOfMemoryError` before it computes."""
     compile: str = "auto"
     """`torch.compile` of the transformer's repeated blocks on a GPU ($T2V_COMPILE): `auto` (when the
-    run has enough denoising steps to pay back the compile, `plans.COMPILE_PAYS_AFTER_STEPS`), `on` or
+    run has enough denoising steps to pay back the compile, `plans.compile_pays`), `on` or
     `off`."""
     pause_at: str = ""
     """Crash drills ($T2V_PAUSE_AT): a stage name. When this process has written its first output of

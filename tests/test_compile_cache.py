@@ -72,3 +72,24 @@ def test_a_compiled_night_records_its_shapes_and_the_next_night_compiles_from_on
         start_run("nightly", other, settings=settings, model="tiny", outputs_dir=tmp_path).compile_blocks
         is False
     )
+
+
+def test_a_larger_clips_steps_count_for_their_larger_saving(tmp_path: Path):
+    # A compiled 720P step saved 0.32 s on the H200, a 480P one 0.11: two 50-step 720P clips repay a
+    # cold compile that four 480P clips are needed for; below 480P a step counts as one, as measured.
+    from t2v.plans import compile_weight
+
+    assert compile_weight(8_190) == 1.0 == compile_weight(18)
+    assert compile_weight(27_280) == pytest.approx(0.32 / 0.11)
+    assert 1.0 < compile_weight(15_000) < compile_weight(27_280) < compile_weight(40_000)
+    settings = Settings(data_dir=tmp_path, database_url=f"sqlite:///{tmp_path / 'runs.db'}")
+
+    def compiles(count: int, **size: int) -> bool:
+        night = [replace(JOB, template=f"t{i}", steps=50, **size) for i in range(count)]
+        return start_run(
+            "nightly", night, settings=settings, model="tiny", outputs_dir=tmp_path
+        ).compile_blocks
+
+    p720, p480 = dict(height=704, width=1280, frames=121), dict(height=480, width=832, frames=81)
+    assert not compiles(1, **p720) and compiles(2, **p720)
+    assert not compiles(3, **p480) and compiles(4, **p480)
