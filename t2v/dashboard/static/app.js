@@ -90,9 +90,11 @@ function nowText(view) {
   return busy.join(", ") + (view.ends_at ? ` · ends ${clock(view.ends_at)}` : "");
 }
 
+// A count without its total is a stage that has started and not yet said how many steps it takes
+// (its compute placing a model first, or one that counts none, like finish): nothing to show yet.
 function stepText(job) {
-  if (job.step === null || job.step === undefined) return "";
-  return job.steps ? `${job.step}/${job.steps}` : String(job.step);
+  if (job.step === null || job.step === undefined || !job.steps) return "";
+  return `${job.step}/${job.steps}`;
 }
 
 function clock(iso) {
