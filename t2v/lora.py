@@ -9,7 +9,9 @@ In a run (the diffuse stage, `t2v.pipeline.diffuse`): each file is one adapter n
 hash, injected into the freshly loaded transformer before any plan's preparation, offloading hook,
 page-locking or compile sees it (`load`), so that group offloading streams the adapter weights with
 their blocks; between jobs only `activate` runs (`set_adapters`, or `disable_lora` for a job without).
-Adapters are never fused into the shared weights, so templates cannot leak into each other.
+Adapters are never fused into the shared weights, so templates cannot leak into each other; by default
+each adapted layer folds its active adapters into a copy of its weight for each call
+(`t2v.lora_fuse`, $T2V_LORA_FUSE), which spares the unmerged products' passes over the activations.
 
 Nothing here imports torch, diffusers or safetensors at import time: `t2v.jobs` imports this module,
 and `t2v --help` imports `t2v.jobs`.
@@ -309,11 +311,15 @@ def load(module: Any, adapters: Iterable[Adapter]) -> None:
         module.load_lora_adapter(state, adapter_name=adapter.name, prefix=PREFIX)
         loaded = module.peft_config
     if getattr(module, "peft_config", None):
+        from t2v import lora_fuse
+
+        lora_fuse.install(module)  # the adapted layers' folded forward, before any compile traces them
         module.disable_lora()  # until a job asks for its own
 
 
-def activate(module: Any, loras: tuple[Lora, ...]) -> None:
-    """Make exactly the job's adapters active, at its scales; none for a job without a LoRA."""
+def activate(module: Any, loras: tuple[Lora, ...], *, fold: bool = True) -> None:
+    """Make exactly the job's adapters active, at its scales; none for a job without a LoRA. `fold`:
+    each layer folds them into its weight per call (`t2v.lora_fuse`), else peft's unmerged forward."""
     if not getattr(module, "peft_config", None):
         if loras:
             raise RuntimeError("the transformer holds no adapters; `load` must run before its placement")
@@ -321,6 +327,9 @@ def activate(module: Any, loras: tuple[Lora, ...]) -> None:
     if not loras:
         module.disable_lora()
         return
+    from t2v import lora_fuse
+
+    lora_fuse.set_folding(module, fold)
     module.enable_lora()
     module.set_adapters([adapter_name(item.path) for item in loras], weights=[item.scale for item in loras])
 

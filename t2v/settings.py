@@ -121,6 +121,15 @@ def _read_compile(env: Mapping[str, str]) -> str:
     return mode
 
 
+def _read_switch(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw not in ("on", "off"):
+        raise InvalidInput(f"`{name}` has to be on or off but is {raw!r}.")
+    return raw == "on"
+
+
 @dataclass(frozen=True)
 class Settings:
     """Where t2v keeps its files and how it may use the GPU."""
@@ -153,6 +162,10 @@ class Settings:
     """$T2V_CHECKPOINT_S: a diffusion saves its state at most this often (0: after every step), so that
     a killed night's re-run continues from there. At 720P a step takes ~2.2 s on an H200 and a save
     ~0.1 s (docs/benchmarks.md)."""
+    lora_fuse: bool = True
+    """$T2V_LORA_FUSE (on, off): each adapted layer folds a job's LoRA into a copy of its weight per
+    call (`t2v.lora_fuse`): same math as peft's unmerged forward, other bf16 rounding, so not in the
+    store key; off runs peft's forward, bit for bit diffusers' with the same LoRA loaded."""
     hooks: str = ""
     """$T2V_HOOKS: `module:function` returning extra `t2v.engine.Hooks` for every run of this process
     (benchmarks and instrumentation in worker processes); empty for none."""
@@ -173,6 +186,7 @@ class Settings:
             pause_at=_read_pause_at(env),
             inductor_cache=Path(cache) if cache else None,
             checkpoint_seconds=_read_seconds(env, "T2V_CHECKPOINT_S", 60.0),
+            lora_fuse=_read_switch(env, "T2V_LORA_FUSE", True),
             hooks=_read_hooks(env),
         )
 

@@ -58,6 +58,7 @@ def test_numeric_settings_take_numbers() -> None:
         ("T2V_INJECT_OOM", "decode:*, difuse:*", "names no stage 'difuse'"),
         ("T2V_HOOKS", "bench.night", "`module:function`"),
         ("T2V_COMPILE", "always", "auto, on or off"),
+        ("T2V_LORA_FUSE", "yes", "on or off"),
     ],
 )
 def test_a_setting_with_allowed_values_refuses_others(name: str, value: str, message: str) -> None:
@@ -75,10 +76,17 @@ def test_a_setting_with_allowed_values_refuses_others(name: str, value: str, mes
         ("T2V_INJECT_OOM", "diffuse:cpu-cfg2,fox/diffuse:*, decode:*,"),
         ("T2V_INJECT_OOM", "*:gpu"),
         ("T2V_HOOKS", "bench.night:gpu_machine_hooks"),
+        ("T2V_LORA_FUSE", " OFF "),
     ],
 )
 def test_allowed_values_pass(name: str, value: str) -> None:
     Settings.from_env({name: value})
+
+
+def test_lora_folding_is_on_unless_switched_off() -> None:
+    assert Settings.from_env({}).lora_fuse is True
+    assert Settings.from_env({"T2V_LORA_FUSE": " OFF "}).lora_fuse is False
+    assert Settings.from_env({"T2V_LORA_FUSE": "on"}).lora_fuse is True
 
 
 def test_a_data_dir_that_is_a_file_is_refused(tmp_path: Path) -> None:

@@ -152,7 +152,7 @@ def test_a_placed_transformer_with_a_lora_is_bit_identical_to_the_pipeline_with_
         diffuse.STAGE.name, placement, device="cpu", options=diffuse.DiffuseOptions(adapters=adapters)
     )
     transformer = apply(plan, tiny.build_transformer())
-    lora.activate(transformer, job.lora)
+    lora.activate(transformer, job.lora, fold=False)  # peft's unmerged forward, as the pipeline runs it
     reference = pipeline_latents(parts, [(files["ink"], 0.8), (files["comfy"], 0.5)])
     torch.testing.assert_close(plain_latents(parts, transformer), reference, rtol=0, atol=0)
     assert rel(reference, pipeline_latents(parts, [])) > 1e-2  # the styles change the clip
@@ -165,6 +165,62 @@ def test_a_placed_transformer_with_a_lora_is_bit_identical_to_the_pipeline_with_
 
     lora.activate(transformer, ())  # a job without: the stock transformer's result, bit for bit
     torch.testing.assert_close(plain_latents(parts, transformer), pipeline_latents(parts, []), rtol=0, atol=0)
+
+
+def _adapter_products(transformer) -> list[int]:
+    """A counter of the calls of every adapter's B matrix: peft's unmerged forward runs them."""
+    calls = [0]
+    for name, module in transformer.named_modules():
+        if ".lora_B." in name:
+            module.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+@pytest.mark.parametrize("placement", [Placement.CPU, Placement.LEAF])
+def test_folded_adapters_give_the_pipelines_latents_without_running_the_adapters_products(
+    parts, files, placement
+):
+    job = job_with(files, ("ink", 0.8), ("comfy", 0.5))
+    adapters = lora.Adapters().for_job(job.lora)
+    plan = StagePlan(
+        diffuse.STAGE.name, placement, device="cpu", options=diffuse.DiffuseOptions(adapters=adapters)
+    )
+    transformer = apply(plan, tiny.build_transformer())
+    products = _adapter_products(transformer)
+    lora.activate(transformer, job.lora)  # folding is the default
+    folded = plain_latents(parts, transformer)
+    assert products[0] == 0  # each layer ran one product with W + scale * B @ A
+    reference = pipeline_latents(parts, [(files["ink"], 0.8), (files["comfy"], 0.5)])
+    assert rel(folded, reference) < 1e-5  # fp32: the same sum in another order
+    assert rel(reference, pipeline_latents(parts, [])) > 1e-2
+
+    lora.activate(transformer, job.lora, fold=False)
+    torch.testing.assert_close(plain_latents(parts, transformer), reference, rtol=0, atol=0)
+    assert products[0] > 0
+
+
+def test_folding_rounds_in_bf16_no_worse_than_the_unmerged_forward(files):
+    job = job_with(files, ("ink", 1.0), ("comfy", 0.7))
+    adapters = lora.Adapters().for_job(job.lora)
+    g = torch.Generator().manual_seed(0)
+    inputs = (
+        torch.randn(1, 48, 3, 4, 6, generator=g),
+        torch.tensor([500.0]),
+        torch.randn(1, 16, 32, generator=g),
+    )
+
+    def output(dtype: torch.dtype, fold: bool) -> torch.Tensor:
+        options = diffuse.DiffuseOptions(adapters=adapters)
+        transformer = tiny.build_transformer().to(dtype)
+        transformer = apply(StagePlan("diffuse", Placement.CPU, device="cpu", options=options), transformer)
+        lora.activate(transformer, job.lora, fold=fold)
+        with torch.no_grad():
+            args = [x.to(dtype) if x.is_floating_point() else x for x in inputs]
+            return transformer(*args, return_dict=False)[0].float()
+
+    exact = output(torch.float32, fold=False)
+    folded, unmerged = rel(output(torch.bfloat16, True), exact), rel(output(torch.bfloat16, False), exact)
+    assert 0 < folded < 1.25 * unmerged  # one rounding of the folded weight, against peft's of each term
 
 
 def _runner(tmp_path: Path, loads: list[str] | None = None) -> StageRunner:
