@@ -289,6 +289,7 @@ def lora_phase(args: argparse.Namespace) -> dict:
         "rank": args.lora_rank,
     }
     night |= {"guidance": plain[0].guidance, "layers": LORA_LAYERS}
+    night["lora_fuse"] = os.environ.get("T2V_LORA_FUSE", "on")  # t2v/lora_fuse.py: folded, or peft's
     night["files_mb"] = [f.stat().st_size / 1e6 for f in files]
     night["layout"] = [f"{f.parent.name}:{scale}" for f, scale in picks]
     night["order"] = "the night without first, then with: same prompts and seeds"
