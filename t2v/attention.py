@@ -232,9 +232,14 @@ def apply(module: torch.nn.Module, backend: str) -> bool:
     """Put `module` on `backend` unless it is on it already (with compiled blocks a change recompiles
     them); True where it changed. Offloading hooks and step caches wrap the blocks' forwards, not the
     processors, so they keep calling the one set here."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
     if current(module) == backend:
         return False
+    process_wide = _AttentionBackendRegistry.get_active_backend()[0]
     module.set_attention_backend(BACKENDS[backend])
+    # diffusers also makes it every module's default; a job's kernel stays the job's transformer's.
+    _AttentionBackendRegistry.set_active_backend(process_wide)
     log.info("attention: %s (diffusers' %s backend)", backend, BACKENDS[backend])
     return True
 

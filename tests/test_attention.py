@@ -40,7 +40,8 @@ SHAPE = attention.Shape(tokens=27280, heads=24, head_dim=128, dtype=torch.bfloat
 
 @pytest.fixture(autouse=True)
 def native_again():
-    """`set_attention_backend` also sets diffusers' process-wide default: give the next test native."""
+    """diffusers' own `set_attention_backend` (which a test calls directly) also sets its process-wide
+    default: give the next test native."""
     yield
     _AttentionBackendRegistry.set_active_backend(AttentionBackendName.NATIVE)
 
@@ -122,6 +123,16 @@ def test_an_explicit_kernel_is_taken_as_it_is_on_a_card_and_refused_off_one():
 
 
 # --- what a template may ask for ------------------------------------------------------------------
+
+
+def test_a_kernel_set_on_one_transformer_is_not_every_later_ones_default():
+    from t2v.models import tiny
+
+    first = tiny.build_transformer()
+    assert attention.apply(first, "efficient") and attention.current(first) == "efficient"
+    # diffusers' set_attention_backend also sets its process-wide default; apply puts that one back.
+    assert attention.current(tiny.build_transformer()) == "sdpa"
+    assert _AttentionBackendRegistry.get_active_backend()[0] == AttentionBackendName.NATIVE
 
 
 @pytest.mark.parametrize("value", ["fast", "SDPA", "", None, 1])
