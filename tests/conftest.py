@@ -16,9 +16,20 @@ from prefect.testing.utilities import prefect_test_harness
 
 
 @pytest.fixture(scope="session", autouse=True)
-def prefect_server() -> Iterator[None]:
-    """A temporary Prefect server and database for every flow of the session (it takes ~25 s to start)."""
+def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """A temporary Prefect server and database for every flow of the session (it takes ~25 s to start);
+    a copy of its database as it started is the one the tests' own servers start from."""
+    import sqlite3
+
+    from prefect.settings import PREFECT_API_DATABASE_CONNECTION_URL
+    from prefect_server import MIGRATED
+
     with prefect_test_harness(server_startup_timeout=120):
+        source = PREFECT_API_DATABASE_CONNECTION_URL.value().split(":///", 1)[1]
+        copy = tmp_path_factory.mktemp("prefect-db") / "prefect.db"
+        with sqlite3.connect(source) as live, sqlite3.connect(copy) as target:
+            live.backup(target)  # a consistent copy of a database in use (its WAL included)
+        MIGRATED.append(copy)
         yield
 
 

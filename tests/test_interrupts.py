@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-from prefect_server import free_port
+from prefect_server import free_port, seed_database
 
 from t2v.runlog import RunLog, sqlite_url
 from t2v_cli.interrupts import GRACE_S
@@ -49,8 +49,10 @@ STOP_S = 10.0
 
 @pytest.fixture(scope="module")
 def prefect_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One PREFECT_HOME for the module's nights: the temporary servers migrate its database once."""
-    return tmp_path_factory.mktemp("prefect")
+    """One PREFECT_HOME for the module's nights, its database already migrated (`seed_database`)."""
+    home = tmp_path_factory.mktemp("prefect")
+    seed_database(home)
+    return home
 
 
 class Night:
