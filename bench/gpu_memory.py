@@ -8,10 +8,17 @@ then for each resolution runs, from the same master weights and the same seed:
                        transformer and text encoder, VAE on the card with `enable_tiling()`)
   ours                 t2v's planner with the card's free memory as budget
   ours-cap8 / -cap6    t2v's planner under an 8 / 6 GiB cap (`set_per_process_memory_fraction`)
+A case of ours takes switches after `+` (issue 19, item 5: each switch's effect in one run):
+  +compile             the placed transformer's blocks compiled (`compile_repeated_blocks`, as the
+                       runner does on a GPU): the first step's excess over the others is the compile
+  +attn=KERNEL         the diffusion's attention kernel (t2v/attention.py: sdpa, cudnn, flash, ...)
+  +fp8                 fp8 weight storage (lossy, opt-in; also any case naming fp8, as before)
 Each case: encode (prompt + negative, 512 tokens), `--steps` denoising steps with CFG 5.0, VAE decode.
 The 50-step total is extrapolated: encode + first step + 49 x median of the later steps + decode.
 
     python bench/gpu_memory.py --out bench/results            # on a GPU (the device tool)
+    python bench/gpu_memory.py --out bench/results --cases \
+        stock-gpu,ours,ours+compile,ours-cap6,ours-cap6+compile,ours-cap6+attn=flash,ours-cap6+fp8
     python bench/gpu_memory.py --tiny --out /tmp/bench        # CPU smoke run of the same code paths
 """
 
@@ -24,7 +31,7 @@ import statistics
 import sys
 import time
 import traceback
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -39,7 +46,7 @@ import torch  # noqa: E402
 
 from bench.clock import Clock, GiB, free_cuda, rel, step_timer, total_50  # noqa: E402
 from bench.gpu_stock import NEGATIVE, PROMPT, run_stock  # noqa: E402
-from t2v import stages  # noqa: E402
+from t2v import attention, stages  # noqa: E402
 from t2v.jobs import JobSpec  # noqa: E402
 from t2v.models import fullsize, tiny  # noqa: E402
 from t2v.pipeline import decode, diffuse, encode  # noqa: E402
@@ -50,6 +57,40 @@ RESOLUTIONS = {"1280x704x121": (704, 1280, 121), "832x480x81": (480, 832, 81), "
 
 
 # --- ours: the planner, then the same stage functions the runner calls --------------------------
+
+
+@dataclass(frozen=True)
+class Switches:
+    """What a case's `+` parts switch on for the diffusion (see the module's docstring)."""
+
+    compile: bool = False
+    attention: str | None = None
+    fp8: bool = False
+
+    @classmethod
+    def of(cls, case: str) -> Switches:
+        base, *parts = case.split("+")
+        found: dict[str, object] = {"fp8": "fp8" in base}
+        for part in parts:
+            name, _, value = part.partition("=")
+            if name == "compile" and not value:
+                found["compile"] = True
+            elif name == "fp8" and not value:
+                found["fp8"] = True
+            elif name == "attn" and value in attention.BACKENDS:
+                found["attention"] = value
+            else:
+                raise SystemExit(f"case {case!r}: unknown switch {part!r} (compile, attn=KERNEL, fp8)")
+        if parts and base.startswith("stock"):
+            raise SystemExit(f"case {case!r}: switches are for ours, not stock diffusers")
+        return cls(**found)
+
+    def set_on(self, transformer: torch.nn.Module) -> None:
+        """As the diffuse stage sets them on its placed transformer, before the first step."""
+        if self.attention is not None:
+            attention.apply(transformer, self.attention)
+        if self.compile:
+            transformer.compile_repeated_blocks(dynamic=False)
 
 
 def run_on_plans(stage, body, masters, sizes, job, device, budget, record_stream, fp8, plans_used, attempts):
@@ -83,8 +124,9 @@ def run_ours(
     budget: int,
     *,
     record_stream: bool = False,
-    fp8: bool = False,
+    switches: Switches = Switches(),
 ) -> dict:
+    fp8 = switches.fp8
     clock = Clock(device)
     plans_used: dict[str, str] = {}
     attempts: list[str] = []
@@ -110,6 +152,7 @@ def run_ours(
 
     def denoise():
         def body(plan, tr):
+            switches.set_on(tr)
             noise = stages.job_noise(job, tr.config.in_channels, temporal=4, spatial=16, device=device)
             times.clear()
             last[0] = time.perf_counter()
@@ -150,7 +193,7 @@ def run_ours(
     )
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -161,7 +204,7 @@ def parse_args() -> argparse.Namespace:
         "--cases", default="stock-gpu,stock-model-offload,stock-group-offload,ours,ours-cap8,ours-cap6"
     )
     parser.add_argument("--steps", type=int, default=3)
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
 def build_masters(small: bool) -> dict:
@@ -212,17 +255,19 @@ def run_case(case: str, setup: dict, job: JobSpec, steps: int) -> tuple[dict, to
         device,
         steps,
         budget,
-        record_stream=case.endswith("-rs"),
-        fp8="fp8" in case,
+        record_stream=case.split("+")[0].endswith("-rs"),
+        switches=Switches.of(case),
     )
 
 
 def case_cap(case: str) -> int | None:
-    return {"8": 8, "6": 6}.get(case.split("cap")[-1][:1]) if "cap" in case else None
+    base = case.split("+")[0]
+    return {"8": 8, "6": 6}.get(base.split("cap")[-1][:1]) if "cap" in base else None
 
 
 def make_record(case: str, res: str, result: dict, steps: int, gpu: str) -> dict:
     peaks = result["peaks"]
+    later = result["step_times"][1:] or result["step_times"]  # a compiled case's first step compiles
     return dict(
         config=case,
         resolution=res,
@@ -240,6 +285,7 @@ def make_record(case: str, res: str, result: dict, steps: int, gpu: str) -> dict
         plans=result["plans"],
         oom_attempts=result.get("oom_attempts"),
         setup_s=result.get("setup_s"),
+        first_step_excess_s=result["step_times"][0] - statistics.median(later),
     )
 
 
@@ -266,6 +312,7 @@ def run_resolution(res: str, args: argparse.Namespace, setup: dict, records: lis
             records.append(
                 dict(config=case, resolution=res, cap_gib=case_cap(case), error=error, gpu=setup["gpu"])
             )
+            (args.out / "gpu_memory.json").write_text(json.dumps(records, indent=1))
             free_cuda()
             continue
         record = make_record(case, res, result, args.steps, setup["gpu"])
@@ -298,8 +345,10 @@ def print_table(records: list) -> None:
         )
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    for case in args.cases.split(","):
+        Switches.of(case)  # a bad case before the weights are built
     args.out.mkdir(parents=True, exist_ok=True)
     device = "cpu" if args.tiny else "cuda"
     gpu = torch.cuda.get_device_name(0) if device == "cuda" else "cpu"

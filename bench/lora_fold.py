@@ -40,7 +40,7 @@ def _activate(transformer: torch.nn.Module, case: str, item: lora.Lora) -> None:
     lora.activate(transformer, () if case == "none" else (item,), fold=case == "folded")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -50,7 +50,7 @@ def main() -> None:
     parser.add_argument("--sizes", help=f"WxHxF list (default {SIZES}; tiny 96x64x9)")
     parser.add_argument("--steps", type=int, default=3, help="per measurement, the first a warm-up")
     parser.add_argument("--rank", type=int, help="of the random LoRA file (default 64; tiny 4)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     device = "cpu" if args.tiny else "cuda"
     ref = registry.resolve_model(registry.BUILTIN if args.tiny else registry.RANDOM_FULL_SIZE)
     path = make_lora(ref, args.work / "style", rank=args.rank or (4 if args.tiny else 64), seed=1)

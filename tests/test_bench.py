@@ -119,26 +119,30 @@ def night_deployed_on_the_session_server() -> Iterator[None]:
 def test_multi_gpu_splits_the_night_between_workers_with_no_job_twice(
     tmp_path, night_deployed_on_the_session_server
 ):
-    require_slow_tests("a Prefect deployment and three workers")
-    # As two calls, the way a night too long for one device command is measured: the second merges.
-    # --no-ffmpeg: the workers' flow runs get the .npy codec through T2V_HOOKS, as on the GPU machine.
-    common = ("--jobs", "3", "--steps", "2", "--no-ffmpeg", "--no-import-probe")
-    first = _run("multi_gpu", *common, "--phases", "one", tmp_path=tmp_path)
-    assert "two" not in first and "scaling_wall" not in first
-    # The same server: the second call finds the night deployed by the first (`prefect deploy` is ~10 s).
-    results = _run("multi_gpu", *common, "--phases", "two", "--reuse-deployment", tmp_path=tmp_path)
-    assert results["one"] == first["one"]
-    assert first["deployment"] == "deployed" and results["deployment"].startswith("found")
+    require_slow_tests("a Prefect deployment and two workers")
+    from bench import multi_gpu
 
-    one, two = results["one"], results["two"]
-    assert one["completed"] and two["completed"] and results["no_job_twice"]
-    assert one["clips"] == two["clips"] == 3
+    # The second of two calls, the way a night too long for one device command is measured: it merges
+    # the first's phase (here one this test writes for the same night) with its own. Both phases run
+    # `multi_gpu_phase.run_phase`, one with one shard, the other with two.
+    common = ("--jobs", "3", "--steps", "2", "--no-ffmpeg", "--no-import-probe")
+    args = multi_gpu.parse_args(["--tiny", "--out", str(tmp_path / "out"), *common])
+    one = dict(completed=True, no_job_twice=True, workers=1, clips=3, wall_s=30.0, clips_per_hour_wall=360.0)
+    one |= {"split": {"gpu0": ["a", "b", "c"]}, "runs": []}
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "multi_gpu.json").write_text(json.dumps(multi_gpu.night_header(args) | {"one": one}))
+    results = _run("multi_gpu", *common, "--phases", "two", "--reuse-deployment", tmp_path=tmp_path)
+    assert results["one"] == one and results["deployment"] == "deployed"
+
+    two = results["two"]
+    assert two["completed"] and results["no_job_twice"] and two["clips"] == 3
     templates = sorted(results["templates"])
-    assert sorted(one["split"]["gpu0"]) == templates
     made = [t for worker in ("gpu0", "gpu1") for t in two["split"][worker]]
     assert sorted(made) == templates and all(two["split"][w] for w in ("gpu0", "gpu1"))
-    assert results["scaling_wall"] == pytest.approx(one["wall_s"] / two["wall_s"])  # same clips in each
-    assert one["outputs"]["npy_content"] == two["outputs"]["npy_content"] == 3
+    assert results["scaling_wall"] == pytest.approx(two["clips_per_hour_wall"] / 360.0)
+    assert two["outputs"]["npy_content"] == 3
+    # A later call on this server (the session's, this process's) finds the night deployed as it is.
+    assert multi_gpu.deployed_already(args, (tmp_path / "work").resolve() / "night.toml")
 
 
 def test_few_step_times_each_dmd_clip_by_stage_and_the_lora_night_against_the_plain_one(tmp_path):
@@ -339,3 +343,38 @@ def test_bench_matches_no_stage_by_its_name(path):
         if isinstance(n, ast.Constant) and n.value in names
     ]
     assert found == []
+
+
+def test_gpu_memory_cases_take_switches_and_state_their_deviation_from_stock(tmp_path):
+    from bench import gpu_memory
+
+    cases = "stock-gpu,ours,ours+attn=sdpa,ours-cap6+attn=efficient"
+    gpu_memory.main(
+        ["--tiny", "--out", str(tmp_path), "--resolutions", "96x64x9", "--cases", cases, "--steps", "2"]
+    )
+    records = {r["config"]: r for r in json.loads((tmp_path / "gpu_memory.json").read_text())}
+    assert list(records) == cases.split(",")
+    ours, sdpa = records["ours"], records["ours+attn=sdpa"]
+    # sdpa is what `ours` runs off a card: the switch names it and changes nothing.
+    assert sdpa["latents_rel_diff_vs_stock_gpu"] == ours["latents_rel_diff_vs_stock_gpu"]
+    assert all(len(r["step_times_s"]) == 2 for r in (ours, sdpa))
+    # A kernel this machine lacks (the CPU has no memory-efficient SDPA) fails its case alone, saved.
+    assert records["ours-cap6+attn=efficient"]["error"].startswith("RuntimeError")
+
+    with pytest.raises(SystemExit, match="unknown switch 'warp'"):
+        gpu_memory.main(["--tiny", "--out", str(tmp_path / "bad"), "--cases", "ours+warp"])
+    assert not (tmp_path / "bad").exists()  # refused before any weights were built
+
+
+def test_lora_fold_times_the_three_paths_and_the_folded_one_matches_unmerged(tmp_path):
+    from bench import lora_fold
+
+    lora_fold.main(["--tiny", "--out", str(tmp_path), "--work", str(tmp_path / "work")])
+    results = json.loads((tmp_path / "lora_fold.json").read_text())
+    records = {r["case"]: r for r in results["records"]}
+    assert list(records) == ["none", "unmerged", "folded"] and results["rank"] == 4
+    assert all(r["step_s"] > 0 and len(r["step_times_s"]) == 3 for r in records.values())
+    # Tiny runs in fp32: unmerged is its own reference; folding only reorders the sum.
+    assert records["unmerged"]["latents_rel_l2_vs_fp32_unmerged"] == 0
+    assert 0 < records["folded"]["latents_rel_l2_vs_fp32_unmerged"] < 1e-5
+    assert records["none"]["latents_rel_l2_vs_fp32_unmerged"] > 1e-3  # the style changes the latents
