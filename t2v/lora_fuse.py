@@ -30,8 +30,9 @@ HOOK = "t2v_lora_fuse"
 
 class FoldedForward(ModelHook):
     """On one peft LoRA Linear: a call with only the input runs `linear(x, W + sum(s * B @ A))` while
-    `on`; anything else (off, adapters disabled or merged, no active one, a DoRA or other variant,
-    an adapter dropout in training mode, extra arguments) runs the layer's own forward."""
+    `on`; anything else (off, adapters disabled or merged, no active one, a DoRA or other variant, an
+    adapter with a bias, an adapter dropout in training mode, extra arguments) runs the layer's own
+    forward."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -59,6 +60,8 @@ def folded_weight(module: Any, x: torch.Tensor) -> torch.Tensor | None:
     for name in active:
         down, up = module.lora_A[name].weight, module.lora_B[name].weight
         if down.device != weight.device or down.dtype != weight.dtype or up.dtype != weight.dtype:
+            return None
+        if module.lora_B[name].bias is not None:  # peft's `lora_bias`: a term the fold leaves out
             return None
     for name in active:  # fp32 accumulation inside the product, one rounding per adapter
         up, down = module.lora_B[name].weight, module.lora_A[name].weight

@@ -35,14 +35,13 @@ BENCH_FILES = sorted((REPO / "bench").glob("*.py"))
 MAX_FUNCTION_LINES = 80
 
 
-def _run(script: str, *args: str, tmp_path: Path, prefect: bool = True) -> dict:
-    """`bench/<script>.py --tiny` (against the session's Prefect server unless `prefect` is False:
-    a script that drives the StageRunner itself); its results file."""
+def _run(script: str, *args: str, tmp_path: Path) -> dict:
+    """`bench/<script>.py --tiny` against the session's Prefect server; its results file."""
     from prefect.settings import PREFECT_API_URL
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "T2V_"))}
     out = tmp_path / "out"
-    server = ["--prefect-api", PREFECT_API_URL.value()] if prefect else []
+    server = ["--prefect-api", PREFECT_API_URL.value()]
     done = subprocess.run(
         [sys.executable, f"bench/{script}.py", "--tiny", "--out", str(out), "--work", str(tmp_path / "work")]
         + [*server, *args],
@@ -145,10 +144,25 @@ def test_multi_gpu_splits_the_night_between_workers_with_no_job_twice(
     assert multi_gpu.deployed_already(args, (tmp_path / "work").resolve() / "night.toml")
 
 
-def test_few_step_times_each_dmd_clip_by_stage_and_the_lora_night_against_the_plain_one(tmp_path):
+def _few_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *args: str) -> dict:
+    """bench/few_step.py --tiny in this process (it drives the StageRunner itself: no Prefect, and no
+    new process to import torch and diffusers again); its results file."""
+    from bench import few_step
+
+    monkeypatch.setenv("T2V_DATA_DIR", str(tmp_path / "data"))  # each night's is set by the script
+    for name in [n for n in os.environ if n.startswith("T2V_") and n != "T2V_DATA_DIR"]:
+        monkeypatch.delenv(name)
+    out = tmp_path / "out"
+    few_step.main(["--tiny", "--out", str(out), "--work", str(tmp_path / "work"), *args])
+    return json.loads((out / "few_step.json").read_text())
+
+
+def test_few_step_times_each_dmd_clip_by_stage_and_the_lora_night_against_the_plain_one(
+    tmp_path, monkeypatch
+):
     from safetensors import safe_open
 
-    results = _run("few_step", tmp_path=tmp_path, prefect=False)
+    results = _few_step(tmp_path, monkeypatch)
     assert {"gpu", "cap_gib", "clips", "lora_night_ratio", "finish_codec"} <= set(results)
     assert [c["resolution"] for c in results["clips"]] == ["96x64x9", "64x32x5"]
     for clip in results["clips"]:
@@ -171,7 +185,7 @@ def test_few_step_times_each_dmd_clip_by_stage_and_the_lora_night_against_the_pl
         assert f.get_tensor("transformer.blocks.0.attn1.to_q.lora_A.weight").shape[0] == 4
     assert len(keys) == 2 * len(night["layers"]) * 2  # tiny: two blocks, A and B per layer
     # One phase again: the other's figures are kept.
-    again = _run("few_step", "--phases", "lora", tmp_path=tmp_path, prefect=False)
+    again = _few_step(tmp_path, monkeypatch, "--phases", "lora")
     assert again["clips"] == results["clips"] and again["lora_night_ratio"] != results["lora_night_ratio"]
 
 
