@@ -199,15 +199,17 @@ def test_folded_adapters_give_the_pipelines_latents_without_running_the_adapters
     assert products[0] > 0
 
 
+def _transformer_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One call of the tiny transformer: latents, a timestep, prompt embeddings (seeded)."""
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, 48, 3, 4, 6, generator=g)
+    return latents, torch.tensor([500.0]), torch.randn(1, 16, 32, generator=g)
+
+
 def test_folding_rounds_in_bf16_no_worse_than_the_unmerged_forward(files):
     job = job_with(files, ("ink", 1.0), ("comfy", 0.7))
     adapters = lora.Adapters().for_job(job.lora)
-    g = torch.Generator().manual_seed(0)
-    inputs = (
-        torch.randn(1, 48, 3, 4, 6, generator=g),
-        torch.tensor([500.0]),
-        torch.randn(1, 16, 32, generator=g),
-    )
+    inputs = _transformer_inputs()
 
     def output(dtype: torch.dtype, fold: bool) -> torch.Tensor:
         options = diffuse.DiffuseOptions(adapters=adapters)
@@ -479,12 +481,7 @@ def test_fp8_storage_keeps_the_adapters_in_float32_and_their_effect(files):
     # created in float8 and the forward fails ("mul_cpu_reduced_float" not implemented for float8).
     job = job_with(files, ("ink", 1.0))
     adapters = lora.Adapters().for_job(job.lora)
-    g = torch.Generator().manual_seed(0)
-    inputs = (
-        torch.randn(1, 48, 3, 4, 6, generator=g),
-        torch.tensor([500.0]),
-        torch.randn(1, 16, 32, generator=g),
-    )
+    inputs = _transformer_inputs()
 
     def outputs(fp8: bool) -> tuple[torch.Tensor, torch.Tensor]:
         options = diffuse.DiffuseOptions(adapters=adapters, fp8_storage=fp8)
