@@ -11,7 +11,8 @@ Why not peft's `merge_adapter`/diffusers' `fuse_lora`: they write the sum into t
 unmerging it in bf16 does not give the original weight back, so a night switching LoRAs per job would
 leak one template's style into the next; under group offloading the weights that move are the host's
 copies, which merging would change for good. Here nothing is written: the folded weight lives for one
-call. Same math as unmerged, other rounding: the deviation is measured in docs/benchmarks.md.
+call. Same math as unmerged, other rounding: tests/test_lora.py bounds the deviation on the CPU, and
+bench/lora_fold.py measures it and the speed on a card.
 
 A layer whose weight is not where its input is, or in another dtype, runs peft's own forward: leaf
 offloading onloads a weight in its base layer's forward, fp8 storage casts it there.
