@@ -57,6 +57,7 @@ from t2v.jobs import JobSpec  # noqa: E402
 from t2v.lora import Lora  # noqa: E402
 from t2v.models import registry  # noqa: E402
 from t2v.pipeline import Stage, diffuse, stages  # noqa: E402
+from t2v.settings import Settings  # noqa: E402
 
 RESULTS = "few_step.json"
 CLIP_FIELDS = ("resolution", "steps", "total_s", *(f"{s.name}_s" for s in stages()), "other_s")
@@ -135,7 +136,6 @@ def run_night(name: str, jobs: list[JobSpec], args: argparse.Namespace) -> dict:
     """`jobs` through the pipeline on one fresh StageRunner in `<work>/<name>`, in flows/night.py's order;
     the run's wall time, the timeline's buckets and events, and its run-log rows."""
     from t2v.context import check_budgets, check_jobs, start_run
-    from t2v.settings import Settings
 
     data = args.work / name
     shutil.rmtree(data, ignore_errors=True)
@@ -289,7 +289,7 @@ def lora_phase(args: argparse.Namespace) -> dict:
         "rank": args.lora_rank,
     }
     night |= {"guidance": plain[0].guidance, "layers": LORA_LAYERS}
-    night["lora_fuse"] = os.environ.get("T2V_LORA_FUSE", "on")  # t2v/lora_fuse.py: folded, or peft's
+    night["lora_fuse"] = Settings.from_env().lora_fuse  # t2v/lora_fuse.py: folded, or peft's forward
     night["files_mb"] = [f.stat().st_size / 1e6 for f in files]
     night["layout"] = [f"{f.parent.name}:{scale}" for f, scale in picks]
     night["order"] = "the night without first, then with: same prompts and seeds"

@@ -275,7 +275,7 @@ def make_record(case: str, res: str, result: dict, steps: int, gpu: str) -> dict
         peak_allocated_gib=max((v for k, v in peaks.items() if not k.endswith("_reserved")), default=None),
         peak_reserved_gib=max((v for k, v in peaks.items() if k.endswith("_reserved")), default=None),
         encode_s=result["encode_s"],
-        step_s=statistics.median(result["step_times"][1:] or result["step_times"]),
+        step_s=statistics.median(later),
         decode_s=result["decode_s"],
         total_50_steps_s=total_50(result["encode_s"], result["step_times"], result["decode_s"]),
         total_note=f"extrapolated from {steps} measured steps",

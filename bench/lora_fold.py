@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> None:
             _activate(exact, "unmerged", item)
             reference, _ = _steps(exact, scheduler, latents.float(), cond, uncond, args.steps)
             del exact
-            torch.cuda.empty_cache() if device == "cuda" else None
+            if device == "cuda":
+                torch.cuda.empty_cache()
         base = None
         for case in CASES:
             _activate(transformer, case, item)

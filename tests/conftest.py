@@ -20,6 +20,7 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """A temporary Prefect server and database for every flow of the session (it takes ~25 s to start);
     a copy of its database as it started is the one the tests' own servers start from."""
     import sqlite3
+    from contextlib import closing
 
     from prefect.settings import PREFECT_API_DATABASE_CONNECTION_URL
     from prefect_server import MIGRATED
@@ -27,7 +28,7 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     with prefect_test_harness(server_startup_timeout=120):
         source = PREFECT_API_DATABASE_CONNECTION_URL.value().split(":///", 1)[1]
         copy = tmp_path_factory.mktemp("prefect-db") / "prefect.db"
-        with sqlite3.connect(source) as live, sqlite3.connect(copy) as target:
+        with closing(sqlite3.connect(source)) as live, closing(sqlite3.connect(copy)) as target:
             live.backup(target)  # a consistent copy of a database in use (its WAL included)
         MIGRATED.append(copy)
         yield
