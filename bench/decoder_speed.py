@@ -3,10 +3,12 @@ cap, against whole frames in fp32 (the pipeline's own decode) on the same latent
 
     python bench/decoder_speed.py --out bench/results          # on a GPU (the device tool)
 
-A variant is `dtype:tile_h x tile_w:flags` (`whole` for no tiling; a tile as tall as the frame makes
-column strips); flags: `bench` (cudnn.benchmark), `cl` (channels-last 3D weights), `cap6`/`cap8` (card
-cap). Each runs twice on fresh latents of one seed; the second run's time is reported (the first pays
-cuDNN's search). Deviation: mean and max of |frame - fp32 whole frame| in 1/255 units.
+A variant is `dtype:tiles:flags`. Tiles: `whole` for no tiling, `HxW` for tiles every 3/4 of their
+side (diffusers' own grid), `HxW/SHxSW` for tiles of HxW every SH and SW pixels (t2v's even grids,
+`t2v.pipeline.decode.tilings`; a tile as tall as the frame makes column strips). Flags: `bench`
+(cudnn.benchmark), `cl` (channels-last 3D weights), `cap6`/`cap8` (card cap). Each runs `--repeats`
+times on the same latents; the last run's time is reported (the first pays cuDNN's search where
+`bench` is on). Deviation: mean and max of |frame - fp32 whole frame| in 1/255 units.
 Records go to `decoder_speed.json`: {resolution, variant, cap_gib, decode_s, first_s, peak_reserved_gib,
 mean_abs_255, max_abs_255, gpu}.
 """
@@ -31,20 +33,21 @@ from bench.clock import GiB, free_cuda  # noqa: E402
 
 LATENTS = {"1280x704x121": (31, 44, 80), "832x480x81": (21, 30, 52)}
 VARIANTS = {
+    # The plans before and after the even grids, under the caps they are chosen at (tests/test_plans.py),
+    # on cuDNN's heuristics as the decode stage runs, and bf16 whole frames for what tiling costs.
     "1280x704x121": [
         "float32:whole:",
+        "bfloat16:whole:",
+        "bfloat16:512x512:cap8",
+        "bfloat16:704x432/704x320:cap8",
         "bfloat16:256x256:cap6",
-        "bfloat16:256x256:cap6,bench",
-        "bfloat16:256x256:cap6,bench,cl",
-        "bfloat16:512x512:cap6,bench",
-        "bfloat16:704x384:cap6,bench",
+        "bfloat16:320x192/240x144:cap6",
     ],
     "832x480x81": [
         "float32:whole:",
-        "bfloat16:256x256:cap6,bench",
-        "bfloat16:480x416:cap6,bench",
-        "bfloat16:512x512:cap6,bench",
-        "bfloat16:whole:cap6,bench",
+        "bfloat16:whole:",
+        "bfloat16:512x512:cap6",
+        "bfloat16:480x544/480x416:cap6",
     ],
 }
 
@@ -55,7 +58,9 @@ def decode(vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(decode_latents(vae, latents, device="cuda"))
 
 
-def run_variant(masters: dict, res: str, variant: str, latents: torch.Tensor, reference) -> dict:
+def run_variant(
+    masters: dict, res: str, variant: str, latents: torch.Tensor, reference, repeats: int = 2
+) -> dict:
     dtype_name, tile, flag_text = variant.split(":")
     flags = set(filter(None, flag_text.split(",")))
     cap = 6 if "cap6" in flags else 8 if "cap8" in flags else None
@@ -71,17 +76,19 @@ def run_variant(masters: dict, res: str, variant: str, latents: torch.Tensor, re
         if tile == "whole":
             vae.disable_tiling()
         else:
-            th, tw = (int(x) for x in tile.split("x"))
+            side, _, stride = tile.partition("/")
+            th, tw = (int(x) for x in side.split("x"))
+            sh, sw = (int(x) for x in stride.split("x")) if stride else (th * 3 // 4, tw * 3 // 4)
             vae.enable_tiling(
                 tile_sample_min_height=th,
                 tile_sample_min_width=tw,
-                tile_sample_stride_height=th * 3 // 4,
-                tile_sample_stride_width=tw * 3 // 4,
+                tile_sample_stride_height=sh,
+                tile_sample_stride_width=sw,
             )
         vae.to("cuda")
         times = []
         with torch.backends.cudnn.flags(enabled=True, benchmark="bench" in flags, deterministic=False):
-            for _ in range(2):
+            for _ in range(repeats):
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
                 start = time.perf_counter()
@@ -90,7 +97,7 @@ def run_variant(masters: dict, res: str, variant: str, latents: torch.Tensor, re
                 times.append(time.perf_counter() - start)
         record |= {
             "first_s": times[0],
-            "decode_s": times[1],
+            "decode_s": times[-1],
             "peak_reserved_gib": torch.cuda.max_memory_reserved() / GiB,
         }
         if reference is not None:
@@ -116,6 +123,8 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--resolutions", default="1280x704x121,832x480x81")
+    parser.add_argument("--variants", help="comma list, for one resolution (default: VARIANTS)")
+    parser.add_argument("--repeats", type=int, default=2, help="decodes per variant, the last reported")
     args = parser.parse_args()
     from t2v.models import fullsize
 
@@ -129,8 +138,8 @@ def main() -> None:
         gen = torch.Generator().manual_seed(0)
         latents = torch.randn(1, 48, frames, h, w, generator=gen)
         reference = None
-        for variant in VARIANTS[res]:
-            record = run_variant(masters, res, variant, latents, reference)
+        for variant in args.variants.split(",") if args.variants else VARIANTS[res]:
+            record = run_variant(masters, res, variant, latents, reference, args.repeats)
             if reference is None:
                 reference = record.pop("frames", None)
             records.append(record)

@@ -9,7 +9,7 @@ import pytest
 from t2v.jobs import JobSpec
 from t2v.models import registry
 from t2v.pipeline import decode, diffuse, encode
-from t2v.pipeline.decode import DecodeOptions
+from t2v.pipeline.decode import DecodeOptions, Tiles
 from t2v.pipeline.diffuse import DiffuseOptions
 from t2v.pipeline.encode import EncodeOptions
 from t2v.placement import resident_indices
@@ -121,54 +121,96 @@ def test_estimates_cover_what_the_h100_allocated():
     assert records
     for record in records:
         job = P720 if record["resolution"].startswith("1280") else P480
-        for stage, phase in (("encode", "encode"), ("diffuse", "denoise"), ("decode", "decode")):
+        for stage, phase in (("encode", "encode"), ("diffuse", "denoise")):
             plan = next(
                 p for p in ladder(stage, FULL, job, device="cuda") if p.name == record["plans"][stage]
             )
             measured = record["phase_peaks_gib"][phase]
-            assert measured <= plan.estimate_gib * 1.25, (
-                record["config"],
-                stage,
-                measured,
-                plan.estimate_gib,
-            )
+            assert measured <= plan.estimate_gib * 1.25, (record["config"], stage, plan.estimate_gib)
+        # Decode plans by name: the runs before the even grids named square tiles (`tile256`).
+        _, dtype, tiles = record["plans"]["decode"].split("-")
+        dtype = {"bf16": "bfloat16", "fp32": "float32"}[dtype]
+        tiles = tiles.removeprefix("tile")
+        tiles = _tiles(tiles if tiles == "whole" or "x" in tiles else f"{tiles}x{tiles}")
+        estimate = decode.estimate(FULL, job, dtype=dtype, tiles=tiles) / GiB
+        assert record["phase_peaks_gib"]["decode"] <= estimate * 1.25, (record["config"], estimate)
+
+
+def _tiles(variant_tiles: str) -> Tiles | None:
+    """bench/decoder_speed.py's tiles: `whole`, `HxW` (every 3/4 of the side) or `HxW/SHxSW`."""
+    if variant_tiles == "whole":
+        return None
+    side, _, stride = variant_tiles.partition("/")
+    height, width = (int(x) for x in side.split("x"))
+    stride_h, stride_w = (int(x) for x in stride.split("x")) if stride else (height * 3 // 4, width * 3 // 4)
+    return Tiles(height, width, stride_h, stride_w)
 
 
 def test_tile_estimates_cover_the_decoder_peaks_measured_on_the_h200():
-    """bench/results/decoder_speed.json: each square-tiled decode's reserved peak within the budget that
-    its plan's estimate fits (`HEADROOM` of it: the allocator's slack is the rest). Reserved, not
-    allocated, is what the bench records; at 480P the 512 px tiles reserved 4.56 GiB against an
-    estimate of 3.74 (4.99 with the headroom)."""
+    """bench/results/decoder_speed.json: each tiled decode's reserved peak within the budget that its
+    estimate fits (`HEADROOM` of it: the allocator's slack is the rest). Reserved, not allocated, is
+    what the bench records; at 480P the 512 px tiles reserved 4.56 GiB against an estimate of 3.74
+    (4.99 with the headroom)."""
     records = json.loads((RESULTS.parent / "decoder_speed.json").read_text())
     checked = 0
     for record in records:
-        dtype, tile, _ = record["variant"].split(":")
-        height, width = tile.split("x") if "x" in tile else (None, None)
-        if "error" in record or height is None or height != width:
+        dtype, variant_tiles, _ = record["variant"].split(":")
+        tiles = _tiles(variant_tiles)
+        if "error" in record or tiles is None:
             continue
         job = P720 if record["resolution"].startswith("1280") else P480
-        options = DecodeOptions(vae_dtype=dtype, vae_tile=int(height))
-        plan = next(p for p in ladder("decode", FULL, job, device="cuda") if p.options == options)
-        assert record["peak_reserved_gib"] <= plan.estimate_gib / HEADROOM, (
-            record["variant"],
-            plan.estimate_gib,
-        )
+        budget = decode.estimate(FULL, job, dtype=dtype, tiles=tiles) / GiB / HEADROOM
+        assert record["peak_reserved_gib"] <= budget, (record["variant"], budget)
         checked += 1
     assert checked >= 2
 
 
 @pytest.mark.parametrize(
-    ("job", "cap", "decode"),
+    ("job", "cap", "tiles"),
     [
-        (P720, 6, "decode:gpu-bf16-tile256"),
-        (P720, 8, "decode:gpu-bf16-tile512"),
-        (P480, 6, "decode:gpu-bf16-tile512"),
+        (P720, 6, Tiles(320, 192, 240, 144)),
+        (P720, 8, Tiles(704, 432, 704, 320)),  # four full-height strips
+        (P720, 12, Tiles(704, 768, 704, 640)),  # two
+        (P480, 6, Tiles(480, 544, 480, 416)),
     ],
 )
-def test_the_decode_takes_the_largest_tiles_the_card_holds(job, cap, decode):
-    # 512 px tiles: 13.7 s at 720P against 20.8 s with 256 px, and closer to whole frames (2.0/255 on
-    # average against 5.9): the decoder runs once per tile and latent frame.
-    assert chosen(job, cap)["decode"] == decode
+def test_the_decode_takes_the_fastest_tiles_the_card_holds(job, cap, tiles):
+    plan = choose(ladder("decode", FULL, job, device="cuda"), int(cap * GiB))[0]
+    assert plan.options == DecodeOptions(vae_dtype="bfloat16", vae_tiles=tiles)
+
+
+def test_decode_tilings_cover_the_frame_evenly_fastest_first():
+    for height, width in ((704, 1280), (480, 832), (64, 96)):
+        found = decode.tilings(height, width, min_stride=32)
+        assert found, (height, width)
+        decoded = []
+        for tiles in found:
+            rows = range(0, height, tiles.stride_height)
+            columns = range(0, width, tiles.stride_width)
+            # Every pixel in some tile, each tile starting on a latent pixel, no thin strips.
+            assert rows[-1] + tiles.height >= height and columns[-1] + tiles.width >= width
+            assert tiles.stride_height % decode.GRID == 0 and tiles.stride_width % decode.GRID == 0
+            assert max(tiles.height, tiles.width) <= 2 * min(tiles.height, tiles.width)
+            # Even: the last tile of a row or column is no thinner than half the others' stride.
+            assert height - rows[-1] >= tiles.stride_height // 2 or len(rows) == 1
+            assert width - columns[-1] >= tiles.stride_width // 2 or len(columns) == 1
+            decoded.append(
+                sum(min(tiles.height, height - r) for r in rows)
+                * sum(min(tiles.width, width - c) for c in columns)
+            )
+        assert decoded == sorted(decoded)  # fastest (fewest pixels decoded) first
+        assert all(a.pixels > b.pixels for a, b in zip(found, found[1:], strict=False))  # each one leaner
+
+
+def test_the_even_grid_decodes_fewer_pixels_than_diffusers_fixed_one_at_8_gib():
+    """At 1280x704, 512 px tiles every 384 px (the 8 GiB plan before) decode 1664x832 pixels in 8
+    tiles, a thin last column included; the even grid the same card holds, 4 strips of 1.26x."""
+    plan = choose(ladder("decode", FULL, P720, device="cuda"), 8 * GiB)[0]
+    tiles = plan.options.vae_tiles
+    fixed = Tiles(512, 512, 384, 384)
+    assert tiles.pixels > fixed.pixels  # the room goes to larger tiles...
+    assert decode.estimate(FULL, P720, dtype="bfloat16", tiles=tiles) <= 8 * GiB * HEADROOM
+    assert 4 * tiles.width - 3 * (tiles.width - tiles.stride_width) < 1664  # ...that overlap less
 
 
 def test_cpu_ladders_offer_a_fallback_for_the_oom_path():
@@ -179,7 +221,7 @@ def test_cpu_ladders_offer_a_fallback_for_the_oom_path():
     ]
     assert [p.name for p in ladder("decode", FULL, job, device="cpu")] == [
         "decode:cpu-fp32-whole",
-        "decode:cpu-fp32-tile64",
+        "decode:cpu-fp32-tile48x48",
     ]
 
 
@@ -260,12 +302,13 @@ def test_a_plans_name_and_residency_key_are_derived_from_its_option_fields():
     assert all(labels) and every.options.labels() == labels == ["cfg1", "token-ts", "ffn8", "fp8"]
     assert every.name == "diffuse:group-r12-" + "-".join(labels)  # every label, in field order
 
-    tiled = StagePlan("decode", Placement.GPU, options=DecodeOptions(vae_dtype="bfloat16", vae_tile=256))
-    assert tiled.name == "decode:gpu-bf16-tile256" and tiled.options.vae_tile == 256
-    assert tiled.with_options(vae_tile=None).name == "decode:gpu-bf16-whole"
-    assert tiled.with_options(vae_tile=None).residency_key == tiled.residency_key  # tiles are a switch
+    strips = Tiles(704, 432, 704, 320)
+    tiled = StagePlan("decode", Placement.GPU, options=DecodeOptions(vae_dtype="bfloat16", vae_tiles=strips))
+    assert tiled.name == "decode:gpu-bf16-tile704x432" and tiled.options.vae_tiles == strips
+    assert tiled.with_options(vae_tiles=None).name == "decode:gpu-bf16-whole"
+    assert tiled.with_options(vae_tiles=None).residency_key == tiled.residency_key  # tiles are a switch
     assert tiled.with_options(vae_dtype="float32").residency_key != tiled.residency_key  # the dtype moves
-    assert tiled.with_options(vae_dtype="float32").name == "decode:gpu-fp32-tile256"
+    assert tiled.with_options(vae_dtype="float32").name == "decode:gpu-fp32-tile704x432"
     assert StagePlan("encode", Placement.CPU, device="cpu", options=EncodeOptions()).name == "encode:cpu"
     with pytest.raises(TypeError):
-        base.with_options(vae_tile=256)  # another stage's option
+        base.with_options(vae_tiles=strips)  # another stage's option

@@ -15,14 +15,90 @@ from t2v.pipeline import diffuse
 from t2v.pipeline.stage import KeyInputs, Stage, Work, Writer
 from t2v.plans import ComponentSizes, Placement, PlanOptions, StagePlan, option
 
+GRID = 16
+"""Tile sides and strides are multiples of this many pixels: the VAE's spatial stride (16 for Wan2.2's
+VAE, 8 for Wan2.1's), so that every tile starts on a latent pixel."""
+MIN_STRIDE = 96
+"""The GPU's smallest tiles (128 px with their overlap): below it the decoder's kernel launches, per
+tile and latent frame, dominate."""
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """How diffusers' tiled decode covers one frame size: tiles of `height` x `width` pixels every
+    `stride_height` / `stride_width`; the rest of each tile overlaps its neighbour and is blended."""
+
+    height: int
+    width: int
+    stride_height: int
+    stride_width: int
+
+    @property
+    def pixels(self) -> int:
+        return self.height * self.width
+
+
+def _round_up(pixels: int) -> int:
+    return -(-pixels // GRID) * GRID
+
+
+def _axis(size: int, count: int) -> tuple[int, int]:
+    """(tile, stride) for `count` tiles of even size along `size` pixels. The overlap is a third of the
+    stride up to 128 px: the 512 px tiles' 128 px kept seams at ~2/255, and a wider blend only
+    recomputes more."""
+    if count == 1:
+        return _round_up(size), _round_up(size)
+    stride = _round_up(math.ceil(size / count))
+    return min(stride + min(128, _round_up(stride // 3)), _round_up(size)), stride
+
+
+def _extent(size: int, tile: int, stride: int) -> int:
+    """Pixels decoded along an axis: each tile, the last one cut at the frame's edge."""
+    return sum(min(tile, size - start) for start in range(0, size, stride))
+
+
+def _sliver(size: int, stride: int) -> bool:
+    """Whether the last tile along an axis is under half a stride wide (a pass for a few pixels)."""
+    return stride < size and size - (size - 1) // stride * stride < stride // 2
+
+
+def tilings(height: int, width: int, *, min_stride: int = MIN_STRIDE) -> list[Tiles]:
+    """The tilings of a `height` x `width` frame worth trying, fastest first: even grids of tiles, each
+    kept only if its tiles are smaller than every faster one's (what a tighter card needs).
+
+    Fast means few decoded pixels: the decoder's work grows with the pixels of every tile, overlaps
+    included. diffusers' own grid of fixed tiles leaves a thin last column (at 1280x704, 512 px tiles
+    every 384 px decode 1.5x the frame's pixels in 8 tiles); an even grid spreads the frame over its
+    tiles, so that the tiles a card holds decode fewer pixels."""
+    grids = {}
+    for rows in range(1, max(height // min_stride, 1) + 1):
+        for columns in range(1, max(width // min_stride, 1) + 1):
+            if rows == columns == 1:
+                continue
+            (tile_h, stride_h), (tile_w, stride_w) = _axis(height, rows), _axis(width, columns)
+            if max(tile_h, tile_w) > 2 * min(tile_h, tile_w):
+                continue  # a thin strip sees too little of the frame across it: visible seams
+            if _sliver(height, stride_h) or _sliver(width, stride_w):
+                continue  # strides rounded to the grid can leave a last tile of a few pixels
+
+            tiles = Tiles(tile_h, tile_w, stride_h, stride_w)
+            grids[tiles] = _extent(height, tile_h, stride_h) * _extent(width, tile_w, stride_w)
+    kept: list[Tiles] = []
+    for tiles in sorted(grids, key=lambda t: (grids[t], t.pixels)):
+        if all(tiles.pixels < faster.pixels for faster in kept):
+            kept.append(tiles)
+    return kept
+
 
 @dataclass(frozen=True)
 class DecodeOptions(PlanOptions):
     vae_dtype: str = option(
         "float32", label=lambda dtype: "bf16" if dtype == "bfloat16" else "fp32", moves_weights=True
     )
-    vae_tile: int | None = option(None, label=lambda tile: f"tile{tile}" if tile else "whole")
-    """Tile side in pixels for tiled decoding; None decodes whole frames."""
+    vae_tiles: Tiles | None = option(
+        None, label=lambda tiles: f"tile{tiles.height}x{tiles.width}" if tiles else "whole"
+    )
+    """The tiling of the job's frame for tiled decoding (`tilings`); None decodes whole frames."""
 
     def prepare(self, module: torch.nn.Module) -> torch.nn.Module:
         # Decoding needs the decoder half alone (an image job's first frame was encoded in the diffuse
@@ -32,12 +108,12 @@ class DecodeOptions(PlanOptions):
         return module.to(dtype=dtype) if module.dtype != dtype else module
 
     def configure(self, module: torch.nn.Module) -> torch.nn.Module:
-        if self.vae_tile:
+        if self.vae_tiles:
             module.enable_tiling(
-                tile_sample_min_height=self.vae_tile,
-                tile_sample_min_width=self.vae_tile,
-                tile_sample_stride_height=self.vae_tile * 3 // 4,
-                tile_sample_stride_width=self.vae_tile * 3 // 4,
+                tile_sample_min_height=self.vae_tiles.height,
+                tile_sample_min_width=self.vae_tiles.width,
+                tile_sample_stride_height=self.vae_tiles.stride_height,
+                tile_sample_stride_width=self.vae_tiles.stride_width,
             )
         else:
             module.disable_tiling()
@@ -48,48 +124,45 @@ def key(k: KeyInputs) -> dict[str, object]:
     return dict(model=k.model.identity)
 
 
+def estimate(s: ComponentSizes, job: JobSpec, *, dtype: str, tiles: Tiles | None) -> int:
+    """Card bytes of decoding `job` in `dtype`, whole frames or in `tiles`.
+
+    Whole frames, measured on an H100 (docs/benchmarks.md): ~6.5k activation values per pixel decoded
+    at once, one latent frame at a time with the causal cache carrying the rest. Tiles, fitted to the
+    H200's peaks at 1280x704x121 in bf16 (4.1 GiB with 256 px tiles, 5.3 with 512,
+    bench/decoder_speed.py): ~3.4k values per tile pixel, and the decoded tiles beside the blended
+    video hold ~4 copies of the output."""
+    size = torch.finfo(getattr(torch, dtype)).bits // 8
+    pixels = job.height * job.width
+    out = 3 * job.frames * pixels * size
+    if tiles is None:
+        return s.vae_params * size + 6_500 * size * pixels + 2 * out
+    return s.vae_params * size + 3_500 * size * tiles.pixels + 4 * out
+
+
 def ladder(s: ComponentSizes, job: JobSpec, *, device: str, fp8: bool = False) -> list[StagePlan]:
     if not device.startswith("cuda"):
         cpu = StagePlan(STAGE.name, Placement.CPU, device="cpu", options=DecodeOptions())
-        return [cpu, cpu.with_options(vae_tile=64)] if max(job.height, job.width) > 64 else [cpu]
-    pixels = job.height * job.width
-
-    def estimate(size: int, tile: int | None) -> int:
-        # Whole frames, measured on an H100 (docs/benchmarks.md): ~6.5k activation values per pixel
-        # decoded at once, one latent frame at a time with the causal cache carrying the rest. Tiles,
-        # fitted to the H200's peaks at 1280x704x121 in bf16 (4.1 GiB with 256 px tiles, 5.3 with
-        # 512, bench/decoder_speed.py): ~3.4k values per tile pixel, and the decoded tiles beside the
-        # blended video hold ~4 copies of the output.
-        out = 3 * job.frames * pixels * size
-        if tile is None:
-            return s.vae_params * size + 6_500 * size * pixels + 2 * out
-        return s.vae_params * size + 3_500 * size * tile * tile + 4 * out
-
-    # Order: speed, then fidelity. Whole frames in fp32 are the pipeline's own decode; measured on
-    # random weights, tiles of 256 px moved frames by ~5/255 on average, 512 px tiles by ~2/255 and
-    # 128 px tiles by ~14/255, bf16 by <1/255, so bf16 comes before smaller tiles. Fewer, larger tiles
-    # are faster as well as closer: the decoder runs frame by frame per tile, so 15 tiles of 256 px at
-    # 480P launch 5x the kernels of 3 tiles of 512 px and recompute ~1.7x the pixels in the overlaps
-    # (8.8 s against 4.2 s whole; at 720P 20.8 s with 256 px tiles, 13.7 s with 512, docs/benchmarks.md).
-    options = [
-        ("float32", None),
-        ("bfloat16", None),
-        ("float32", 512),
-        ("bfloat16", 512),
-        ("float32", 256),
-        ("bfloat16", 256),
-        ("bfloat16", 128),
-    ]
+        leanest = tilings(job.height, job.width, min_stride=2 * GRID)[-1:]
+        return [cpu, *(cpu.with_options(vae_tiles=tiles) for tiles in leanest)]
+    # Whole frames first: fp32 is the pipeline's own decode, bf16 moved frames by <1/255 on random
+    # weights. Then tiles, in bf16 alone: their seams move frames by ~2/255 (512 px) to ~14/255 (128 px)
+    # against whole frames, so fp32's extra fidelity is lost in them and it needs twice the room. Fewer,
+    # larger tiles are faster as well as closer: the decoder runs frame by frame per tile, so 15 tiles
+    # of 256 px at 480P launch 5x the kernels of 3 tiles of 512 px and recompute ~1.7x the pixels in the
+    # overlaps (8.8 s against 4.2 s whole; at 720P 20.8 s with 256 px tiles, 13.7 s with 512,
+    # docs/benchmarks.md).
+    options = [("float32", None), ("bfloat16", None)]
+    options += [("bfloat16", tiles) for tiles in tilings(job.height, job.width)]
     return [
         StagePlan(
             STAGE.name,
             Placement.GPU,
             device=device,
-            options=DecodeOptions(vae_dtype=dtype, vae_tile=tile),
-            estimate_bytes=estimate(4 if dtype == "float32" else 2, tile),
+            options=DecodeOptions(vae_dtype=dtype, vae_tiles=tiles),
+            estimate_bytes=estimate(s, job, dtype=dtype, tiles=tiles),
         )
-        for dtype, tile in options
-        if not (tile and tile >= max(job.height, job.width))
+        for dtype, tiles in options
     ]
 
 
