@@ -16,6 +16,14 @@ bench/lora_fold.py measures it and the speed on a card.
 
 A layer whose weight is not where its input is, or in another dtype, runs peft's own forward: leaf
 offloading onloads a weight in its base layer's forward, fp8 storage casts it there.
+
+Why a subclass and not a diffusers hook (`ModelHook`): a hook's registry sets each layer's `forward`
+to a partial of its own, and torch.compile guards on that object's identity, so each of the 30
+blocks that `compile_repeated_blocks` means to share one compiled graph recompiled, and past
+dynamo's limit of 8 the rest ran eager (a LoRA night at 480P: 2.0 steps/s against 2.75 compiled
+without LoRA, docs/benchmarks.md). The folded forward is a method of the layer's class instead, a
+subclass of peft's made once per class (`install` swaps it in): every block's layers have the same
+class and the same code, so one graph serves them all.
 """
 
 from __future__ import annotations
@@ -23,27 +31,32 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from diffusers.hooks import HookRegistry, ModelHook
 from peft.tuners.lora import Linear as LoraLinear
 
-HOOK = "t2v_lora_fuse"
 
+class FoldedForward:
+    """Mixed into a peft LoRA Linear: a call with only the input runs `linear(x, W + sum(s * B @ A))`
+    while `t2v_fold`; anything else (off, adapters disabled or merged, no active one, a DoRA or other
+    variant, an adapter with a bias, an adapter dropout in training mode, extra arguments) runs
+    peft's own forward."""
 
-class FoldedForward(ModelHook):
-    """On one peft LoRA Linear: a call with only the input runs `linear(x, W + sum(s * B @ A))` while
-    `on`; anything else (off, adapters disabled or merged, no active one, a DoRA or other variant, an
-    adapter with a bias, an adapter dropout in training mode, extra arguments) runs the layer's own
-    forward."""
+    t2v_fold: bool = True
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.on = True
-
-    def new_forward(self, module: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        weight = folded_weight(module, x) if self.on and not args and not kwargs else None
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        weight = folded_weight(self, x) if self.t2v_fold and not args and not kwargs else None
         if weight is None:
-            return self.fn_ref.original_forward(x, *args, **kwargs)
-        return torch.nn.functional.linear(x, weight, module.get_base_layer().bias)
+            return super().forward(x, *args, **kwargs)
+        return torch.nn.functional.linear(x, weight, self.get_base_layer().bias)
+
+
+_FOLDED: dict[type, type] = {}
+"""peft's layer class -> its folding subclass, made once: one class per layer type, so one graph."""
+
+
+def _folded_class(cls: type) -> type:
+    if cls not in _FOLDED:
+        _FOLDED[cls] = type(f"Folded{cls.__name__}", (FoldedForward, cls), {"__module__": __name__})
+    return _FOLDED[cls]
 
 
 def folded_weight(module: Any, x: torch.Tensor) -> torch.Tensor | None:
@@ -75,17 +88,14 @@ def install(module: torch.nn.Module) -> int:
     count = 0
     for layer in module.modules():
         if isinstance(layer, LoraLinear):
-            registry = HookRegistry.check_if_exists_or_initialize(layer)
-            if registry.get_hook(HOOK) is None:
-                registry.register_hook(FoldedForward(), HOOK)
+            if not isinstance(layer, FoldedForward):
+                layer.__class__ = _folded_class(type(layer))
             count += 1
     return count
 
 
 def set_folding(module: torch.nn.Module, on: bool) -> None:
-    """Fold (True) or run peft's unmerged forward (False) in every layer `install` hooked."""
+    """Fold (True) or run peft's unmerged forward (False) in every layer `install` gave it to."""
     for layer in module.modules():
-        if isinstance(layer, LoraLinear):
-            hook = HookRegistry.check_if_exists_or_initialize(layer).get_hook(HOOK)
-            if hook is not None:
-                hook.on = on
+        if isinstance(layer, FoldedForward):
+            layer.t2v_fold = on

@@ -225,6 +225,39 @@ def test_folding_rounds_in_bf16_no_worse_than_the_unmerged_forward(files):
     assert 0 < folded < 1.25 * unmerged  # one rounding of the folded weight, against peft's of each term
 
 
+def test_compiled_blocks_with_folded_adapters_share_one_graph(files):
+    """`compile_repeated_blocks` compiles the block class once for all blocks: the folded forward
+    must not make each block's layers look different to dynamo's guards (a diffusers hook per layer
+    did: a recompile per block, and eager past dynamo's limit of 8). Dynamo's frames are counted with
+    a backend that runs the graph as captured, so no C++ compiler is needed."""
+    job = job_with(files, ("ink", 1.0), ("comfy", 0.7))
+    options = diffuse.DiffuseOptions(adapters=lora.Adapters().for_job(job.lora))
+    transformer = apply(
+        StagePlan("diffuse", Placement.CPU, device="cpu", options=options), tiny.build_transformer()
+    )
+    lora.activate(transformer, job.lora)
+    with torch.no_grad():
+        eager = transformer(*_transformer_inputs(), return_dict=False)[0]
+    graphs = []
+
+    def counting(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    transformer.compile_repeated_blocks(backend=counting, fullgraph=True, dynamic=False)
+    try:
+        with torch.no_grad():
+            compiled = transformer(*_transformer_inputs(), return_dict=False)[0]
+            torch.testing.assert_close(compiled, eager)
+            assert len(transformer.blocks) == 2 and len(graphs) == 1  # the second block reused the first's
+            lora.activate(transformer, job.lora, fold=False)  # a switch recompiles once, not per block
+            transformer(*_transformer_inputs(), return_dict=False)
+            assert len(graphs) == 2
+    finally:
+        torch._dynamo.reset()
+
+
 def _runner(tmp_path: Path, loads: list[str] | None = None) -> StageRunner:
     def load(ref, name):
         if loads is not None:
