@@ -221,7 +221,7 @@ def test_cpu_ladders_offer_a_fallback_for_the_oom_path():
     ]
     assert [p.name for p in ladder("decode", FULL, job, device="cpu")] == [
         "decode:cpu-fp32-whole",
-        "decode:cpu-fp32-tile48x48",
+        "decode:cpu-fp32-tile64x64",
     ]
 
 

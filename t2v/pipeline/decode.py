@@ -143,7 +143,7 @@ def estimate(s: ComponentSizes, job: JobSpec, *, dtype: str, tiles: Tiles | None
 def ladder(s: ComponentSizes, job: JobSpec, *, device: str, fp8: bool = False) -> list[StagePlan]:
     if not device.startswith("cuda"):
         cpu = StagePlan(STAGE.name, Placement.CPU, device="cpu", options=DecodeOptions())
-        leanest = tilings(job.height, job.width, min_stride=2 * GRID)[-1:]
+        leanest = tilings(job.height, job.width, min_stride=3 * GRID)[-1:]  # none for 64 px frames
         return [cpu, *(cpu.with_options(vae_tiles=tiles) for tiles in leanest)]
     # Whole frames first: fp32 is the pipeline's own decode, bf16 moved frames by <1/255 on random
     # weights. Then tiles, in bf16 alone: their seams move frames by ~2/255 (512 px) to ~14/255 (128 px)
