@@ -42,6 +42,7 @@ VARIANTS = {
         "bfloat16:704x432/704x320:cap8",
         "bfloat16:256x256:cap6",
         "bfloat16:320x192/240x144:cap6",
+        "bfloat16:320x256/240x192:cap6",
     ],
     "832x480x81": [
         "float32:whole:",

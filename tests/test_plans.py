@@ -168,7 +168,7 @@ def test_tile_estimates_cover_the_decoder_peaks_measured_on_the_h200():
 @pytest.mark.parametrize(
     ("job", "cap", "tiles"),
     [
-        (P720, 6, Tiles(320, 192, 240, 144)),
+        (P720, 6, Tiles(320, 256, 240, 192)),  # not narrower: 320x192 seamed worse, no faster
         (P720, 8, Tiles(704, 432, 704, 320)),  # four full-height strips
         (P720, 12, Tiles(704, 768, 704, 640)),  # two
         (P480, 6, Tiles(480, 544, 480, 416)),

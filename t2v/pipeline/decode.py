@@ -18,6 +18,8 @@ from t2v.plans import ComponentSizes, Placement, PlanOptions, StagePlan, option
 GRID = 16
 """Tile sides and strides are multiples of this many pixels: the VAE's spatial stride (16 for Wan2.2's
 VAE, 8 for Wan2.1's), so that every tile starts on a latent pixel."""
+WIDE = 256
+"""Tiles narrower than this on either side are tried only where no wider tiles fit."""
 MIN_STRIDE = 96
 """The GPU's smallest tiles (128 px with their overlap): below it the decoder's kernel launches, per
 tile and latent frame, dominate."""
@@ -84,7 +86,10 @@ def tilings(height: int, width: int, *, min_stride: int = MIN_STRIDE) -> list[Ti
             tiles = Tiles(tile_h, tile_w, stride_h, stride_w)
             grids[tiles] = _extent(height, tile_h, stride_h) * _extent(width, tile_w, stride_w)
     kept: list[Tiles] = []
-    for tiles in sorted(grids, key=lambda t: (grids[t], t.pixels)):
+    # Tiles with a side under `WIDE` come after all others, as leaner fallbacks: at 1280x704 tiles of
+    # 320x192 decoded fewer pixels than 256 px ones but no faster, with seams further off (6.8/255
+    # against 5.9, docs/benchmarks.md).
+    for tiles in sorted(grids, key=lambda t: (min(t.height, t.width) < WIDE, grids[t], t.pixels)):
         if all(tiles.pixels < faster.pixels for faster in kept):
             kept.append(tiles)
     return kept
