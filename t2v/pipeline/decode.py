@@ -65,8 +65,9 @@ def _sliver(size: int, stride: int) -> bool:
 
 
 def tilings(height: int, width: int, *, min_stride: int = MIN_STRIDE) -> list[Tiles]:
-    """The tilings of a `height` x `width` frame worth trying, fastest first: even grids of tiles, each
-    kept only if its tiles are smaller than every faster one's (what a tighter card needs).
+    """The tilings of a `height` x `width` frame worth trying, fastest first (tiles under `WIDE` a side
+    after the others): even grids of tiles, each kept only if its tiles are smaller than every earlier
+    one's (what a tighter card needs).
 
     Fast means few decoded pixels: the decoder's work grows with the pixels of every tile, overlaps
     included. diffusers' own grid of fixed tiles leaves a thin last column (at 1280x704, 512 px tiles
@@ -82,7 +83,6 @@ def tilings(height: int, width: int, *, min_stride: int = MIN_STRIDE) -> list[Ti
                 continue  # a thin strip sees too little of the frame across it: visible seams
             if _sliver(height, stride_h) or _sliver(width, stride_w):
                 continue  # strides rounded to the grid can leave a last tile of a few pixels
-
             tiles = Tiles(tile_h, tile_w, stride_h, stride_w)
             grids[tiles] = _extent(height, tile_h, stride_h) * _extent(width, tile_w, stride_w)
     kept: list[Tiles] = []
