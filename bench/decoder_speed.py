@@ -53,6 +53,19 @@ VARIANTS = {
 }
 
 
+def parse_tiles(text: str):
+    """A variant's tiles as `t2v.pipeline.decode.Tiles`: `whole` (None), `HxW` (diffusers' own grid:
+    every 3/4 of the side) or `HxW/SHxSW`."""
+    from t2v.pipeline.decode import Tiles
+
+    if text == "whole":
+        return None
+    side, _, stride = text.partition("/")
+    height, width = (int(x) for x in side.split("x"))
+    stride_h, stride_w = (int(x) for x in stride.split("x")) if stride else (height * 3 // 4, width * 3 // 4)
+    return Tiles(height, width, stride_h, stride_w)
+
+
 def decode(vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
     from t2v.stages import decode_latents
 
@@ -74,18 +87,9 @@ def run_variant(
         vae.encoder = None
         if "cl" in flags:
             vae.to(memory_format=torch.channels_last_3d)
-        if tile == "whole":
-            vae.disable_tiling()
-        else:
-            side, _, stride = tile.partition("/")
-            th, tw = (int(x) for x in side.split("x"))
-            sh, sw = (int(x) for x in stride.split("x")) if stride else (th * 3 // 4, tw * 3 // 4)
-            vae.enable_tiling(
-                tile_sample_min_height=th,
-                tile_sample_min_width=tw,
-                tile_sample_stride_height=sh,
-                tile_sample_stride_width=sw,
-            )
+        from t2v.pipeline.decode import DecodeOptions
+
+        DecodeOptions(vae_tiles=parse_tiles(tile)).configure(vae)  # the decode stage's own tiling call
         vae.to("cuda")
         times = []
         with torch.backends.cudnn.flags(enabled=True, benchmark="bench" in flags, deterministic=False):
