@@ -6,7 +6,9 @@ cap, against whole frames in fp32 (the pipeline's own decode) on the same latent
 A variant is `dtype:tiles:flags`. Tiles: `whole` for no tiling, `HxW` for tiles every 3/4 of their
 side (diffusers' own grid), `HxW/SHxSW` for tiles of HxW every SH and SW pixels (t2v's even grids,
 `t2v.pipeline.decode.tilings`; a tile as tall as the frame makes column strips). Flags: `bench`
-(cudnn.benchmark), `cl` (channels-last 3D weights), `cap6`/`cap8` (card cap). Each runs `--repeats`
+(cudnn.benchmark), `cl` (channels-last convolution weights), `compile` (`torch.compile` of the whole
+decoder module), `host` (tiles blended on the host: `DecodeOptions.tiles_to_host`), `cap6`/`cap8`
+(card cap). Each runs `--repeats`
 times on the same latents; the last run's time is reported (the first pays cuDNN's search where
 `bench` is on). Deviation: mean and max of |frame - fp32 whole frame| in 1/255 units.
 Records go to `decoder_speed.json`: {resolution, variant, cap_gib, decode_s, first_s, peak_reserved_gib,
@@ -66,6 +68,16 @@ def parse_tiles(text: str):
     return Tiles(height, width, stride_h, stride_w)
 
 
+def channels_last(vae: torch.nn.Module, fmt: torch.memory_format | None = None) -> None:
+    """Convolution weights to channels-last (3D for Conv3d), or back to `fmt`: `Module.to` applies one
+    format to every 4D and 5D tensor, and the decoder has both."""
+    for module in vae.modules():
+        if isinstance(module, torch.nn.Conv3d):
+            module.to(memory_format=fmt or torch.channels_last_3d)
+        elif isinstance(module, torch.nn.Conv2d):
+            module.to(memory_format=fmt or torch.channels_last)
+
+
 def decode(vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
     from t2v.stages import decode_latents
 
@@ -86,11 +98,16 @@ def run_variant(
         vae = masters[dtype_name]
         vae.encoder = None
         if "cl" in flags:
-            vae.to(memory_format=torch.channels_last_3d)
+            channels_last(vae)
         from t2v.pipeline.decode import DecodeOptions
 
-        DecodeOptions(vae_tiles=parse_tiles(tile)).configure(vae)  # the decode stage's own tiling call
+        # the decode stage's own tiling call
+        DecodeOptions(vae_tiles=parse_tiles(tile), tiles_to_host="host" in flags).configure(vae)
         vae.to("cuda")
+        if "compile" in flags:
+            # One graph per causal-cache state (first frame, later frames) and tile shape.
+            torch._dynamo.config.cache_size_limit = 64
+            vae.decoder.compile(dynamic=False)
         times = []
         with torch.backends.cudnn.flags(enabled=True, benchmark="bench" in flags, deterministic=False):
             for _ in range(repeats):
@@ -117,7 +134,9 @@ def run_variant(
     finally:
         masters[dtype_name].to("cpu")
         if "cl" in flags:
-            masters[dtype_name].to(memory_format=torch.contiguous_format)
+            channels_last(masters[dtype_name], torch.contiguous_format)
+        if "compile" in flags:
+            masters[dtype_name].decoder._compiled_call_impl = None  # `Module.compile` undone
         free_cuda()
     return record
 

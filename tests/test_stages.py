@@ -65,6 +65,23 @@ def test_plain_staged_path_is_bit_identical_to_the_pipeline(parts, reference):
     np.testing.assert_array_equal(frames, stages.to_uint8(reference[1]))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_frames_convert_to_uint8_exactly_as_diffusers_postprocesses_them(dtype):
+    from diffusers.video_processor import VideoProcessor
+
+    processor = VideoProcessor(vae_scale_factor=16)
+    # 21 frames: one chunk of FRAMES_AT_ONCE and a short one; values past [-1, 1] are clipped, and
+    # 2 * (k + 0.5) / 255 - 1 lands 255 * x on rounding ties (to even, in both).
+    video = torch.randn(1, 3, 21, 8, 10, generator=torch.Generator().manual_seed(0)) * 0.7
+    ties = 2 * (torch.arange(80, dtype=torch.float64) + 0.5) / 255 - 1
+    video[0, 0, 0] = ties.view(8, 10)
+    video = video.to(dtype)
+    expected = stages.to_uint8(processor.postprocess_video(video, output_type="np")[0])
+    frames = stages.frames_uint8(video, processor)
+    assert frames.shape == (21, 8, 10, 3) and frames.dtype == np.uint8
+    np.testing.assert_array_equal(frames, expected)
+
+
 @pytest.mark.parametrize(("shared_timestep", "cfg_batch"), [(True, 1), (False, 2), (True, 2)])
 def test_memory_switches_stay_within_float32_rounding(parts, reference, shared_timestep, cfg_batch):
     # Same values, other GEMM shapes: fp32 reassociation gives ~1e-6 relative after 3 steps; anything
@@ -230,3 +247,27 @@ def test_step_cache_is_off_by_default_and_skips_blocks_when_on(parts, reference)
     assert len(calls) < full_calls
     assert rel(cached, reference[0]) > 1e-4  # the clip changes: hence opt-in and in the store key
     assert not transformer.is_cache_enabled  # the component goes back to the next job uncached
+
+
+def test_tiles_blended_on_the_host_decode_the_same_and_leave_with_their_job(parts, reference):
+    from diffusers.hooks import HookRegistry
+
+    from t2v.pipeline.decode import DecodeOptions, Tiles, TilesToHost
+
+    latents, vae = reference[0], fullsize.clone(parts["vae"])
+    tiles = Tiles(height=64, width=64, stride_height=48, stride_width=48)
+
+    def hooked() -> bool:
+        return HookRegistry.check_if_exists_or_initialize(vae.decoder).get_hook(TilesToHost.NAME) is not None
+
+    on_card = stages.decode_latents(DecodeOptions(vae_tiles=tiles).configure(vae), latents, device="cpu")
+    assert not hooked()
+    DecodeOptions(vae_tiles=tiles, tiles_to_host=True).configure(vae)
+    assert hooked()
+    on_host = stages.decode_latents(vae, latents, device="cpu")
+    np.testing.assert_array_equal(on_host, on_card)
+    DecodeOptions(vae_tiles=tiles, tiles_to_host=True).configure(vae)  # the next job's: one hook, not two
+    DecodeOptions().configure(vae)  # a whole-frame job on the same component: no hook left behind
+    assert not hooked()
+    whole = stages.decode_latents(vae, latents, device="cpu")
+    np.testing.assert_array_equal(whole, stages.to_uint8(reference[1]))

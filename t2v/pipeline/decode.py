@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from diffusers.hooks import HookRegistry, ModelHook
 
 from t2v import stages
 from t2v.jobs import JobSpec
@@ -104,6 +105,10 @@ class DecodeOptions(PlanOptions):
         None, label=lambda tiles: f"tile{tiles.height}x{tiles.width}" if tiles else "whole"
     )
     """The tiling of the job's frame for tiled decoding (`tilings`); None decodes whole frames."""
+    tiles_to_host: bool = option(False, label=lambda on: "host" if on else None)
+    """Tiled: each decoded piece goes to host memory as the decoder returns it, and diffusers blends the
+    tiles there (`TilesToHost`). The card then holds one tile's work, not the whole video several
+    times over, so that larger, faster tiles fit."""
 
     def prepare(self, module: torch.nn.Module) -> torch.nn.Module:
         # Decoding needs the decoder half alone (an image job's first frame was encoded in the diffuse
@@ -122,26 +127,52 @@ class DecodeOptions(PlanOptions):
             )
         else:
             module.disable_tiling()
+        registry = HookRegistry.check_if_exists_or_initialize(module.decoder)
+        if registry.get_hook(TilesToHost.NAME) is not None:
+            registry.remove_hook(TilesToHost.NAME)  # the component outlives the job: each sets its own
+        if self.vae_tiles and self.tiles_to_host:
+            registry.register_hook(TilesToHost(), TilesToHost.NAME)
         return module
+
+
+class TilesToHost(ModelHook):
+    """Moves the decoder's output to host memory as it returns (a diffusers hook on `vae.decoder`).
+
+    diffusers' tiled decode keeps every decoded tile on the card until it blends them, then concatenates
+    rows, the frame, unpatchifies and clamps it: at 1280x704x121 in bf16 about four copies of the
+    0.65 GB video (docs/benchmarks.md). With the decoder's pieces (one latent frame of one tile each) on
+    the host, all of that runs there and the card holds the decoder's work on one tile."""
+
+    NAME = "t2v_tiles_to_host"
+
+    def post_forward(self, module: torch.nn.Module, output: torch.Tensor) -> torch.Tensor:
+        return output.to("cpu")
 
 
 def key(k: KeyInputs) -> dict[str, object]:
     return dict(model=k.model.identity)
 
 
-def estimate(s: ComponentSizes, job: JobSpec, *, dtype: str, tiles: Tiles | None) -> int:
-    """Card bytes of decoding `job` in `dtype`, whole frames or in `tiles`.
+def estimate(
+    s: ComponentSizes, job: JobSpec, *, dtype: str, tiles: Tiles | None, to_host: bool = False
+) -> int:
+    """Card bytes of decoding `job` in `dtype`, whole frames or in `tiles`, blended on the card or
+    (`to_host`) on the host.
 
     Whole frames, measured on an H100 (docs/benchmarks.md): ~6.5k activation values per pixel decoded
     at once, one latent frame at a time with the causal cache carrying the rest. Tiles, fitted to the
     H200's peaks at 1280x704x121 in bf16 (4.1 GiB with 256 px tiles, 5.3 with 512,
     bench/decoder_speed.py): ~3.4k values per tile pixel, and the decoded tiles beside the blended
-    video hold ~4 copies of the output."""
+    video hold ~4 copies of the output; blended on the host, the card holds the tile's work and the
+    frames being converted to uint8 (`stages.frames_uint8`)."""
     size = torch.finfo(getattr(torch, dtype)).bits // 8
     pixels = job.height * job.width
     out = 3 * job.frames * pixels * size
     if tiles is None:
         return s.vae_params * size + 6_500 * size * pixels + 2 * out
+    if to_host:
+        converting = 3 * min(job.frames, stages.FRAMES_AT_ONCE) * pixels * (size + 4 + 1)
+        return s.vae_params * size + 3_500 * size * tiles.pixels + converting
     return s.vae_params * size + 3_500 * size * tiles.pixels + 4 * out
 
 
@@ -156,18 +187,19 @@ def ladder(s: ComponentSizes, job: JobSpec, *, device: str, fp8: bool = False) -
     # larger tiles are faster as well as closer: the decoder runs frame by frame per tile, so 15 tiles
     # of 256 px at 480P launch 5x the kernels of 3 tiles of 512 px and recompute ~1.7x the pixels in the
     # overlaps (8.8 s against 4.2 s whole; at 720P 20.8 s with 256 px tiles, 13.7 s with 512,
-    # docs/benchmarks.md).
-    options = [("float32", None), ("bfloat16", None)]
-    options += [("bfloat16", tiles) for tiles in tilings(job.height, job.width)]
+    # docs/benchmarks.md). Each tiling is blended on the card, then on the host: the same tiles with a
+    # copy over the bus, where the card cannot hold the decoded video beside them.
+    options = [("float32", None, False), ("bfloat16", None, False)]
+    options += [("bfloat16", t, host) for t in tilings(job.height, job.width) for host in (False, True)]
     return [
         StagePlan(
             STAGE.name,
             Placement.GPU,
             device=device,
-            options=DecodeOptions(vae_dtype=dtype, vae_tiles=tiles),
-            estimate_bytes=estimate(s, job, dtype=dtype, tiles=tiles),
+            options=DecodeOptions(vae_dtype=dtype, vae_tiles=tiles, tiles_to_host=host),
+            estimate_bytes=estimate(s, job, dtype=dtype, tiles=tiles, to_host=host),
         )
-        for dtype, tiles in options
+        for dtype, tiles, host in options
     ]
 
 
