@@ -39,7 +39,9 @@ def timed(fn):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--store", type=Path, default=Path("/tmp/frames_out"))
     args = parser.parse_args()
@@ -48,7 +50,10 @@ def main() -> None:
     processor = VideoProcessor(vae_scale_factor=16)
     record: dict[str, object] = {"gpu": torch.cuda.get_device_name(), "resolution": "1280x704x121"}
     for name, fn in [
-        ("host_postprocess_s", lambda: stages.to_uint8(processor.postprocess_video(video, output_type="np")[0])),
+        (
+            "host_postprocess_s",
+            lambda: stages.to_uint8(processor.postprocess_video(video, output_type="np")[0]),
+        ),
         ("card_frames_uint8_s", lambda: stages.frames_uint8(video, processor)),
         ("card_frames_uint8_from_host_s", lambda: stages.frames_uint8(video.cpu(), processor, device="cuda")),
     ]:
