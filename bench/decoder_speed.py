@@ -8,7 +8,7 @@ side (diffusers' own grid), `HxW/SHxSW` for tiles of HxW every SH and SW pixels 
 `t2v.pipeline.decode.tilings`; a tile as tall as the frame makes column strips). Flags: `bench`
 (cudnn.benchmark), `cl` (channels-last convolution weights), `compile` (`torch.compile` of the whole
 decoder module), `host` (tiles blended on the host: `DecodeOptions.tiles_to_host`), `cap6`/`cap8`
-(card cap). Each runs `--repeats`
+(card cap); several flags join with `+` (`host+cap6`). Each runs `--repeats`
 times on the same latents; the last run's time is reported (the first pays cuDNN's search where
 `bench` is on). Deviation: mean and max of |frame - fp32 whole frame| in 1/255 units.
 Records go to `decoder_speed.json`: {resolution, variant, cap_gib, decode_s, first_s, peak_reserved_gib,
@@ -88,7 +88,7 @@ def run_variant(
     masters: dict, res: str, variant: str, latents: torch.Tensor, reference, repeats: int = 2
 ) -> dict:
     dtype_name, tile, flag_text = variant.split(":")
-    flags = set(filter(None, flag_text.split(",")))
+    flags = set(filter(None, flag_text.split("+")))
     cap = 6 if "cap6" in flags else 8 if "cap8" in flags else None
     free_cuda()
     total = torch.cuda.get_device_properties(0).total_memory
