@@ -37,7 +37,7 @@ CASES = ("none", "unmerged", "folded")
 
 
 def _activate(transformer: torch.nn.Module, case: str, item: lora.Lora) -> None:
-    lora.activate(transformer, () if case == "none" else (item,), fold=case == "folded")
+    lora.activate(transformer, () if case == "none" else (item,), device="cuda", fold=case == "folded")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -317,9 +317,10 @@ def load(module: Any, adapters: Iterable[Adapter]) -> None:
         module.disable_lora()  # until a job asks for its own
 
 
-def activate(module: Any, loras: tuple[Lora, ...], *, fold: bool = True) -> None:
+def activate(module: Any, loras: tuple[Lora, ...], *, device: torch.device | str, fold: bool = True) -> None:
     """Make exactly the job's adapters active, at its scales; none for a job without a LoRA. `fold`:
-    each layer folds them into its weight per call (`t2v.lora_fuse`), else peft's unmerged forward."""
+    each layer folds them into its weight per call (`t2v.lora_fuse`, its scales on `device`, where the
+    layers compute), else peft's unmerged forward."""
     if not getattr(module, "peft_config", None):
         if loras:
             raise RuntimeError("the transformer holds no adapters; `load` must run before its placement")
@@ -331,7 +332,14 @@ def activate(module: Any, loras: tuple[Lora, ...], *, fold: bool = True) -> None
 
     lora_fuse.set_folding(module, fold)
     module.enable_lora()
-    module.set_adapters([adapter_name(item.path) for item in loras], weights=[item.scale for item in loras])
+    names = [adapter_name(item.path) for item in loras]
+    module.set_adapters(names, weights=[item.scale for item in loras])
+    # peft marks the active adapters trainable; inference needs no grad, and torch.compile guards on
+    # the flag, so each switch of jobs would recompile the blocks.
+    for name, parameter in module.named_parameters():
+        if ".lora_" in name:
+            parameter.requires_grad_(False)
+    lora_fuse.set_scales(module, {name: item.scale for name, item in zip(names, loras, strict=True)}, device)
 
 
 def _target(key: str) -> str:

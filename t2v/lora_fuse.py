@@ -36,11 +36,16 @@ from peft.tuners.lora import Linear as LoraLinear
 
 class FoldedForward:
     """Mixed into a peft LoRA Linear: a call with only the input runs `linear(x, W + sum(s * B @ A))`
-    while `t2v_fold`; anything else (off, adapters disabled or merged, no active one, a DoRA or other
+    while `t2v_fold`; anything else (off, adapters disabled or merged, no scales set, a DoRA or other
     variant, an adapter with a bias, an adapter dropout in training mode, extra arguments) runs
     peft's own forward."""
 
     t2v_fold: bool = True
+    t2v_scales: torch.Tensor | None = None
+    """Every adapter's scale for the current job, 0 for those not its own (`set_scales`): one tensor
+    that all folding layers of the transformer share."""
+    t2v_slots: tuple[int, ...] = ()
+    """Where each of this layer's adapters (`lora_A`'s order) has its scale in `t2v_scales`."""
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         weight = folded_weight(self, x) if self.t2v_fold and not args and not kwargs else None
@@ -60,26 +65,34 @@ def _folded_class(cls: type) -> type:
 
 
 def folded_weight(module: Any, x: torch.Tensor) -> torch.Tensor | None:
-    """The base weight plus each active adapter's `scale * B @ A`, or None where peft's forward must run."""
-    if module.disable_adapters or module.merged or module.fan_in_fan_out:
+    """The base weight plus each adapter's `scale * B @ A`, or None where peft's forward must run.
+
+    Every adapter the layer holds is folded, at its scale in `t2v_scales` (0 for another job's): the
+    graph that torch.compile captures then reads no scale and no choice of adapters as a constant, so
+    a night's jobs switch styles without a recompile (`set_scales` writes the tensor in place). Each
+    adapter of the night costs one pass over the weight, the job's or not."""
+    scales = module.t2v_scales
+    if module.disable_adapters or module.merged or module.fan_in_fan_out or scales is None:
         return None
-    active = [name for name in module.active_adapters if name in module.lora_A]
-    if not active or any(name in module.lora_variant for name in active):
+    names = list(module.lora_A)
+    if not names or len(names) != len(module.t2v_slots) or any(name in module.lora_variant for name in names):
         return None
-    if module.training and not all(isinstance(module.lora_dropout[n], torch.nn.Identity) for n in active):
+    if module.training and not all(isinstance(module.lora_dropout[n], torch.nn.Identity) for n in names):
         return None  # a dropout that acts on the adapter's input alone
     weight = module.get_base_layer().weight
-    if weight.device != x.device or weight.dtype != x.dtype:
+    if weight.device != x.device or weight.dtype != x.dtype or scales.device != x.device:
         return None
-    for name in active:
+    for name in names:
         down, up = module.lora_A[name].weight, module.lora_B[name].weight
         if down.device != weight.device or down.dtype != weight.dtype or up.dtype != weight.dtype:
             return None
         if module.lora_B[name].bias is not None:  # peft's `lora_bias`: a term the fold leaves out
             return None
-    for name in active:  # fp32 accumulation inside the product, one rounding per adapter
-        up, down = module.lora_B[name].weight, module.lora_A[name].weight
-        weight = torch.addmm(weight, up, down, alpha=module.scaling[name])
+    # One product per adapter, in the order of their names (content hashes): a job's result is then
+    # the same bit for bit whatever else the night loaded, since an adapter at scale 0 adds an exact
+    # zero. The scale goes into B (its rounding to bf16 the only one beyond unmerged peft's math).
+    for name, slot in sorted(zip(names, module.t2v_slots, strict=True)):
+        weight = torch.addmm(weight, module.lora_B[name].weight * scales[slot], module.lora_A[name].weight)
     return weight
 
 
@@ -92,6 +105,25 @@ def install(module: torch.nn.Module) -> int:
                 layer.__class__ = _folded_class(type(layer))
             count += 1
     return count
+
+
+def set_scales(module: torch.nn.Module, scales: dict[str, float], device: torch.device | str) -> None:
+    """Each adapter's scale for the next calls (absent ones 0), in one tensor on `device` (where the
+    layers compute) that every folding layer of `module` reads. Written in place once it exists:
+    torch.compile's graphs take it as an input, so new values need no recompile."""
+    layers = [layer for layer in module.modules() if isinstance(layer, FoldedForward)]
+    if not layers:
+        return
+    order = list(module.peft_config)
+    values = torch.tensor([float(scales.get(name, 0.0)) for name in order], dtype=torch.float32)
+    shared = layers[0].t2v_scales
+    if shared is None or shared.shape != values.shape or shared.device != torch.device(device):
+        shared = values.to(device)
+        for layer in layers:
+            layer.t2v_scales = shared
+            layer.t2v_slots = tuple(order.index(name) for name in layer.lora_A)
+    else:
+        shared.copy_(values)
 
 
 def set_folding(module: torch.nn.Module, on: bool) -> None:

@@ -152,7 +152,9 @@ def test_a_placed_transformer_with_a_lora_is_bit_identical_to_the_pipeline_with_
         diffuse.STAGE.name, placement, device="cpu", options=diffuse.DiffuseOptions(adapters=adapters)
     )
     transformer = apply(plan, tiny.build_transformer())
-    lora.activate(transformer, job.lora, fold=False)  # peft's unmerged forward, as the pipeline runs it
+    lora.activate(
+        transformer, job.lora, device="cpu", fold=False
+    )  # peft's unmerged forward, as the pipeline runs it
     reference = pipeline_latents(parts, [(files["ink"], 0.8), (files["comfy"], 0.5)])
     torch.testing.assert_close(plain_latents(parts, transformer), reference, rtol=0, atol=0)
     assert rel(reference, pipeline_latents(parts, [])) > 1e-2  # the styles change the clip
@@ -163,7 +165,7 @@ def test_a_placed_transformer_with_a_lora_is_bit_identical_to_the_pipeline_with_
     assert hooked is (placement is Placement.LEAF)
     assert transformer.blocks[0].ffn.ff.net[2].lora_B[adapters[1].name].weight.abs().sum() > 0
 
-    lora.activate(transformer, ())  # a job without: the stock transformer's result, bit for bit
+    lora.activate(transformer, (), device="cpu")  # a job without: the stock transformer's result, bit for bit
     torch.testing.assert_close(plain_latents(parts, transformer), pipeline_latents(parts, []), rtol=0, atol=0)
 
 
@@ -187,14 +189,14 @@ def test_folded_adapters_give_the_pipelines_latents_without_running_the_adapters
     )
     transformer = apply(plan, tiny.build_transformer())
     products = _adapter_products(transformer)
-    lora.activate(transformer, job.lora)  # folding is the default
+    lora.activate(transformer, job.lora, device="cpu")  # folding is the default
     folded = plain_latents(parts, transformer)
     assert products[0] == 0  # each layer ran one product with W + scale * B @ A
     reference = pipeline_latents(parts, [(files["ink"], 0.8), (files["comfy"], 0.5)])
     assert rel(folded, reference) < 1e-5  # fp32: the same sum in another order
     assert rel(reference, pipeline_latents(parts, [])) > 1e-2
 
-    lora.activate(transformer, job.lora, fold=False)
+    lora.activate(transformer, job.lora, device="cpu", fold=False)
     torch.testing.assert_close(plain_latents(parts, transformer), reference, rtol=0, atol=0)
     assert products[0] > 0
 
@@ -215,7 +217,7 @@ def test_folding_rounds_in_bf16_no_worse_than_the_unmerged_forward(files):
         options = diffuse.DiffuseOptions(adapters=adapters)
         transformer = tiny.build_transformer().to(dtype)
         transformer = apply(StagePlan("diffuse", Placement.CPU, device="cpu", options=options), transformer)
-        lora.activate(transformer, job.lora, fold=fold)
+        lora.activate(transformer, job.lora, device="cpu", fold=fold)
         with torch.no_grad():
             args = [x.to(dtype) if x.is_floating_point() else x for x in inputs]
             return transformer(*args, return_dict=False)[0].float()
@@ -235,7 +237,7 @@ def test_compiled_blocks_with_folded_adapters_share_one_graph(files):
     transformer = apply(
         StagePlan("diffuse", Placement.CPU, device="cpu", options=options), tiny.build_transformer()
     )
-    lora.activate(transformer, job.lora)
+    lora.activate(transformer, job.lora, device="cpu")
     with torch.no_grad():
         eager = transformer(*_transformer_inputs(), return_dict=False)[0]
     graphs = []
@@ -251,7 +253,19 @@ def test_compiled_blocks_with_folded_adapters_share_one_graph(files):
             compiled = transformer(*_transformer_inputs(), return_dict=False)[0]
             torch.testing.assert_close(compiled, eager)
             assert len(transformer.blocks) == 2 and len(graphs) == 1  # the second block reused the first's
-            lora.activate(transformer, job.lora, fold=False)  # a switch recompiles once, not per block
+            # Other jobs' styles and scales: the same graph (scales are a tensor it reads), the job's result
+            for other in (job_with(files, ("ink", 0.5)), job_with(files, ("comfy", -1.5), ("ink", 2.0))):
+                lora.activate(transformer, other.lora, device="cpu")
+                switched = transformer(*_transformer_inputs(), return_dict=False)[0]
+                assert len(graphs) == 1
+                with torch.compiler.set_stance("force_eager"):
+                    torch.testing.assert_close(
+                        switched, transformer(*_transformer_inputs(), return_dict=False)[0]
+                    )
+                assert (switched - compiled).abs().max() > 1e-4  # another style, not the first one's result
+            lora.activate(
+                transformer, job.lora, device="cpu", fold=False
+            )  # a switch recompiles once, not per block
             transformer(*_transformer_inputs(), return_dict=False)
             assert len(graphs) == 2
     finally:
@@ -523,9 +537,9 @@ def test_fp8_storage_keeps_the_adapters_in_float32_and_their_effect(files):
         )
         assert {p.dtype for n, p in transformer.named_parameters() if "lora_" in n} == {torch.float32}
         with torch.no_grad():
-            lora.activate(transformer, job.lora)
+            lora.activate(transformer, job.lora, device="cpu")
             styled = transformer(*inputs, return_dict=False)[0]
-            lora.activate(transformer, ())
+            lora.activate(transformer, (), device="cpu")
             return styled, transformer(*inputs, return_dict=False)[0]
 
     (styled8, plain8), (styled, plain) = outputs(True), outputs(False)

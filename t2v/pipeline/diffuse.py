@@ -262,7 +262,7 @@ def compute(work: Work) -> Writer:
     adapters = work.state.adapters.for_job(job.lora, expected=expected)
     placed = replace(work, plan=work.plan.with_options(adapters=adapters))
     transformer = placed.component()
-    lora.activate(transformer, job.lora, fold=work.run.settings.lora_fuse)
+    lora.activate(transformer, job.lora, fold=work.run.settings.lora_fuse, device=work.device)
     # The kernel for this job's size (`auto` probes the card once per size), named on its run-log row.
     shape = attention.Shape.of(transformer, diffusion_tokens(job), work.run.model.weight_dtype)
     kernel = attention.use(transformer, job.attention, shape, work.device)
