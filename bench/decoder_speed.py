@@ -68,16 +68,6 @@ def parse_tiles(text: str):
     return Tiles(height, width, stride_h, stride_w)
 
 
-def channels_last(vae: torch.nn.Module, fmt: torch.memory_format | None = None) -> None:
-    """Convolution weights to channels-last (3D for Conv3d), or back to `fmt`: `Module.to` applies one
-    format to every 4D and 5D tensor, and the decoder has both."""
-    for module in vae.modules():
-        if isinstance(module, torch.nn.Conv3d):
-            module.to(memory_format=fmt or torch.channels_last_3d)
-        elif isinstance(module, torch.nn.Conv2d):
-            module.to(memory_format=fmt or torch.channels_last)
-
-
 def decode(vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
     from t2v.stages import decode_latents
 
@@ -97,9 +87,10 @@ def run_variant(
     try:
         vae = masters[dtype_name]
         vae.encoder = None
+        from t2v.pipeline.decode import DecodeOptions, channels_last
+
         if "cl" in flags:
-            channels_last(vae)
-        from t2v.pipeline.decode import DecodeOptions
+            channels_last(vae)  # as the decode stage's bf16 plans prepare it
 
         # the decode stage's own tiling call
         DecodeOptions(vae_tiles=parse_tiles(tile), tiles_to_host="host" in flags).configure(vae)
@@ -134,6 +125,8 @@ def run_variant(
     finally:
         masters[dtype_name].to("cpu")
         if "cl" in flags:
+            from t2v.pipeline.decode import channels_last
+
             channels_last(masters[dtype_name], torch.contiguous_format)
         if "compile" in flags:
             masters[dtype_name].decoder._compiled_call_impl = None  # `Module.compile` undone

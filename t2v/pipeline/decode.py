@@ -21,6 +21,9 @@ GRID = 16
 VAE, 8 for Wan2.1's), so that every tile starts on a latent pixel."""
 WIDE = 256
 """Tiles narrower than this on either side are tried only where no wider tiles fit."""
+HOST_COST = 1.2
+"""A decode blended on the host takes this much longer than on the card for the same tiles: at
+1280x704x121, 1.18-1.24x the time the tiles' pixels predict from whole frames (docs/benchmarks.md)."""
 MIN_STRIDE = 96
 """The GPU's smallest tiles (128 px with their overlap): below it the decoder's kernel launches, per
 tile and latent frame, dominate."""
@@ -60,6 +63,11 @@ def _extent(size: int, tile: int, stride: int) -> int:
     return sum(min(tile, size - start) for start in range(0, size, stride))
 
 
+def decoded_pixels(height: int, width: int, tiles: Tiles) -> int:
+    """Pixels per frame the decoder runs on in `tiles`, overlaps included."""
+    return _extent(height, tiles.height, tiles.stride_height) * _extent(width, tiles.width, tiles.stride_width)
+
+
 def _sliver(size: int, stride: int) -> bool:
     """Whether the last tile along an axis is under half a stride wide (a pass for a few pixels)."""
     return stride < size and size - (size - 1) // stride * stride < stride // 2
@@ -85,7 +93,7 @@ def tilings(height: int, width: int, *, min_stride: int = MIN_STRIDE) -> list[Ti
             if _sliver(height, stride_h) or _sliver(width, stride_w):
                 continue  # strides rounded to the grid can leave a last tile of a few pixels
             tiles = Tiles(tile_h, tile_w, stride_h, stride_w)
-            grids[tiles] = _extent(height, tile_h, stride_h) * _extent(width, tile_w, stride_w)
+            grids[tiles] = decoded_pixels(height, width, tiles)
     kept: list[Tiles] = []
     # Tiles with a side under `WIDE` come after all others, as leaner fallbacks: at 1280x704 tiles of
     # 320x192 decoded fewer pixels than 256 px ones but no faster, with seams further off (6.8/255
@@ -115,7 +123,12 @@ class DecodeOptions(PlanOptions):
         # stage): the encoder's 0.6 GB (fp32, full size) never goes to the card.
         module.encoder = None
         dtype = getattr(torch, self.vae_dtype)
-        return module.to(dtype=dtype) if module.dtype != dtype else module
+        module = module.to(dtype=dtype) if module.dtype != dtype else module
+        if dtype == torch.bfloat16:
+            # cuDNN's channels-last kernels: 6-12% faster bf16 decodes at 720P and no further from
+            # fp32 frames (docs/benchmarks.md). fp32 stays as the pipeline runs it.
+            channels_last(module)
+        return module
 
     def configure(self, module: torch.nn.Module) -> torch.nn.Module:
         if self.vae_tiles:
@@ -133,6 +146,16 @@ class DecodeOptions(PlanOptions):
         if self.vae_tiles and self.tiles_to_host:
             registry.register_hook(TilesToHost(), TilesToHost.NAME)
         return module
+
+
+def channels_last(module: torch.nn.Module, fmt: torch.memory_format | None = None) -> None:
+    """Convolution weights to channels-last (3D for Conv3d), or all to `fmt`: `Module.to` applies one
+    format to every 4D and 5D tensor, and the VAE has both."""
+    for layer in module.modules():
+        if isinstance(layer, torch.nn.Conv3d):
+            layer.to(memory_format=fmt or torch.channels_last_3d)
+        elif isinstance(layer, torch.nn.Conv2d):
+            layer.to(memory_format=fmt or torch.channels_last)
 
 
 class TilesToHost(ModelHook):
@@ -163,8 +186,10 @@ def estimate(
     at once, one latent frame at a time with the causal cache carrying the rest. Tiles, fitted to the
     H200's peaks at 1280x704x121 in bf16 (4.1 GiB with 256 px tiles, 5.3 with 512,
     bench/decoder_speed.py): ~3.4k values per tile pixel, and the decoded tiles beside the blended
-    video hold ~4 copies of the output; blended on the host, the card holds the tile's work and the
-    frames being converted to uint8 (`stages.frames_uint8`)."""
+    video hold ~4 copies of the output. Blended on the host, the card holds the tile's work, fitted to
+    the reserved peaks with host blending (5.4 GiB at 1280x704 with 704x432 tiles, 4.7 at 832x480
+    with 480x544, 3.6 with 480x384): ~4.4k values per tile pixel, and the frames being converted to
+    uint8 (`stages.frames_uint8`)."""
     size = torch.finfo(getattr(torch, dtype)).bits // 8
     pixels = job.height * job.width
     out = 3 * job.frames * pixels * size
@@ -172,7 +197,7 @@ def estimate(
         return s.vae_params * size + 6_500 * size * pixels + 2 * out
     if to_host:
         converting = 3 * min(job.frames, stages.FRAMES_AT_ONCE) * pixels * (size + 4 + 1)
-        return s.vae_params * size + 3_500 * size * tiles.pixels + converting
+        return s.vae_params * size + 4_400 * size * tiles.pixels + converting
     return s.vae_params * size + 3_500 * size * tiles.pixels + 4 * out
 
 
@@ -187,20 +212,34 @@ def ladder(s: ComponentSizes, job: JobSpec, *, device: str, fp8: bool = False) -
     # larger tiles are faster as well as closer: the decoder runs frame by frame per tile, so 15 tiles
     # of 256 px at 480P launch 5x the kernels of 3 tiles of 512 px and recompute ~1.7x the pixels in the
     # overlaps (8.8 s against 4.2 s whole; at 720P 20.8 s with 256 px tiles, 13.7 s with 512,
-    # docs/benchmarks.md). Each tiling is blended on the card, then on the host: the same tiles with a
-    # copy over the bus, where the card cannot hold the decoded video beside them.
-    options = [("float32", None, False), ("bfloat16", None, False)]
-    options += [("bfloat16", t, host) for t in tilings(job.height, job.width) for host in (False, True)]
-    return [
-        StagePlan(
-            STAGE.name,
-            Placement.GPU,
-            device=device,
-            options=DecodeOptions(vae_dtype=dtype, vae_tiles=tiles, tiles_to_host=host),
-            estimate_bytes=estimate(s, job, dtype=dtype, tiles=tiles, to_host=host),
+    # docs/benchmarks.md). Each tiling is blended on the card or on the host (`TilesToHost`): slower
+    # for the same tiles, but it leaves the card room for larger ones.
+    tiled = [(t, host) for t in tilings(job.height, job.width) for host in (False, True)]
+    # Fastest first by the pixels decoded, host blending at its measured cost; narrow tiles stay last.
+    tiled.sort(
+        key=lambda th: (
+            min(th[0].height, th[0].width) < WIDE,
+            decoded_pixels(job.height, job.width, th[0]) * (HOST_COST if th[1] else 1.0),
         )
-        for dtype, tiles, host in options
-    ]
+    )
+    plans = [_gpu_plan(s, job, device, "float32"), _gpu_plan(s, job, device, "bfloat16")]
+    for tiles, host in tiled:
+        plan = _gpu_plan(s, job, device, "bfloat16", tiles, host)
+        if plan.estimate_bytes < min(p.estimate_bytes for p in plans):  # a slower plan must be leaner
+            plans.append(plan)
+    return plans
+
+
+def _gpu_plan(
+    s: ComponentSizes, job: JobSpec, device: str, dtype: str, tiles: Tiles | None = None, host: bool = False
+) -> StagePlan:
+    return StagePlan(
+        STAGE.name,
+        Placement.GPU,
+        device=device,
+        options=DecodeOptions(vae_dtype=dtype, vae_tiles=tiles, tiles_to_host=host),
+        estimate_bytes=estimate(s, job, dtype=dtype, tiles=tiles, to_host=host),
+    )
 
 
 def decoder_passes(vae: torch.nn.Module, shape: tuple[int, ...]) -> int:
