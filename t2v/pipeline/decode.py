@@ -65,7 +65,8 @@ def _extent(size: int, tile: int, stride: int) -> int:
 
 def decoded_pixels(height: int, width: int, tiles: Tiles) -> int:
     """Pixels per frame the decoder runs on in `tiles`, overlaps included."""
-    return _extent(height, tiles.height, tiles.stride_height) * _extent(width, tiles.width, tiles.stride_width)
+    rows = _extent(height, tiles.height, tiles.stride_height)
+    return rows * _extent(width, tiles.width, tiles.stride_width)
 
 
 def _sliver(size: int, stride: int) -> bool:
