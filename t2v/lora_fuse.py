@@ -5,7 +5,8 @@ Why: unmerged, each adapted layer adds four passes over the activations (A's pro
 the scaling, the sum): at 480P with CFG batched that is 16k tokens x 3072 channels per pass, ~300
 layers a step, memory-bound, 17% of a step on an H200 (docs/benchmarks.md). Folded, the layer runs
 one product with `W + scale * B @ A`, which one `addmm` makes from the weights alone (9.4M elements
-for a 3072-wide layer, whatever the sequence length), with one rounding to the weight's dtype (and one of B times its scale).
+for a 3072-wide layer, whatever the sequence length), with one rounding to the weight's dtype (and
+one of B times its scale).
 
 Why not peft's `merge_adapter`/diffusers' `fuse_lora`: they write the sum into the base weight, and
 unmerging it in bf16 does not give the original weight back, so a night switching LoRAs per job would
