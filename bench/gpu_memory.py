@@ -50,7 +50,7 @@ from t2v import attention, stages  # noqa: E402
 from t2v.jobs import JobSpec  # noqa: E402
 from t2v.models import fullsize, tiny  # noqa: E402
 from t2v.pipeline import decode, diffuse, encode  # noqa: E402
-from t2v.placement import apply  # noqa: E402
+from t2v.placement import apply, compile_blocks  # noqa: E402
 from t2v.plans import ComponentSizes, choose  # noqa: E402
 
 RESOLUTIONS = {"1280x704x121": (704, 1280, 121), "832x480x81": (480, 832, 81), "96x64x9": (64, 96, 9)}
@@ -90,7 +90,7 @@ class Switches:
         if self.attention is not None:
             attention.apply(transformer, self.attention)
         if self.compile:
-            transformer.compile_repeated_blocks(dynamic=False)
+            compile_blocks(transformer)
 
 
 def run_on_plans(stage, body, masters, sizes, job, device, budget, record_stream, fp8, plans_used, attempts):

@@ -36,8 +36,8 @@ SIZES = "832x480x81,1280x704x121"
 CASES = ("none", "unmerged", "folded")
 
 
-def _activate(transformer: torch.nn.Module, case: str, item: lora.Lora) -> None:
-    lora.activate(transformer, () if case == "none" else (item,), device="cuda", fold=case == "folded")
+def _activate(transformer: torch.nn.Module, case: str, item: lora.Lora, device: str) -> None:
+    lora.activate(transformer, () if case == "none" else (item,), device=device, fold=case == "folded")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -79,14 +79,14 @@ def main(argv: list[str] | None = None) -> None:
         bf16 = [t.to(transformer.dtype) for t in (cond, uncond)]
         reference = None
         if n == 0:
-            _activate(exact, "unmerged", item)
+            _activate(exact, "unmerged", item, device)
             reference, _ = _steps(exact, scheduler, latents.float(), cond, uncond, args.steps)
             del exact
             if device == "cuda":
                 torch.cuda.empty_cache()
         base = None
         for case in CASES:
-            _activate(transformer, case, item)
+            _activate(transformer, case, item, device)
             out, times = _steps(transformer, scheduler, latents, *bf16, args.steps)
             record = _record(size, case, times, out, None)
             record["case"] = record.pop("backend")

@@ -271,3 +271,45 @@ def test_tiles_blended_on_the_host_decode_the_same_and_leave_with_their_job(part
     assert not hooked()
     whole = stages.decode_latents(vae, latents, device="cpu")
     np.testing.assert_array_equal(whole, stages.to_uint8(reference[1]))
+
+
+def test_blocks_compile_after_the_first_forward_where_group_offloading_learns_their_order(parts):
+    """Under group offloading with streams, diffusers tracks the blocks' order in the first forward with
+    a hook per block that dynamo would guard on (a recompile per block); `compile_blocks` compiles
+    after that forward there, and at once elsewhere."""
+    from diffusers.hooks import HookRegistry, ModelHook
+
+    from t2v.placement import LAZY_PREFETCH, compile_blocks
+
+    graphs = []
+
+    def counting(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        graphs.append(gm)
+        return gm.forward
+
+    def compiled(module: torch.nn.Module) -> list[bool]:
+        return [block._compiled_call_impl is not None for block in module.blocks]
+
+    inputs = dict(
+        hidden_states=torch.randn(1, 48, 2, 4, 6),
+        timestep=torch.tensor([500]),
+        encoder_hidden_states=torch.randn(1, 16, 32),
+        return_dict=False,
+    )
+    torch._dynamo.reset()
+    try:
+        plain = tiny.build_transformer()
+        compile_blocks(plain, backend=counting)
+        assert compiled(plain) == [True, True]
+
+        streamed = tiny.build_transformer()
+        HookRegistry.check_if_exists_or_initialize(streamed).register_hook(ModelHook(), LAZY_PREFETCH)
+        compile_blocks(streamed, backend=counting)
+        assert compiled(streamed) == [False, False]
+        with torch.no_grad():
+            first = streamed(**inputs)[0]
+            assert compiled(streamed) == [True, True] and not graphs  # the first forward ran eager
+            torch.testing.assert_close(streamed(**inputs)[0], first)
+        assert len(graphs) == 1  # then both blocks shared one graph
+    finally:
+        torch._dynamo.reset()

@@ -32,7 +32,7 @@ from t2v.jobs import JobSpec
 from t2v.models import registry
 from t2v.models.registry import ModelRef, resolve_model
 from t2v.pipeline import JobKeys, KeyInputs, Stage, Work, stages
-from t2v.placement import apply, configure
+from t2v.placement import apply, compile_blocks, configure
 from t2v.plans import (
     ComponentSizes,
     HostPlacement,
@@ -275,7 +275,7 @@ class StageRunner:
                 # Each block is compiled once and reused by all 30 (dynamic=False: a night's shapes
                 # repeat); the first step pays the compile, Inductor's on-disk cache the next night's.
                 os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(self.settings.inductor_dir)
-                module.compile_repeated_blocks(dynamic=False)
+                compile_blocks(module)
             return module
 
         tag = f"{self.model.identity}|{plan.residency_key}|compiled={compiled}"
