@@ -339,7 +339,7 @@ def activate(module: Any, loras: tuple[Lora, ...], *, device: torch.device | str
     for name, parameter in module.named_parameters():
         if ".lora_" in name:
             parameter.requires_grad_(False)
-    lora_fuse.set_scales(module, {name: item.scale for name, item in zip(names, loras, strict=True)}, device)
+    lora_fuse.set_job(module, {name: item.scale for name, item in zip(names, loras, strict=True)}, device)
 
 
 def _target(key: str) -> str:

@@ -37,16 +37,17 @@ from peft.tuners.lora import Linear as LoraLinear
 
 class FoldedForward:
     """Mixed into a peft LoRA Linear: a call with only the input runs `linear(x, W + sum(s * B @ A))`
-    while `t2v_fold`; anything else (off, adapters disabled or merged, no scales set, a DoRA or other
-    variant, an adapter with a bias, an adapter dropout in training mode, extra arguments) runs
-    peft's own forward."""
+    over the job's adapters (`set_job`) while `t2v_fold`; anything else (off, adapters disabled or
+    merged, no job set, a DoRA or other variant, an adapter with a bias, an adapter dropout in
+    training mode, extra arguments) runs peft's own forward."""
 
     t2v_fold: bool = True
     t2v_scales: torch.Tensor | None = None
-    """Every adapter's scale for the current job, 0 for those not its own (`set_scales`): one tensor
-    that all folding layers of the transformer share."""
-    t2v_slots: tuple[int, ...] = ()
-    """Where each of this layer's adapters (`lora_A`'s order) has its scale in `t2v_scales`."""
+    """The job's scales in its order (`set_job`): one tensor that all folding layers share."""
+    t2v_active: tuple[tuple[torch.Tensor, torch.Tensor, int], ...] = ()
+    """The job's adapters in this layer, in the job's order: (B's weight, A's weight, the scale's index)."""
+    t2v_foldable: bool = False
+    t2v_dropout_free: bool = True
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         weight = folded_weight(self, x) if self.t2v_fold and not args and not kwargs else None
@@ -66,34 +67,28 @@ def _folded_class(cls: type) -> type:
 
 
 def folded_weight(module: Any, x: torch.Tensor) -> torch.Tensor | None:
-    """The base weight plus each adapter's `scale * B @ A`, or None where peft's forward must run.
+    """The base weight plus each of the job's adapters' `scale * B @ A`, or None where peft's forward
+    must run.
 
-    Every adapter the layer holds is folded, at its scale in `t2v_scales` (0 for another job's): the
-    graph that torch.compile captures then reads no scale and no choice of adapters as a constant, so
-    a night's jobs switch styles without a recompile (`set_scales` writes the tensor in place). Each
-    adapter of the night costs one pass over the weight, the job's or not."""
+    The adapters are read from `t2v_active` (tensors) and their scales from `t2v_scales` (a tensor),
+    not by name from peft's `active_adapters` and `scaling`: torch.compile's graph then holds no
+    adapter name or scale as a constant, and a night's jobs switch styles without a recompile
+    (one per count of adapters a job has)."""
     scales = module.t2v_scales
-    if module.disable_adapters or module.merged or module.fan_in_fan_out or scales is None:
+    if module.disable_adapters or module.merged or not module.t2v_foldable or scales is None:
         return None
-    names = list(module.lora_A)
-    if not names or len(names) != len(module.t2v_slots) or any(name in module.lora_variant for name in names):
-        return None
-    if module.training and not all(isinstance(module.lora_dropout[n], torch.nn.Identity) for n in names):
+    if module.training and not module.t2v_dropout_free:
         return None  # a dropout that acts on the adapter's input alone
     weight = module.get_base_layer().weight
     if weight.device != x.device or weight.dtype != x.dtype or scales.device != x.device:
         return None
-    for name in names:
-        down, up = module.lora_A[name].weight, module.lora_B[name].weight
+    for up, down, _ in module.t2v_active:
         if down.device != weight.device or down.dtype != weight.dtype or up.dtype != weight.dtype:
             return None
-        if module.lora_B[name].bias is not None:  # peft's `lora_bias`: a term the fold leaves out
-            return None
-    # One product per adapter, in the order of their names (content hashes): a job's result is then
-    # the same bit for bit whatever else the night loaded, since an adapter at scale 0 adds an exact
-    # zero. The scale goes into B (its rounding to bf16 the only one beyond unmerged peft's math).
-    for name, slot in sorted(zip(names, module.t2v_slots, strict=True)):
-        weight = torch.addmm(weight, module.lora_B[name].weight * scales[slot], module.lora_A[name].weight)
+    # fp32 accumulation inside each product, one rounding per adapter; the scale goes into B (its
+    # rounding to bf16 the only one beyond unmerged peft's math).
+    for up, down, index in module.t2v_active:
+        weight = torch.addmm(weight, up * scales[index], down)
     return weight
 
 
@@ -108,23 +103,28 @@ def install(module: torch.nn.Module) -> int:
     return count
 
 
-def set_scales(module: torch.nn.Module, scales: dict[str, float], device: torch.device | str) -> None:
-    """Each adapter's scale for the next calls (absent ones 0), in one tensor on `device` (where the
-    layers compute) that every folding layer of `module` reads. Written in place once it exists:
-    torch.compile's graphs take it as an input, so new values need no recompile."""
+def set_job(module: torch.nn.Module, scales: dict[str, float], device: torch.device | str) -> None:
+    """Point every folding layer of `module` at the job's adapters (`scales`: name -> scale, in the
+    job's order; the scales in one tensor on `device`, where the layers compute). The tensor is
+    written in place where the job has as many adapters as the last, and torch.compile's graphs take
+    it and the adapters' weights as inputs: a switch of styles or scales needs no recompile."""
     layers = [layer for layer in module.modules() if isinstance(layer, FoldedForward)]
     if not layers:
         return
-    order = list(module.peft_config)
-    values = torch.tensor([float(scales.get(name, 0.0)) for name in order], dtype=torch.float32)
+    values = torch.tensor([float(v) for v in scales.values()], dtype=torch.float32)
     shared = layers[0].t2v_scales
     if shared is None or shared.shape != values.shape or shared.device != torch.device(device):
         shared = values.to(device)
-        for layer in layers:
-            layer.t2v_scales = shared
-            layer.t2v_slots = tuple(order.index(name) for name in layer.lora_A)
     else:
         shared.copy_(values)
+    for layer in layers:
+        names = [(i, name) for i, name in enumerate(scales) if name in layer.lora_A]
+        layer.t2v_scales = shared
+        layer.t2v_active = tuple((layer.lora_B[n].weight, layer.lora_A[n].weight, i) for i, n in names)
+        layer.t2v_foldable = not layer.fan_in_fan_out and all(
+            n not in layer.lora_variant and layer.lora_B[n].bias is None for _, n in names
+        )
+        layer.t2v_dropout_free = all(isinstance(layer.lora_dropout[n], torch.nn.Identity) for _, n in names)
 
 
 def set_folding(module: torch.nn.Module, on: bool) -> None:

@@ -253,21 +253,24 @@ def test_compiled_blocks_with_folded_adapters_share_one_graph(files):
             compiled = transformer(*_transformer_inputs(), return_dict=False)[0]
             torch.testing.assert_close(compiled, eager)
             assert len(transformer.blocks) == 2 and len(graphs) == 1  # the second block reused the first's
-            # Other jobs' styles and scales: the same graph (scales are a tensor it reads), the job's result
-            for other in (job_with(files, ("ink", 0.5)), job_with(files, ("comfy", -1.5), ("ink", 2.0))):
+            # Other jobs' styles, order and scales: no new graph while a job has as many adapters as
+            # the last (they are tensors the graph reads), one for each other count; each job's result.
+            for other, count in (
+                (job_with(files, ("comfy", -1.5), ("ink", 2.0)), 1),
+                (job_with(files, ("ink", 0.5)), 2),
+                (job_with(files, ("comfy", 0.3)), 2),
+            ):
                 lora.activate(transformer, other.lora, device="cpu")
                 switched = transformer(*_transformer_inputs(), return_dict=False)[0]
-                assert len(graphs) == 1
+                assert len(graphs) == count, other.lora
                 with torch.compiler.set_stance("force_eager"):
-                    torch.testing.assert_close(
-                        switched, transformer(*_transformer_inputs(), return_dict=False)[0]
-                    )
+                    eager_switched = transformer(*_transformer_inputs(), return_dict=False)[0]
+                torch.testing.assert_close(switched, eager_switched)
                 assert (switched - compiled).abs().max() > 1e-4  # another style, not the first one's result
-            lora.activate(
-                transformer, job.lora, device="cpu", fold=False
-            )  # a switch recompiles once, not per block
+            # peft's unmerged forward: one more graph, not one per block
+            lora.activate(transformer, job.lora, device="cpu", fold=False)
             transformer(*_transformer_inputs(), return_dict=False)
-            assert len(graphs) == 2
+            assert len(graphs) == 3
     finally:
         torch._dynamo.reset()
 
