@@ -111,10 +111,10 @@ def set_job(module: torch.nn.Module, scales: dict[str, float], device: torch.dev
     layers = [layer for layer in module.modules() if isinstance(layer, FoldedForward)]
     if not layers:
         return
-    values = torch.tensor([float(v) for v in scales.values()], dtype=torch.float32)
+    values = torch.tensor([float(v) for v in scales.values()], dtype=torch.float32).to(device)
     shared = layers[0].t2v_scales
-    if shared is None or shared.shape != values.shape or shared.device != torch.device(device):
-        shared = values.to(device)
+    if shared is None or shared.shape != values.shape or shared.device != values.device:
+        shared = values  # ("cuda" and "cuda:0" compare by the tensor's device)
     else:
         shared.copy_(values)
     for layer in layers:
