@@ -264,9 +264,9 @@ def frames_uint8(
     `postprocess_video(output_type="np")` then `to_uint8`.
 
     Converted on `device` (default: the video's; a video blended on the host goes to the card for
-    this), a few frames at a time: diffusers' "np" output makes a float32
-    copy on the host (1.3 GB at 720P) that numpy then rounds on one core, seconds per clip
-    (docs/benchmarks.md); the same float32 operations on the card take milliseconds."""
+    this), a few frames at a time: diffusers' "np" output makes a float32 copy on the host (1.3 GB at
+    720P) that numpy then rounds on one core, 2.7 s per 720P clip on the H200's host; the same float32
+    operations on the card took 0.27 s (docs/benchmarks.md)."""
     _, _, count, height, width = video.shape
     frames = torch.empty((count, height, width, 3), dtype=torch.uint8)
     for start in range(0, count, FRAMES_AT_ONCE):
