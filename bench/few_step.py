@@ -9,7 +9,8 @@ card stage's component prefetched while the stage before runs, a stage's jobs su
 
 - clips: a 3-step DMD clip (sampler dmd at 1000,757,522, guidance off: FastWan2.2's preset) per
   `--resolutions`, end to end. `total_s` is the run's wall time; `<stage>_s` each stage's span (card
-  wait, placing its component, compute, write), with `place_s` and `compute_s` apart. Of `--repeats`
+  wait, placing its component, compute, write), with `place_s` and `compute_s` apart, and `steps_s`
+  the part of the compute from a stage's first progress report to its last step. Of `--repeats`
   runs the last is reported (the first pays the process's warm-up), all totals in `runs_total_s`.
   Targets on an H200: 720P <= 20 s, 480P <= 6 s.
 - lora: a night of `--jobs` x `--lora-steps` steps (model scheduler, CFG 5) at `--lora-size` without
@@ -145,7 +146,8 @@ def run_night(name: str, jobs: list[JobSpec], args: argparse.Namespace) -> dict:
     check_jobs(jobs, ref)  # what a flow checks before it starts: the LoRA files against the model too
     check_budgets(jobs, ref, settings)
     timeline = Timeline()
-    hooks = Hooks(on_event=(timeline.on_event,)) + (Hooks() if has_ffmpeg() else gpu_machine_hooks())
+    listening = Hooks(on_event=(timeline.on_event,), on_progress=(timeline.on_progress,))
+    hooks = listening + (Hooks() if has_ffmpeg() else gpu_machine_hooks())
     on_card = [s for s in stages() if s.on_card]
     off_card = [s for s in stages() if not s.on_card]
     failed: dict[str, str] = {}
@@ -190,6 +192,10 @@ def clip_record(run: dict) -> dict:
     record["other_s"] = run["wall_s"] - sum(record[f"{s.name}_s"] for s in stages())
     record["place_s"] = {s.name: seconds.get(f"apply_{label(s)}", 0.0) for s in stages() if s.on_card}
     record["compute_s"] = {s.name: seconds.get(label(s), 0.0) for s in stages()}
+    # Of the compute, the steps alone (the diffusion's, the decoder's passes): the rest is around them.
+    record["steps_s"] = {
+        s.name: seconds[f"steps_{label(s)}"] for s in stages() if f"steps_{label(s)}" in seconds
+    }
     record["plans"] = {r["stage"]: r["plan"] for r in ok}
     record["peak_reserved_gib"] = {r["stage"]: r["peak_reserved_gib"] for r in ok}
     record["oom_attempts"] = [f"{r['stage']}:{r['plan']}" for r in run["rows"] if r["status"] == "failed"]

@@ -17,6 +17,9 @@ seconds from `t0`, adding its time and count to the bucket (`seconds`, `calls`):
   load_<stage>         a load inside the placing (no prefetched copy to take)
   prefetch             a load in the prefetch thread, beside the stages
   write_<stage>        an attempt's write after it let the card go
+  steps_<stage>        a job's steps (`on_progress`, a listener for `Hooks(on_progress=...)`): from its
+                       progress at 0 to its last step; the rest of the stage's compute is before and
+                       after its steps (the component's kernels chosen, the noise, the result moved)
   runner_<stage>       a whole attempt's compute span, placing included
   stage_<stage>        (`finish`) the stage's span: from its first job's first event to its last one's
                        last (its tasks' start-ups before it and the flow's collecting after it are not in
@@ -35,6 +38,7 @@ import time
 from collections.abc import Sequence
 
 from t2v.engine.hooks import Event
+from t2v.jobs import JobSpec
 from t2v.pipeline import CLIP, Stage, diffuse, stage_named, stages
 
 Record = tuple[str, str, float, float]
@@ -62,6 +66,8 @@ class Timeline:
         self._open: dict[tuple, float] = {}
         self._placed: dict[str, float] = {}
         """Per thread: seconds of placing inside the compute span it is in."""
+        self._stepping: dict[tuple[str, str], float] = {}
+        """Per (stage name, template): when its progress was reported at 0."""
         self._spans: dict[str, list[float]] = {}
         """Per stage name: the first and last time of its jobs' events."""
         self._lock = threading.Lock()
@@ -78,6 +84,17 @@ class Timeline:
                     self._placed[event.thread] = 0.0
             elif key in self._open:
                 self._closed(event, self._open.pop(key))
+
+    def on_progress(self, stage: Stage, job: JobSpec, done: int, total: int | None) -> None:
+        now = time.perf_counter()
+        key = (stage.name, job.template)
+        with self._lock:
+            if done == 0:
+                self._stepping[key] = now
+            elif key in self._stepping and total is not None and done >= total:
+                self.add(
+                    f"steps_{label(stage)}", threading.current_thread().name, self._stepping.pop(key), now
+                )
 
     def _closed(self, event: Event, start: float) -> None:
         name = label(stage_named(event.stage))

@@ -172,6 +172,9 @@ def test_few_step_times_each_dmd_clip_by_stage_and_the_lora_night_against_the_pl
         assert all(part > 0 for part in parts) and clip["other_s"] >= 0
         assert sum(parts) + clip["other_s"] == pytest.approx(clip["total_s"])
         assert set(clip["plans"]) == {s.name for s in stages()}
+        # The diffusion's steps and the decoder's passes, each inside its stage's compute
+        assert {"diffuse", "decode"} <= set(clip["steps_s"])
+        assert all(0 < clip["steps_s"][n] <= clip["compute_s"][n] for n in clip["steps_s"])
     night = results["lora_night"]
     without, styled = night["without"], night["with"]
     assert results["lora_night_ratio"] == pytest.approx(styled["wall_s"] / without["wall_s"])
