@@ -77,6 +77,8 @@ def decode(vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
 def run_variant(
     masters: dict, res: str, variant: str, latents: torch.Tensor, reference, repeats: int = 2
 ) -> dict:
+    from t2v.pipeline.decode import DecodeOptions, channels_last
+
     dtype_name, tile, flag_text = variant.split(":")
     flags = set(filter(None, flag_text.split("+")))
     cap = 6 if "cap6" in flags else 8 if "cap8" in flags else None
@@ -87,8 +89,6 @@ def run_variant(
     try:
         vae = masters[dtype_name]
         vae.encoder = None
-        from t2v.pipeline.decode import DecodeOptions, channels_last
-
         if "cl" in flags:
             channels_last(vae)  # as the decode stage's bf16 plans prepare it
 
@@ -125,8 +125,6 @@ def run_variant(
     finally:
         masters[dtype_name].to("cpu")
         if "cl" in flags:
-            from t2v.pipeline.decode import channels_last
-
             channels_last(masters[dtype_name], torch.contiguous_format)
         if "compile" in flags:
             masters[dtype_name].decoder._compiled_call_impl = None  # `Module.compile` undone
