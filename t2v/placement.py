@@ -22,7 +22,7 @@ def apply(
     offloading hooks, which would otherwise page-lock each tensor with a copy of its own."""
     device = torch.device(plan.device)
     # Wrapped before the hooks go on, so that leaf-level offloading sees the final module tree.
-    module = plan.options.prepare(module)
+    module = plan.options.prepare(module, device if plan.placement is Placement.GPU else None)
     if plan.placement in (Placement.GPU, Placement.CPU):
         return configure(plan, module.to(device))
     from diffusers.hooks import apply_group_offloading

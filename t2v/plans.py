@@ -112,8 +112,10 @@ class PlanOptions:
             f"{f.name}={getattr(self, f.name)}" for f in fields(self) if f.metadata.get("moves_weights")
         )
 
-    def prepare(self, module: torch.nn.Module) -> torch.nn.Module:
-        """Before the weights are placed (wrappers that offloading hooks must see, storage dtypes)."""
+    def prepare(self, module: torch.nn.Module, whole_to: torch.device | None = None) -> torch.nn.Module:
+        """Before the weights are placed (wrappers that offloading hooks must see, storage dtypes).
+        `whole_to` is the card the whole component goes to (None when it streams or stays on the
+        host): a preparation that recasts every weight may move it there first and cast it there."""
         return module
 
     def offload_target(self, module: torch.nn.Module, placement: Placement) -> torch.nn.Module:

@@ -4,6 +4,7 @@ of templates with different LoRAs against each alone, store keys, and bad input.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -335,7 +336,14 @@ def test_a_night_that_announces_its_jobs_loads_each_file_once_and_places_the_tra
     loads: list[str] = []
     injected: list[str] = []
     read = lora.state_dict
-    monkeypatch.setattr(lora, "state_dict", lambda path: injected.append(Path(path).name) or read(path))
+    readers: set[str] = set()
+
+    def reading(path):
+        injected.append(Path(path).name)
+        readers.add(threading.current_thread().name)
+        return read(path)
+
+    monkeypatch.setattr(lora, "state_dict", reading)
     runner = _runner(tmp_path / "night", loads)
     # As flows/night.py runs a night: each card stage's jobs handed to `prefetch` before it runs.
     with runner.residency.held():
@@ -345,6 +353,8 @@ def test_a_night_that_announces_its_jobs_loads_each_file_once_and_places_the_tra
                 runner.run(stage, job)
     assert loads.count("transformer") == 1  # placed once, with both files, for the plain job already
     assert sorted(injected) == sorted(path.name for path in files.values())  # each file read once
+    # by the loader, beside the encode stage, before the host copy is page-locked (`diffuse.preload`)
+    assert {name.split("_")[0] for name in readers} == {"t2v-prefetch"}
     for job in jobs:
         latents = runner.store.load_tensors(diffuse.STAGE, runner.keys(job)[diffuse.STAGE])["latents"]
         torch.testing.assert_close(latents, alone[job.template], rtol=0, atol=0)

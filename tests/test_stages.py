@@ -273,6 +273,38 @@ def test_tiles_blended_on_the_host_decode_the_same_and_leave_with_their_job(part
     np.testing.assert_array_equal(whole, stages.to_uint8(reference[1]))
 
 
+def test_a_whole_card_decode_plan_casts_its_weights_where_they_go(parts, monkeypatch):
+    """A bf16 decode plan placed whole moves the decoder first and casts it there (on a card ~10x faster
+    than the host's cast): the host's fp32 copy is never cast, and the weights equal a host cast's."""
+    from t2v.pipeline.decode import DecodeOptions
+    from t2v.placement import apply
+    from t2v.plans import Placement, StagePlan
+
+    options = DecodeOptions(vae_dtype="bfloat16")
+    on_host = options.prepare(fullsize.clone(parts["vae"]))
+    casts: list[str] = []
+    real_to = torch.nn.Module.to
+
+    def recording_to(module, *args, **kwargs):
+        dtype = kwargs.get("dtype") or next((a for a in args if isinstance(a, torch.dtype)), None)
+        if dtype is not None:
+            casts.append(str(next(module.parameters()).device))
+        return real_to(module, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "to", recording_to)
+    plan = StagePlan("decode", Placement.GPU, device="meta", options=options)
+    placed = apply(plan, fullsize.clone(parts["vae"]))
+    monkeypatch.undo()
+    assert casts == ["meta"]  # one cast, of weights already at the destination
+    assert placed.encoder is None
+    assert {p.device.type for p in placed.parameters()} == {"meta"}
+    assert {p.dtype for p in placed.parameters()} == {torch.bfloat16}
+    names = [n for n, _ in on_host.named_parameters()]
+    assert names == [n for n, _ in placed.named_parameters()]
+    conv = next(m for m in placed.modules() if isinstance(m, torch.nn.Conv3d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last_3d)
+
+
 def test_blocks_compile_after_the_first_forward_where_group_offloading_learns_their_order(parts):
     """Under group offloading with streams, diffusers tracks the blocks' order in the first forward with
     a hook per block that dynamo would guard on (a recompile per block); `compile_blocks` compiles

@@ -301,9 +301,14 @@ class StageRunner:
                 streaming_bytes=self.mapped_bytes(stage),
             )
 
+        todo = [j for j in jobs if not self.store.has(stage, self.keys(j)[stage])]
+
         def load() -> torch.nn.Module:
             with self.hooks.span("load", stage), self.residency.loading():
-                return self.hooks.load(self.model, name)
+                module = self.hooks.load(self.model, name)
+                if stage.preload is not None:
+                    stage.preload(module, todo)
+                return module
 
         self.residency.prefetch(name, self.model.identity, load, room)
         return True

@@ -119,10 +119,15 @@ class DecodeOptions(PlanOptions):
     tiles there (`TilesToHost`). The card then holds one tile's work, not the whole video several
     times over, so that larger, faster tiles fit."""
 
-    def prepare(self, module: torch.nn.Module) -> torch.nn.Module:
+    def prepare(self, module: torch.nn.Module, whole_to: torch.device | None = None) -> torch.nn.Module:
         # Decoding needs the decoder half alone (an image job's first frame was encoded in the diffuse
         # stage): the encoder's 0.6 GB (fp32, full size) never goes to the card.
         module.encoder = None
+        if whole_to is not None:
+            # Cast on the card: the host's cast and channels-last copy of the 2.2 GB decoder took
+            # most of the decode stage's placing (docs/benchmarks.md); the fp32 weights it holds
+            # meanwhile are under the decode's own peak.
+            module = module.to(whole_to)
         dtype = getattr(torch, self.vae_dtype)
         module = module.to(dtype=dtype) if module.dtype != dtype else module
         if dtype == torch.bfloat16:

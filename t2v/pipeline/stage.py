@@ -94,6 +94,10 @@ class Stage:
     """`ladder(sizes, job, *, device, fp8)`: its memory plans, fastest first, with estimates."""
     state: Callable[[], object] | None = None
     """Makes what the stage keeps for one run (the encoder's remembered texts); `work.state`."""
+    preload: Callable[[torch.nn.Module, Sequence[JobSpec]], None] | None = None
+    """`preload(component, jobs)`: what the jobs announced for the stage add to its freshly loaded
+    component, done in the background loader before it page-locks the host copy (the night's LoRA
+    adapters): the stage's placing then finds them there, page-locked with the rest."""
     result: Callable[[Work], str] | None = None
     """What its task returns once its output is stored (the published clip's path); default the key."""
     store_name: str = ""
