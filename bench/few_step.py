@@ -97,12 +97,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lora-steps", type=int, help="steps per job of the LoRA nights (default 50)")
     parser.add_argument("--lora-size", help="WxHxF of the LoRA nights (default 832x480x81)")
     parser.add_argument("--lora-rank", type=int, help="rank of the random LoRA files (default 64)")
+    parser.add_argument(
+        "--lora-sides",
+        default="without,with",
+        help="the LoRA phase's nights: without,with (the ratio needs both; one alone is for a short run)",
+    )
     given = parser.parse_args(argv)
     defaults = TINY_DEFAULTS if given.tiny else DEFAULTS
     args = argparse.Namespace(**(defaults | {k: v for k, v in vars(given).items() if v is not None}))
     args.phases = [p for p in args.phases.split(",") if p]
     if not args.phases or set(args.phases) - set(PHASES):
         parser.error(f"--phases takes {','.join(PHASES)}")
+    if not args.lora_sides or set(args.lora_sides.split(",")) - {"without", "with"}:
+        parser.error("--lora-sides takes without,with")
     args.model = registry.BUILTIN if args.tiny else registry.RANDOM_FULL_SIZE
     args.cuda = torch.cuda.is_available() and not args.tiny
     return args
@@ -282,10 +289,14 @@ def lora_phase(args: argparse.Namespace) -> dict:
     files = [make_lora(ref, args.work / "loras" / f"style{n}", rank=args.lora_rank, seed=n) for n in (1, 2)]
     picks = [(files[i % 2], LORA_SCALES[i % 2]) for i in range(len(plain))]
     styled = [replace(job, lora=(Lora(str(f), scale),)) for job, (f, scale) in zip(plain, picks, strict=True)]
-    without = night_summary(run_night("lora-without", plain, args))
-    free()
-    with_lora = night_summary(run_night("lora-with", styled, args))
-    free()
+    sides = {"without": plain, "with": styled}
+    nights = {}
+    for side in args.lora_sides.split(","):
+        nights[side] = night_summary(run_night(f"lora-{side}", sides[side], args))
+        free()
+    without, with_lora = nights.get("without"), nights.get("with")
+    if without is None or with_lora is None:
+        return {"lora_night_ratio": None, "lora_night": {"size": args.lora_size, **nights}}
     ratio = with_lora["wall_s"] / without["wall_s"]
     log(f"LoRA night: {with_lora['wall_s']:.1f} s against {without['wall_s']:.1f} s: {ratio:.3f}x")
     night = {
