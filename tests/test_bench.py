@@ -207,6 +207,19 @@ def test_the_first_compiled_job_s_excess_over_the_later_ones_is_counted_as_compi
     assert compile_seconds(ours) == {"call": 0.0, "first_steps": 16.0, "total": 16.0}
 
 
+def test_the_50_step_total_counts_every_step_that_holds_a_compile_as_measured():
+    from bench.clock import total_50
+
+    # Eager: the first step as measured, the rest at the median of the later ones.
+    assert total_50(1.0, [2.4, 2.2, 2.2], 9.0) == pytest.approx(1.0 + 2.4 + 49 * 2.2 + 9.0)
+    # Compiled at once: the first step holds the compile.
+    assert total_50(1.0, [12.7, 1.83, 1.83], 9.0) == pytest.approx(1.0 + 12.7 + 49 * 1.83 + 9.0)
+    # Compiled after group offloading's first forward: the second step compiles too (measured at 480P
+    # under 6 GiB: 3.61, 4.43, 0.35 s); the median of the later two would have counted 2.39 s a step.
+    assert total_50(4.8, [3.61, 4.43, 0.35], 2.8) == pytest.approx(4.8 + 3.61 + 4.43 + 48 * 0.35 + 2.8)
+    assert total_50(0.5, [0.8], 1.0) == pytest.approx(0.5 + 50 * 0.8 + 1.0)
+
+
 def test_the_card_timeline_splits_a_stage_around_its_holds():
     name = label(decode.STAGE)
     events = [
