@@ -168,7 +168,7 @@ def check_budgets(jobs: Sequence[JobSpec], model: ModelRef, settings: Settings, 
                 )
             continue
         for job in jobs:
-            ladder = stage.ladder(sizes, job, device=card.device, fp8=fp8)
+            ladder = stage.ladder(sizes, job, device=card.device, fp8=fp8, night=jobs)
             leanest = ladder[-1]
             if leanest.estimate_bytes > card.budget_bytes:
                 size = f"{job.width}x{job.height}x{job.frames}"

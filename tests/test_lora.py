@@ -398,16 +398,30 @@ def diffuse_pipeline():
     return PIPELINE
 
 
-def test_the_estimates_count_the_adapters_weights(files):
+def test_the_estimates_count_the_adapters_the_placement_holds_where_they_sit(files):
+    from t2v.plans import Placement
+
     job = job_with(files, ("ink", 1.0))
     sizes = ComponentSizes.from_modules(transformer=tiny.build_transformer())
     with_lora = diffuse.ladder(sizes, job, device="cuda")
-    without = diffuse.ladder(sizes, replace(job, lora=()), device="cuda")
+    plain = replace(job, lora=())
+    without = diffuse.ladder(sizes, plain, device="cuda")
     extra = sum(t.numel() * 4 for t in _random_lora(1).values())
     assert lora.adapter_bytes(job.lora) == extra > 0
-    assert [a.estimate_bytes - b.estimate_bytes for a, b in zip(with_lora, without, strict=True)] == [
-        extra
-    ] * len(without)
+    share = extra // with_lora[-2].blocks  # each block's adapters go where the block goes
+    for a, b in zip(with_lora, without, strict=True):
+        if a.placement is Placement.GPU:
+            assert a.estimate_bytes - b.estimate_bytes == extra  # all of them on the card
+        elif a.placement is Placement.GROUP:
+            assert a.block_bytes - b.block_bytes == share  # a resident block costs its share
+            assert a.estimate_bytes - b.estimate_bytes == 2 * share  # the computing and prefetched
+        else:
+            assert a.estimate_bytes - b.estimate_bytes == share
+    # A job without a LoRA in a night with one is placed with the night's adapters, and planned so.
+    beside = diffuse.ladder(sizes, plain, device="cuda", night=[job])
+    assert [p.estimate_bytes for p in beside] == [p.estimate_bytes for p in with_lora]
+    # Two jobs of one file hold it once.
+    assert diffuse.ladder(sizes, job, device="cuda", night=[job]) == with_lora
 
 
 # --- input ---------------------------------------------------------------------------------------

@@ -198,9 +198,9 @@ class StageRunner:
         """The plans to try in order: the fastest that fits the card's budget, then the leaner ones."""
         if not stage.on_card:
             return [None]
-        ladder = stage.ladder(
-            self.sizes(stage.component)[0], job, device=self.device, fp8=self.ctx.fp8_storage
-        )
+        sizes = self.sizes(stage.component)[0]
+        others = [j for j in self.pending(stage) if j != job]
+        ladder = stage.ladder(sizes, job, device=self.device, fp8=self.ctx.fp8_storage, night=others)
         plans = choose(ladder, self.memory.budget_bytes)
         return with_host(plans, self.host_placement(stage.component), self.sizes(stage.component)[1])
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -207,7 +207,9 @@ def estimate(
     return s.vae_params * size + 3_500 * size * tiles.pixels + 4 * out
 
 
-def ladder(s: ComponentSizes, job: JobSpec, *, device: str, fp8: bool = False) -> list[StagePlan]:
+def ladder(
+    s: ComponentSizes, job: JobSpec, *, device: str, fp8: bool = False, night: Sequence[JobSpec] = ()
+) -> list[StagePlan]:
     if not device.startswith("cuda"):
         cpu = StagePlan(STAGE.name, Placement.CPU, device="cpu", options=DecodeOptions())
         leanest = tilings(job.height, job.width, min_stride=3 * GRID)[-1:]  # none for 64 px frames

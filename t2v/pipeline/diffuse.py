@@ -129,20 +129,32 @@ def attempt_bytes(
 
 
 def ladder(
-    s: ComponentSizes, job: JobSpec, *, device: str, fp8: bool = False, frame_timesteps: bool = True
+    s: ComponentSizes,
+    job: JobSpec,
+    *,
+    device: str,
+    fp8: bool = False,
+    frame_timesteps: bool = True,
+    night: Sequence[JobSpec] = (),
 ) -> list[StagePlan]:
+    """`night`: the run's other jobs of the stage, whose LoRA files the placed transformer holds too
+    (`Adapters.for_job`), so that a job without one is planned with them on the card."""
     # An image job's timestep is per token (0 on the picture's frame): the shared one is never its.
     timing = dict(shared_timestep=job.image is None, frame_timesteps=frame_timesteps)
-    extra = lora.adapter_bytes(job.lora) if job.lora else 0  # on the card with their layers' weights
+    files = (*job.lora, *(item for other in night for item in other.lora))
+    extra = lora.adapter_bytes(files) if files else 0  # as loaded (fp32), every adapter of the night
     if not device.startswith("cuda"):
         # No card: RAM is the budget and it is ample for one component, but the same options exist,
         # so the out-of-memory fallback has somewhere to go (and is tested on this path).
         options = DiffuseOptions(fp8_storage=fp8, **timing)
         cpu = StagePlan(STAGE.name, Placement.CPU, device="cpu", options=options)
         return [cpu] + ([cpu.with_options(cfg_batch=1)] if job.cfg else [])
-    weights = s.transformer_bytes // (2 if fp8 else 1)
-    block = s.transformer_block_bytes // (2 if fp8 else 1)
     blocks = max(1, round(s.transformer_bytes / max(s.transformer_block_bytes, 1)))
+    # The adapters sit in their layers' blocks (LoRA trainers adapt the blocks' layers): with the whole
+    # transformer on the card all of them, else each block's share goes where its block goes, streamed
+    # with it or resident. fp8 storage leaves them in fp32.
+    weights = s.transformer_bytes // (2 if fp8 else 1) + extra
+    block = s.transformer_block_bytes // (2 if fp8 else 1) + extra // blocks
     non_block = max(s.transformer_bytes - blocks * s.transformer_block_bytes, 0)
     streamed = non_block + 2 * block  # the unmatched group, the block computing, the block prefetched
     # (batch, ffn_chunks) fastest first: CFG as one batch halves the weight traffic of offloading,
@@ -161,7 +173,7 @@ def ladder(
                     options=DiffuseOptions(cfg_batch=batch, ffn_chunks=chunks, fp8_storage=fp8, **timing),
                     block_bytes=block if streaming else 0,
                     blocks=blocks if streaming else 0,
-                    estimate_bytes=resident + act + extra,
+                    estimate_bytes=resident + act,
                 )
             )
     leaf = StagePlan(
@@ -171,7 +183,7 @@ def ladder(
         options=DiffuseOptions(cfg_batch=1, ffn_chunks=8, fp8_storage=fp8, **timing),
         estimate_bytes=2 * s.transformer_largest_leaf_bytes
         + attempt_bytes(s, job, batch=1, ffn_chunks=8, frame_timesteps=frame_timesteps)
-        + extra,
+        + extra // blocks,  # leaf level onloads each adapter's layers as they run: a block's share
     )
     return plans + [leaf]
 

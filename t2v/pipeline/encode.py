@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -40,7 +41,13 @@ def key(k: KeyInputs) -> dict[str, object]:
 
 
 def ladder(
-    s: ComponentSizes, job: JobSpec, *, device: str, fp8: bool = False, texts: int = 2
+    s: ComponentSizes,
+    job: JobSpec,
+    *,
+    device: str,
+    fp8: bool = False,
+    texts: int = 2,
+    night: Sequence[JobSpec] = (),
 ) -> list[StagePlan]:
     if not device.startswith("cuda"):
         return [StagePlan(STAGE.name, Placement.CPU, device="cpu", options=EncodeOptions())]
