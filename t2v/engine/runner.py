@@ -301,7 +301,7 @@ class StageRunner:
                 streaming_bytes=self.mapped_bytes(stage),
             )
 
-        todo = [j for j in jobs if not self.store.has(stage, self.keys(j)[stage])]
+        todo = self.pending(stage)  # the jobs just announced, less those whose output is stored
 
         def load() -> torch.nn.Module:
             with self.hooks.span("load", stage), self.residency.loading():
