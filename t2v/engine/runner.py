@@ -199,8 +199,8 @@ class StageRunner:
         if not stage.on_card:
             return [None]
         sizes = self.sizes(stage.component)[0]
-        others = [j for j in self.pending(stage) if j != job]
-        ladder = stage.ladder(sizes, job, device=self.device, fp8=self.ctx.fp8_storage, night=others)
+        night = self.pending(stage)
+        ladder = stage.ladder(sizes, job, device=self.device, fp8=self.ctx.fp8_storage, night=night)
         plans = choose(ladder, self.memory.budget_bytes)
         return with_host(plans, self.host_placement(stage.component), self.sizes(stage.component)[1])
 

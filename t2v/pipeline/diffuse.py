@@ -137,8 +137,9 @@ def ladder(
     frame_timesteps: bool = True,
     night: Sequence[JobSpec] = (),
 ) -> list[StagePlan]:
-    """`night`: the run's other jobs of the stage, whose LoRA files the placed transformer holds too
-    (`Adapters.for_job`), so that a job without one is planned with them on the card."""
+    """`night`: the run's jobs of the stage (with `job` or without), whose LoRA files the placed
+    transformer holds too (`Adapters.for_job`), so that a job without one is planned with them on the
+    card; each file counts once."""
     # An image job's timestep is per token (0 on the picture's frame): the shared one is never its.
     timing = dict(shared_timestep=job.image is None, frame_timesteps=frame_timesteps)
     files = (*job.lora, *(item for other in night for item in other.lora))
@@ -321,9 +322,10 @@ def compute(work: Work) -> Writer:
 
 
 def preload(transformer: torch.nn.Module, jobs: Sequence[JobSpec]) -> None:
-    """The announced jobs' LoRA files, injected as the loader thread loads the transformer: placed
-    after, they made the placing page-lock the whole host copy again (5.4 s of a two-file night on the
-    H200, docs/benchmarks.md). `compute` asks for the same adapters and finds them loaded."""
+    """The announced jobs' LoRA files, injected as the loader thread loads the transformer, before it
+    page-locks the host copy: injected at placing, they left tensors unlocked, so `Residency.pin`
+    page-locked the whole copy again (placing with two files took 5.4 s on the H200 against 0.13 s
+    without, docs/benchmarks.md). `compute` asks for the same adapters and finds them loaded."""
     lora.load(transformer, lora.Adapters().for_job((), expected=[j.lora for j in jobs]))
 
 

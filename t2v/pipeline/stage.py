@@ -92,7 +92,7 @@ class Stage:
     run per job as soon as its inputs exist, beside the later GPU stages."""
     ladder: Callable[..., list[StagePlan]] | None = None
     """`ladder(sizes, job, *, device, fp8, night)`: its memory plans, fastest first, with estimates;
-    `night` the run's other jobs of the stage, which share its placed component."""
+    `night` the run's jobs of the stage, which share its placed component."""
     state: Callable[[], object] | None = None
     """Makes what the stage keeps for one run (the encoder's remembered texts); `work.state`."""
     preload: Callable[[torch.nn.Module, Sequence[JobSpec]], None] | None = None
