@@ -11,6 +11,11 @@ transformer upcast to fp32 (its bf16 weights, exactly), unmerged.
 
     python bench/lora_fold.py --out bench/results          # on a GPU: bench/results/lora_fold.json
     python bench/lora_fold.py --tiny --out /tmp/lorafold    # CPU smoke run, built-in model
+    python bench/lora_fold.py --compile --cases none,folded --steps 5 --sizes 832x480x81
+
+`--compile`: the blocks compiled as the runner compiles them (`placement.compile_blocks`), each case's
+first step paying its compile; no fp32 reference, and dynamo's graph and graph-break counts per case
+(`compiled_graphs`, `graph_breaks`) in the records.
 """
 
 from __future__ import annotations
@@ -26,10 +31,11 @@ import t2v  # noqa: E402, F401  (its allocator settings before torch touches the
 
 # isort: split
 import torch  # noqa: E402
+from torch._dynamo.utils import counters  # noqa: E402
 
 from bench.attention import _record, _steps  # noqa: E402
 from bench.few_step import make_lora  # noqa: E402
-from t2v import lora, stages  # noqa: E402
+from t2v import lora, placement, stages  # noqa: E402
 from t2v.models import fullsize, registry, tiny  # noqa: E402
 
 SIZES = "832x480x81,1280x704x121"
@@ -50,6 +56,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sizes", help=f"WxHxF list (default {SIZES}; tiny 96x64x9)")
     parser.add_argument("--steps", type=int, default=3, help="per measurement, the first a warm-up")
     parser.add_argument("--rank", type=int, help="of the random LoRA file (default 64; tiny 4)")
+    parser.add_argument("--cases", default=",".join(CASES), help=f"comma list of {','.join(CASES)}")
+    parser.add_argument("--compile", action="store_true", help="the blocks compiled, as the runner does")
     args = parser.parse_args(argv)
     device = "cpu" if args.tiny else "cuda"
     ref = registry.resolve_model(registry.BUILTIN if args.tiny else registry.RANDOM_FULL_SIZE)
@@ -60,9 +68,13 @@ def main(argv: list[str] | None = None) -> None:
         transformer = tiny.build_transformer()
     else:
         transformer = fullsize.build("transformer", device=device, keep_on=device)
-    exact = fullsize.clone(transformer).float()  # the same weights, computed in fp32
+    # The same weights computed in fp32: the deviation's reference (none when compiled).
+    exact = None if args.compile else fullsize.clone(transformer).float()
     for module in (transformer, exact):
-        lora.load(module, [adapter])
+        if module is not None:
+            lora.load(module, [adapter])
+    if args.compile:
+        placement.compile_blocks(transformer)
     scheduler = registry.load_scheduler(registry.resolve_model(registry.BUILTIN))
     gen = torch.Generator().manual_seed(0)
     text = (1, 512, transformer.config.text_dim)
@@ -78,18 +90,22 @@ def main(argv: list[str] | None = None) -> None:
         latents = stages.initial_noise(shape, seed=0, device=device)
         bf16 = [t.to(transformer.dtype) for t in (cond, uncond)]
         reference = None
-        if n == 0:
+        if n == 0 and exact is not None:
             _activate(exact, "unmerged", item, device)
             reference, _ = _steps(exact, scheduler, latents.float(), cond, uncond, args.steps)
             del exact
             if device == "cuda":
                 torch.cuda.empty_cache()
         base = None
-        for case in CASES:
+        for case in args.cases.split(","):
             _activate(transformer, case, item, device)
+            counters.clear()
             out, times = _steps(transformer, scheduler, latents, *bf16, args.steps)
             record = _record(size, case, times, out, None)
             record["case"] = record.pop("backend")
+            if args.compile:
+                record["compiled_graphs"] = counters["stats"]["unique_graphs"]
+                record["graph_breaks"] = dict(counters["graph_break"])
             if base is None:
                 base = record["step_s"]
             record["vs_none"] = record["step_s"] / base

@@ -39,11 +39,6 @@ MAX_SCALE = 4.0
 PREFIX = "transformer"
 """What `lora_state_dict` puts before the transformer's keys (diffusers' `TRANSFORMER_NAME`)."""
 
-LOADED_BYTES_PER_ELEMENT = 4
-"""An upper bound: loaded through diffusers (`inject_adapter_in_model`, which does not upcast them as a
-`PeftModel` would), peft gives the adapters their base layer's dtype: bf16 beside bf16 weights."""
-
-
 @dataclass(frozen=True)
 class Lora:
     """One LoRA file a job applies, and how strongly."""
@@ -263,15 +258,17 @@ def state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return WanLoraLoaderMixin.lora_state_dict(str(path), use_safetensors=True)
 
 
-def adapter_bytes(loras: Iterable[Lora]) -> int:
-    """Bytes the adapters add to the transformer as loaded (float32), from the files' headers."""
+def adapter_bytes(loras: Iterable[Lora], element_bytes: int) -> int:
+    """Bytes the adapters add to the transformer as loaded, from the files' headers: through diffusers
+    (`inject_adapter_in_model`, which does not upcast them as a `PeftModel` would) peft gives them their
+    base layer's dtype, `element_bytes` each (bf16 beside bf16 weights), whatever the file stores."""
     from safetensors import safe_open
 
     total = 0
     for item in {adapter_name(item.path): item for item in loras}.values():
         with safe_open(str(item.path), framework="pt") as f:
             for key in f.keys():
-                total += math.prod(f.get_slice(key).get_shape()) * LOADED_BYTES_PER_ELEMENT
+                total += math.prod(f.get_slice(key).get_shape()) * element_bytes
     return total
 
 

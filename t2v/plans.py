@@ -193,6 +193,8 @@ class ComponentSizes:
     transformer_dim: int
     transformer_ffn_dim: int
     transformer_largest_leaf_bytes: int
+    transformer_element_bytes: int
+    """Bytes per weight as loaded: also the adapters', which peft creates in their base layer's dtype."""
     vae_params: int
 
     @classmethod
@@ -216,6 +218,7 @@ class ComponentSizes:
             )
             if transformer
             else 0,
+            transformer_element_bytes=next(transformer.parameters()).element_size() if transformer else 0,
             vae_params=sum(p.numel() for p in vae.parameters()) if vae else 0,
         )
 

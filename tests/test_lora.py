@@ -29,7 +29,7 @@ from t2v.models.registry import load_component, resolve_model
 from t2v.models.wan22 import WAN22_RULES
 from t2v.pipeline import JobKeys, KeyInputs, diffuse, encode
 from t2v.placement import apply
-from t2v.plans import ComponentSizes, Placement, StagePlan
+from t2v.plans import ComponentSizes, Placement, StagePlan, module_bytes
 from t2v.runlog import RunLog
 from t2v.settings import Settings
 from t2v_cli.main import app
@@ -398,6 +398,18 @@ def diffuse_pipeline():
     return PIPELINE
 
 
+def test_the_adapters_are_counted_in_the_dtype_they_load_in(files):
+    # peft gives the adapters their base layer's dtype whatever the file holds (these are float32
+    # files): beside bf16 weights they take 2 bytes an element, and the estimate says so.
+    job = job_with(files, ("ink", 1.0), ("comfy", 0.5))
+    transformer = tiny.build_transformer().to(torch.bfloat16)
+    sizes = ComponentSizes.from_modules(transformer=transformer)
+    before = module_bytes(transformer)
+    lora.load(transformer, lora.Adapters().for_job(job.lora))
+    assert module_bytes(transformer) - before == lora.adapter_bytes(job.lora, sizes.transformer_element_bytes)
+    assert sizes.transformer_element_bytes == 2
+
+
 def test_the_estimates_count_the_adapters_the_placement_holds_where_they_sit(files):
     from t2v.plans import Placement
 
@@ -406,8 +418,8 @@ def test_the_estimates_count_the_adapters_the_placement_holds_where_they_sit(fil
     with_lora = diffuse.ladder(sizes, job, device="cuda")
     plain = replace(job, lora=())
     without = diffuse.ladder(sizes, plain, device="cuda")
-    extra = sum(t.numel() * 4 for t in _random_lora(1).values())
-    assert lora.adapter_bytes(job.lora) == extra > 0
+    extra = sum(t.numel() * 4 for t in _random_lora(1).values())  # the tiny model is float32
+    assert lora.adapter_bytes(job.lora, sizes.transformer_element_bytes) == extra > 0
     share = extra // with_lora[-2].blocks  # each block's adapters go where the block goes
     for a, b in zip(with_lora, without, strict=True):
         if a.placement is Placement.GPU:

@@ -29,6 +29,7 @@ FULL = ComponentSizes(
     transformer_dim=3072,
     transformer_ffn_dim=14336,
     transformer_largest_leaf_bytes=88_000_000,
+    transformer_element_bytes=2,
     vae_params=704_688_668,
 )
 P720 = JobSpec(template="x", prompt="p", height=704, width=1280, frames=121)

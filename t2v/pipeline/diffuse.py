@@ -143,7 +143,7 @@ def ladder(
     # An image job's timestep is per token (0 on the picture's frame): the shared one is never its.
     timing = dict(shared_timestep=job.image is None, frame_timesteps=frame_timesteps)
     files = (*job.lora, *(item for other in night for item in other.lora))
-    extra = lora.adapter_bytes(files) if files else 0  # as loaded (fp32), every adapter of the night
+    extra = lora.adapter_bytes(files, s.transformer_element_bytes) if files else 0  # the night's, loaded
     if not device.startswith("cuda"):
         # No card: RAM is the budget and it is ample for one component, but the same options exist,
         # so the out-of-memory fallback has somewhere to go (and is tested on this path).
@@ -153,7 +153,7 @@ def ladder(
     blocks = max(1, round(s.transformer_bytes / max(s.transformer_block_bytes, 1)))
     # The adapters sit in their layers' blocks (LoRA trainers adapt the blocks' layers): with the whole
     # transformer on the card all of them, else each block's share goes where its block goes, streamed
-    # with it or resident. fp8 storage leaves them in fp32.
+    # with it or resident. fp8 storage leaves them in the compute dtype.
     weights = s.transformer_bytes // (2 if fp8 else 1) + extra
     block = s.transformer_block_bytes // (2 if fp8 else 1) + extra // blocks
     non_block = max(s.transformer_bytes - blocks * s.transformer_block_bytes, 0)
