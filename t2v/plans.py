@@ -16,6 +16,7 @@ plan must fit in `HEADROOM` of the budget, the rest being left to the allocator'
 
 from __future__ import annotations
 
+import collections
 import functools
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields, replace
@@ -218,7 +219,7 @@ class ComponentSizes:
             )
             if transformer
             else 0,
-            transformer_element_bytes=next(transformer.parameters()).element_size() if transformer else 0,
+            transformer_element_bytes=weight_element_bytes(transformer) if transformer else 0,
             vae_params=sum(p.numel() for p in vae.parameters()) if vae else 0,
         )
 
@@ -230,6 +231,15 @@ def component_sizes(model: ModelRef, component: str) -> tuple[ComponentSizes, in
     runner's ask the same). A model's identity changes with its configs, so the cache cannot go stale."""
     module = registry.skeleton(model, component)
     return ComponentSizes.from_modules(**{component: module}), module_bytes(module)
+
+
+def weight_element_bytes(module: torch.nn.Module) -> int:
+    """Bytes per element of the dtype most of `module`'s weights are in: the layers', beside the few
+    norms and tables diffusers keeps in float32 (`_keep_in_fp32_modules`), which come first in Wan's."""
+    counts: collections.Counter[int] = collections.Counter()
+    for p in module.parameters():
+        counts[p.element_size()] += p.numel()
+    return counts.most_common(1)[0][0]
 
 
 def module_bytes(module: torch.nn.Module | None) -> int:

@@ -4,6 +4,7 @@ recorder; the loads, file mappings and bookkeeping are real."""
 
 import gc
 import logging
+import threading
 import weakref
 from pathlib import Path
 
@@ -125,12 +126,45 @@ def test_a_dropped_component_is_gone_before_the_next_one_loads() -> None:
         gc.collect()
         # No reference left anywhere, its page-locked range given back, then PyTorch's pinned cache emptied.
         assert gone() is None
-        assert events[-2:] == ["unregister", "empty cache"]
+        # (The loader thread empties it after giving the range back; the stage's settle once more.)
+        assert events[-3:] == ["unregister", "empty cache", "empty cache"]
         events.append("load")
         return tiny.build_transformer()
 
     residency.get("transformer", "tag", load_next)
     assert events[-1] == "load" and residency.loaded == ["transformer"] and residency.host_bytes() == 0
+
+
+def test_a_stage_taking_a_prefetched_copy_does_not_wait_for_the_dropped_one_to_be_given_back() -> None:
+    gate, events = threading.Event(), []
+
+    def unregister(address: int) -> None:
+        gate.wait(timeout=10)  # the loader thread's give-back, held until the stage has its component
+        events.append("unregister")
+
+    residency = Residency(
+        pin=lambda module: HostPin(registered=[(id(module), 4096)], unregister=unregister),
+        empty_host_cache=lambda: events.append("empty cache"),
+    )
+    encoder = residency.get("text_encoder", "tiny|encode", tiny.build_text_encoder, source="tiny")
+    residency.pin("text_encoder", encoder)
+    events.clear()  # its own load settled first: nothing was loaded ahead
+    ahead = torch.nn.Linear(4, 4)
+    residency.prefetch("transformer", "tiny", lambda: ahead)
+    assert residency.prefetching("transformer", "tiny") is True
+    taken = residency.get(
+        "transformer", "tiny|diffuse", lambda: residency.prefetched("transformer", "tiny"), source="tiny"
+    )
+    assert taken is ahead and events == []  # the encoder's range is still being given back
+    gate.set()
+    residency.settle()
+    assert events == ["unregister", "empty cache", "empty cache"]
+    # Another model's copy, or none loaded ahead: the stage loads it itself, after the give-back.
+    gate.clear()
+    threading.Timer(0.2, gate.set).start()
+    residency.get("vae", "tiny|decode", lambda: events.append("load") or torch.nn.Linear(2, 2), source="other")
+    assert events[3:] == ["unregister", "empty cache", "empty cache", "load"]
+    residency.release()
 
 
 def test_a_prefetched_copy_recast_by_its_plan_is_given_back_before_the_new_one_is_pinned() -> None:

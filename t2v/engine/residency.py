@@ -77,15 +77,23 @@ class Residency:
         self._pin = pin or _pin_if_card
         self._empty_host_cache = empty_host_cache or _empty_host_cache
 
-    def get(self, name: str, tag: str, load: Callable[[], torch.nn.Module]) -> torch.nn.Module:
-        """Component `name` as placed for `tag`, loaded (after dropping the others) if it is not."""
+    def get(
+        self, name: str, tag: str, load: Callable[[], torch.nn.Module], *, source: str | None = None
+    ) -> torch.nn.Module:
+        """Component `name` as placed for `tag`, loaded (after dropping the others) if it is not.
+
+        `source`: the model whose copy loaded ahead `load` takes (`prefetched`), if any. A copy loaded
+        ahead already has its room, so the stage does not wait for the dropped component's page-locked
+        memory to be given back (a text encoder's took 0.96 s of a 6.4 s 480P clip on the H200,
+        docs/benchmarks.md); the loader thread gives it back beside the stage."""
         held = self._held.get(name)
         if held and held[0] == tag:
             return held[1]
         # Stage-major order: the previous stage's component leaves the card, and the host, before this
         # one comes.
         self.drop()
-        self.settle()
+        if not self._loaded_ahead(name, source):
+            self.settle()
         module = load()
         self._held[name] = (tag, module)
         return module
@@ -96,6 +104,14 @@ class Residency:
         contexts patch `nn.Module` methods process-wide while a model is built, so a model built in one
         thread while another loads comes out with its parameters on the meta device."""
         return self._load_lock
+
+    def _loaded_ahead(self, name: str, source: str | None) -> bool:
+        """Whether the loader thread found the room for `source`'s `name` and loaded it (or is loading
+        it): no room to make for it. Not yet decided, or refused: the stage may load it itself."""
+        ahead, decided = self._ahead.get(name), self._decided.get(name)
+        if source is None or ahead is None or ahead[0] != source or decided is None or not decided.done():
+            return False
+        return decided.exception() is None and decided.result()
 
     def settle(self) -> None:
         """Wait until every dropped component's page-locked memory is given back, and PyTorch's cache of
@@ -182,6 +198,7 @@ class Residency:
             module, pin = ahead[1].result()
         except Exception as exc:
             log.warning("prefetching %s failed (%s: %s); loading it now", name, type(exc).__name__, exc)
+            self.settle()  # the stage's own load needs the room `get` did not wait for
             return None
         if pin is not None:
             self._pins[name] = pin
@@ -196,7 +213,7 @@ class Residency:
             if pin is not None:
                 # Host work that the next stage need not wait for (0.1-0.3 s a component on the
                 # H200): the pin keeps the memory allocated until its ranges are unregistered.
-                self._releasing.append(self._background().submit(pin.release))
+                self._releasing.append(self._background().submit(self._give_back, pin))
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -252,6 +269,12 @@ class Residency:
                 self.release()
             finally:
                 gc.unfreeze()
+
+    def _give_back(self, pin: HostPin) -> None:
+        # And the cache's blocks (a packed buffer) with it: a stage that took a prefetched copy did
+        # not wait for this, so no `settle` empties the cache after it.
+        pin.release()
+        self._empty_host_cache()
 
     def _load_pinned(
         self, load: Callable[[], torch.nn.Module], room: Callable[[], bool], decided: Future[bool]

@@ -279,7 +279,7 @@ class StageRunner:
             return module
 
         tag = f"{self.model.identity}|{plan.residency_key}|compiled={compiled}"
-        return configure(plan, self.residency.get(name, tag, place))
+        return configure(plan, self.residency.get(name, tag, place, source=self.model.identity))
 
     def prefetch(self, stage: Stage, jobs: Sequence[JobSpec]) -> bool:
         """Start loading `stage`'s component into host memory in the background; False (and nothing
