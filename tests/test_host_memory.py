@@ -162,7 +162,8 @@ def test_a_stage_taking_a_prefetched_copy_does_not_wait_for_the_dropped_one_to_b
     # Another model's copy, or none loaded ahead: the stage loads it itself, after the give-back.
     gate.clear()
     threading.Timer(0.2, gate.set).start()
-    residency.get("vae", "tiny|decode", lambda: events.append("load") or torch.nn.Linear(2, 2), source="other")
+    load = lambda: events.append("load") or torch.nn.Linear(2, 2)  # noqa: E731
+    residency.get("vae", "tiny|decode", load, source="other")
     assert events[3:] == ["unregister", "empty cache", "empty cache", "load"]
     residency.release()
 
