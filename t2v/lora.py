@@ -39,6 +39,7 @@ MAX_SCALE = 4.0
 PREFIX = "transformer"
 """What `lora_state_dict` puts before the transformer's keys (diffusers' `TRANSFORMER_NAME`)."""
 
+
 @dataclass(frozen=True)
 class Lora:
     """One LoRA file a job applies, and how strongly."""
