@@ -168,6 +168,29 @@ def test_a_stage_taking_a_prefetched_copy_does_not_wait_for_the_dropped_one_to_b
     residency.release()
 
 
+def test_the_next_component_loads_while_the_last_one_is_being_page_locked() -> None:
+    gate, loads = threading.Event(), []
+    first, second = torch.nn.Linear(2, 2), torch.nn.Linear(3, 3)
+
+    def pin(module: torch.nn.Module) -> HostPin:
+        if module is first:
+            gate.wait(timeout=5)  # a slow page-locking (about a second for 10 GB on the H200 host)
+            loads.append("text_encoder page-locked")
+        return HostPin(registered=[(id(module), 4096)], unregister=lambda address: None)
+
+    residency = Residency(pin=pin, empty_host_cache=lambda: None)
+    residency.prefetch("text_encoder", "tiny", lambda: loads.append("text_encoder") or first)
+    residency.prefetch("transformer", "tiny", lambda: loads.append("transformer") or second)
+    assert residency.prefetched("transformer", "tiny") is second  # loaded and page-locked meanwhile
+    assert loads == ["text_encoder", "transformer"]
+    gate.set()
+    assert residency.prefetched("text_encoder", "tiny") is first
+    assert loads == ["text_encoder", "transformer", "text_encoder page-locked"]
+    assert residency.host_bytes() == 2 * 4096  # each with its own page-locked copy
+    residency.release()
+    assert residency.host_bytes() == 0
+
+
 def test_a_prefetched_copy_recast_by_its_plan_is_given_back_before_the_new_one_is_pinned() -> None:
     released: list[int] = []
     pins: list[torch.nn.Module] = []

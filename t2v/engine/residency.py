@@ -2,8 +2,9 @@
 page-locked host memory, and freeing them.
 
 One component is on the card at a time (stage-major order). `prefetch` loads the next stage's
-component into page-locked host memory in a loader thread while the current stage runs; its stage then
-only has to place it on the card. A component a stage loads itself is loaded only once the one before
+component in a loader thread while the current stage runs, and page-locks its host copy in threads of
+their own (`PINNING_AHEAD`), so that the next load need not wait for it; its stage then only has to
+place it on the card. A component a stage loads itself is loaded only once the one before
 it is gone: its references dropped, its page-locked ranges unregistered and PyTorch's cache of
 page-locked blocks emptied, so that two components never share a small host's memory.
 """
@@ -24,6 +25,10 @@ from t2v.pinning import HostPin, pin_host_tensors
 from t2v.plans import HOST_RESERVE
 
 log = logging.getLogger("t2v")
+
+PINNING_AHEAD = 2
+"""Components page-locked at once: the next stage's and the one after it, which the runner loads ahead
+together (`StageRunner.prefetch`)."""
 
 PREFETCH_ROOM = 1.0
 """Host memory a prefetch wants free beside the stage running, as a multiple of the component's size
@@ -73,6 +78,7 @@ class Residency:
         """Page-locked host memory of the components held, given back at their drop."""
         self._releasing: list[Future] = []
         self._loader: ThreadPoolExecutor | None = None
+        self._pinner: ThreadPoolExecutor | None = None
         self._load_lock = threading.Lock()
         self._pin = pin or _pin_if_card
         self._empty_host_cache = empty_host_cache or _empty_host_cache
@@ -83,9 +89,9 @@ class Residency:
         """Component `name` as placed for `tag`, loaded (after dropping the others) if it is not.
 
         `source`: the model whose copy loaded ahead `load` takes (`prefetched`), if any. A copy loaded
-        ahead already has its room, so the stage does not wait for the dropped component's page-locked
-        memory to be given back (a text encoder's took 0.96 s of a 6.4 s 480P clip on the H200,
-        docs/benchmarks.md); the loader thread gives it back beside the stage."""
+        ahead already has its room, so the stage waits neither for the dropped component's page-locked
+        memory to be given back nor for what the loader thread queued before that; the loader gives
+        it back beside the stage."""
         held = self._held.get(name)
         if held and held[0] == tag:
             return held[1]
@@ -158,7 +164,8 @@ class Residency:
             return
         decided: Future[bool] = Future()
         self._decided[name] = decided
-        self._ahead[name] = (source, self._background().submit(self._load_pinned, load, room, decided))
+        loaded = self._background().submit(self._load_ahead, load, room, decided)
+        self._ahead[name] = (source, self._pinning().submit(self._pin_loaded, loaded))
 
     def prefetching(self, name: str, source: str) -> bool:
         """Whether component `name` of `source` is loaded ahead (or loading): waits for the loader thread
@@ -180,6 +187,13 @@ class Residency:
         if self._loader is None:
             self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="t2v-prefetch")
         return self._loader
+
+    def _pinning(self) -> ThreadPoolExecutor:
+        """The threads that page-lock what the loader thread loaded, `PINNING_AHEAD` components at a
+        time, so that the next load does not wait for the last one's page-locking."""
+        if self._pinner is None:
+            self._pinner = ThreadPoolExecutor(max_workers=PINNING_AHEAD, thread_name_prefix="t2v-pin-ahead")
+        return self._pinner
 
     def prefetched(
         self, name: str, source: str, while_waiting: Callable[[], None] | None = None
@@ -245,9 +259,10 @@ class Residency:
         self.forget_prefetched()
         self.drop()
         self.settle()
-        if self._loader is not None:
-            self._loader.shutdown(wait=True)
-            self._loader = None
+        for pool in (self._pinner, self._loader):
+            if pool is not None:
+                pool.shutdown(wait=True)
+        self._loader = self._pinner = None
 
     @contextmanager
     def held(self) -> Iterator[None]:
@@ -276,22 +291,25 @@ class Residency:
         pin.release()
         self._empty_host_cache()
 
-    def _load_pinned(
+    def _load_ahead(
         self, load: Callable[[], torch.nn.Module], room: Callable[[], bool], decided: Future[bool]
-    ) -> tuple[torch.nn.Module | None, HostPin | None]:
-        """`load()` with its host tensors page-locked (`t2v.pinning`), so that the card copies from them
-        at full speed and group offloading has nothing left to pin in the stage's time; nothing where
-        `room()` says the host lacks the room."""
+    ) -> torch.nn.Module | None:
+        """`load()` in the loader thread, or nothing where `room()` says the host lacks the room."""
         try:
             fits = room()
         except BaseException as exc:
             decided.set_exception(exc)
             raise
         decided.set_result(fits)
-        if not fits:
-            return None, None
-        module = load()
-        return module, self._pin(module)
+        return load() if fits else None
+
+    def _pin_loaded(self, loaded: Future) -> tuple[torch.nn.Module | None, HostPin | None]:
+        """The loaded component with its host tensors page-locked (`t2v.pinning`), so that the card
+        copies from them at full speed and group offloading has nothing left to pin in the stage's
+        time. Page-locking 10 GB takes about a second (docs/benchmarks.md): in the loader thread the
+        next component's load waited for it."""
+        module = loaded.result()
+        return module, (self._pin(module) if module is not None else None)
 
 
 def _pin_if_card(module: torch.nn.Module) -> HostPin | None:
