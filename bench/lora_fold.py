@@ -11,7 +11,8 @@ transformer upcast to fp32 (its bf16 weights, exactly), unmerged.
 
     python bench/lora_fold.py --out bench/results          # on a GPU: bench/results/lora_fold.json
     python bench/lora_fold.py --tiny --out /tmp/lorafold    # CPU smoke run, built-in model
-    python bench/lora_fold.py --compile --cases none,folded --steps 5 --sizes 832x480x81
+    python bench/lora_fold.py --compile --cases none,folded,none --steps 6 --sizes 832x480x81 \
+        --out /tmp/lf && cp /tmp/lf/lora_fold.json bench/results/lora_fold_compiled.json
 
 `--compile`: the blocks compiled as the runner compiles them (`placement.compile_blocks`), each case's
 first step paying its compile; no fp32 reference, and dynamo's graph and graph-break counts per case
