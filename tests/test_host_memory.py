@@ -191,6 +191,22 @@ def test_the_next_component_loads_while_the_last_one_is_being_page_locked() -> N
     assert residency.host_bytes() == 0
 
 
+def test_a_load_ahead_that_has_not_started_when_the_run_ends_is_never_made() -> None:
+    gate, loads = threading.Event(), []
+
+    def slow() -> torch.nn.Module:
+        gate.wait(timeout=5)
+        loads.append("text_encoder")
+        return torch.nn.Linear(2, 2)
+
+    residency = Residency(pin=lambda module: None, empty_host_cache=lambda: None)
+    residency.prefetch("text_encoder", "tiny", slow)
+    residency.prefetch("transformer", "tiny", lambda: loads.append("transformer") or torch.nn.Linear(2, 2))
+    threading.Timer(0.2, gate.set).start()
+    residency.release()  # the run's jobs all failed: nobody takes either
+    assert loads == ["text_encoder"]
+
+
 def test_a_prefetched_copy_recast_by_its_plan_is_given_back_before_the_new_one_is_pinned() -> None:
     released: list[int] = []
     pins: list[torch.nn.Module] = []

@@ -72,6 +72,8 @@ class Residency:
     ) -> None:
         self._held: dict[str, tuple[str, torch.nn.Module]] = {}
         self._ahead: dict[str, tuple[str, Future]] = {}
+        self._loads: dict[str, Future] = {}
+        """Per component loaded ahead: its load in the loader thread (`_ahead` holds its page-locking)."""
         self._decided: dict[str, Future[bool]] = {}
         """Per component loaded ahead: whether the loader found the host's room for it."""
         self._pins: dict[str, HostPin] = {}
@@ -164,7 +166,7 @@ class Residency:
             return
         decided: Future[bool] = Future()
         self._decided[name] = decided
-        loaded = self._background().submit(self._load_ahead, load, room, decided)
+        loaded = self._loads[name] = self._background().submit(self._load_ahead, load, room, decided)
         self._ahead[name] = (source, self._pinning().submit(self._pin_loaded, loaded))
 
     def prefetching(self, name: str, source: str) -> bool:
@@ -204,6 +206,7 @@ class Residency:
         `while_waiting` is called first if the load is still going: work the stage needs later, done
         while it would sit idle."""
         ahead = self._ahead.pop(name, None)
+        self._loads.pop(name, None)
         if ahead is None or ahead[0] != source:
             return None
         if while_waiting is not None and not ahead[1].done():
@@ -244,6 +247,9 @@ class Residency:
     def forget_prefetched(self) -> None:
         """Wait for loads in flight and let go of what nobody took; wait for page-locked memory still
         being given back."""
+        for load in self._loads.values():
+            load.cancel()  # one not started is never made (its page-locking then fails, cancelled)
+        self._loads.clear()
         for _, future in self._ahead.values():
             if future.cancel() or future.exception() is not None:
                 continue  # not started, or failed (for a stage not run); else it waited for the load
