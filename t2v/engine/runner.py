@@ -198,11 +198,11 @@ class StageRunner:
         """The plans to try in order: the fastest that fits the card's budget, then the leaner ones."""
         if not stage.on_card:
             return [None]
-        sizes = self.sizes(stage.component)[0]
+        sizes, component_bytes = self.sizes(stage.component)
         night = self.pending(stage)
         ladder = stage.ladder(sizes, job, device=self.device, fp8=self.ctx.fp8_storage, night=night)
         plans = choose(ladder, self.memory.budget_bytes)
-        return with_host(plans, self.host_placement(stage.component), self.sizes(stage.component)[1])
+        return with_host(plans, self.host_placement(stage.component), component_bytes)
 
     def host_placement(self, component: str) -> HostPlacement:
         """Where `component`'s weights wait on the host this run, decided at its first plan and kept
