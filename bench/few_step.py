@@ -53,7 +53,7 @@ from bench.night import NEGATIVE, PROMPTS, gpu_machine_hooks, has_ffmpeg, log  #
 from bench.session import night_jobs  # noqa: E402
 from bench.timeline import Timeline, label  # noqa: E402
 from t2v import samplers  # noqa: E402
-from t2v.engine import Hooks, StageRunner  # noqa: E402
+from t2v.engine import Hooks, StageRunner, residency  # noqa: E402
 from t2v.jobs import JobSpec  # noqa: E402
 from t2v.lora import Lora  # noqa: E402
 from t2v.models import registry  # noqa: E402
@@ -101,6 +101,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--lora-sides",
         default="without,with",
         help="the LoRA phase's nights: without,with (the ratio needs both; one alone is for a short run)",
+    )
+    parser.add_argument(
+        "--pinning-ahead",
+        type=int,
+        help="components page-locked at once ahead of their stages (default: the library's PINNING_AHEAD)",
     )
     given = parser.parse_args(argv)
     defaults = TINY_DEFAULTS if given.tiny else DEFAULTS
@@ -197,6 +202,9 @@ def clip_record(run: dict) -> dict:
     record = {"total_s": run["wall_s"]}
     record |= {f"{s.name}_s": seconds.get(f"stage_{label(s)}", 0.0) for s in stages()}
     record["other_s"] = run["wall_s"] - sum(record[f"{s.name}_s"] for s in stages())
+    # Of that, the run's set-up before its first stage and its release of what it loaded after the last.
+    record["before_stages_s"] = seconds.get("flow_before_stages", 0.0)
+    record["after_stages_s"] = seconds.get("flow_after_stages", 0.0)
     record["place_s"] = {s.name: seconds.get(f"apply_{label(s)}", 0.0) for s in stages() if s.on_card}
     record["compute_s"] = {s.name: seconds.get(label(s), 0.0) for s in stages()}
     # Of the compute, the steps alone (the diffusion's, the decoder's passes): the rest is around them.
@@ -336,6 +344,8 @@ def main(argv: list[str] | None = None) -> None:
     # A run of some phases keeps the others' figures of an earlier run on the same card.
     merged = json.loads(path.read_text()) if path.exists() and set(args.phases) != set(PHASES) else {}
     results = header(args)
+    if args.pinning_ahead is not None:
+        residency.PINNING_AHEAD = results["pinning_ahead"] = args.pinning_ahead
     if merged.get("gpu") == results["gpu"]:
         results = {k: v for k, v in merged.items() if k not in results} | results
     if args.cuda:
