@@ -69,9 +69,9 @@ def parse_tiles(text: str):
 
 
 def decode(vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
-    from t2v.stages import decode_latents
+    from t2v.pipeline.decode import decode_frames
 
-    return torch.from_numpy(decode_latents(vae, latents, device="cuda"))
+    return torch.from_numpy(decode_frames(vae, latents, device="cuda"))
 
 
 def run_variant(

@@ -252,7 +252,7 @@ def test_step_cache_is_off_by_default_and_skips_blocks_when_on(parts, reference)
 def test_tiles_blended_on_the_host_decode_the_same_and_leave_with_their_job(parts, reference):
     from diffusers.hooks import HookRegistry
 
-    from t2v.pipeline.decode import DecodeOptions, Tiles, TilesToHost
+    from t2v.pipeline.decode import DecodeOptions, Tiles, TilesToHost, decode_frames
 
     latents, vae = reference[0], fullsize.clone(parts["vae"])
     tiles = Tiles(height=64, width=64, stride_height=48, stride_width=48)
@@ -264,13 +264,37 @@ def test_tiles_blended_on_the_host_decode_the_same_and_leave_with_their_job(part
     assert not hooked()
     DecodeOptions(vae_tiles=tiles, tiles_to_host=True).configure(vae)
     assert hooked()
-    on_host = stages.decode_latents(vae, latents, device="cpu")
+    on_host = decode_frames(vae, latents, device="cpu")
     np.testing.assert_array_equal(on_host, on_card)
     DecodeOptions(vae_tiles=tiles, tiles_to_host=True).configure(vae)  # the next job's: one hook, not two
     DecodeOptions().configure(vae)  # a whole-frame job on the same component: no hook left behind
     assert not hooked()
     whole = stages.decode_latents(vae, latents, device="cpu")
     np.testing.assert_array_equal(whole, stages.to_uint8(reference[1]))
+
+
+def test_tiles_sent_to_the_host_wait_for_the_card_once_a_tile(parts, reference, monkeypatch):
+    """The pieces go to the host without waiting; diffusers' tiled decode reads them when it concatenates
+    a tile's pieces, after its last one, which is where the card must be waited for. Latents within one
+    tile decode whole frames, concatenated piece by piece: each piece is waited for."""
+    from t2v.pipeline.decode import DecodeOptions, Tiles, TilesToHost, decode_frames, decoder_passes
+
+    latents, vae = reference[0], fullsize.clone(parts["vae"])
+    frames = latents.shape[2]
+    waits: list[int] = []
+    monkeypatch.setattr(TilesToHost, "wait", lambda hook: waits.append(hook._passes))
+    tiles = Tiles(height=64, width=64, stride_height=48, stride_width=48)
+    DecodeOptions(vae_tiles=tiles, tiles_to_host=True).configure(vae)
+    decode_frames(vae, latents, device="cpu")
+    count = decoder_passes(vae, tuple(latents.shape)) // frames
+    assert count > 1 and frames > 1
+    assert waits == [frames] * count  # once a tile, at its last piece
+
+    waits.clear()
+    height, width = (side * vae.spatial_compression_ratio for side in latents.shape[-2:])
+    DecodeOptions(vae_tiles=Tiles(height, width, height, width), tiles_to_host=True).configure(vae)
+    decode_frames(vae, latents, device="cpu")
+    assert waits == list(range(1, frames + 1))
 
 
 def test_a_whole_card_decode_plan_casts_its_weights_where_they_go(parts, monkeypatch):
