@@ -53,7 +53,7 @@ from bench.night import NEGATIVE, PROMPTS, gpu_machine_hooks, has_ffmpeg, log  #
 from bench.session import night_jobs  # noqa: E402
 from bench.timeline import Timeline, label  # noqa: E402
 from t2v import samplers  # noqa: E402
-from t2v.engine import Hooks, StageRunner, residency  # noqa: E402
+from t2v.engine import Hooks, StageRunner  # noqa: E402
 from t2v.jobs import JobSpec  # noqa: E402
 from t2v.lora import Lora  # noqa: E402
 from t2v.models import registry  # noqa: E402
@@ -101,11 +101,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--lora-sides",
         default="without,with",
         help="the LoRA phase's nights: without,with (the ratio needs both; one alone is for a short run)",
-    )
-    parser.add_argument(
-        "--pinning-ahead",
-        type=int,
-        help="components page-locked at once ahead of their stages (default: the library's PINNING_AHEAD)",
     )
     given = parser.parse_args(argv)
     defaults = TINY_DEFAULTS if given.tiny else DEFAULTS
@@ -344,8 +339,6 @@ def main(argv: list[str] | None = None) -> None:
     # A run of some phases keeps the others' figures of an earlier run on the same card.
     merged = json.loads(path.read_text()) if path.exists() and set(args.phases) != set(PHASES) else {}
     results = header(args)
-    if args.pinning_ahead is not None:
-        residency.PINNING_AHEAD = results["pinning_ahead"] = args.pinning_ahead
     if merged.get("gpu") == results["gpu"]:
         results = {k: v for k, v in merged.items() if k not in results} | results
     if args.cuda:
