@@ -13,6 +13,10 @@ card stage's component prefetched while the stage before runs, a stage's jobs su
   the part of the compute from a stage's first progress report to its last step. Of `--repeats`
   runs the last is reported (the first pays the process's warm-up), all totals in `runs_total_s`.
   Targets on an H200: 720P <= 20 s, 480P <= 6 s.
+- dmd-night: a night of `--jobs` 3-step DMD clips per `--resolutions` (the prompts and seeds of
+  bench/session.py's nights), stage-major as a night runs: each component placed once for all of them,
+  so a clip's share of the night (`per_clip_s`) is what a catalogue pays per clip, where a one-clip
+  run pays the page-locking of both models and the run's set-up for one.
 - lora: a night of `--jobs` x `--lora-steps` steps (model scheduler, CFG 5) at `--lora-size` without
   LoRA, then the same jobs and seeds with two random rank-`--lora-rank` files made here in diffusers'
   layout (every block's attention and FFN projections; shapes from the transformer on the meta device):
@@ -25,6 +29,7 @@ and encoding H.264 (5.9 s per 480P clip of CPU work on the CI box, docs/benchmar
 
     python bench/few_step.py --out bench/results                # a GPU: bench/results/few_step.json
     python bench/few_step.py --phases lora --out bench/results  # one phase per command, merged
+    python bench/few_step.py --phases dmd-night --resolutions 832x480x81 --out bench/results
     python bench/few_step.py --tiny --out /tmp/fewstep          # CPU smoke run, built-in model
 """
 
@@ -73,7 +78,7 @@ LORA_LAYERS = (
     *("ffn.net.0.proj", "ffn.net.2"),
 )
 """The layers of each block the random LoRA files adapt: what Wan LoRA trainers target."""
-PHASES = ("clips", "lora")
+PHASES = ("clips", "dmd-night", "lora")
 DEFAULTS = dict(resolutions="1280x704x121,832x480x81", repeats=2, jobs=6, lora_steps=50)
 DEFAULTS |= dict(lora_size="832x480x81", lora_rank=64)
 TINY_DEFAULTS = dict(
@@ -90,10 +95,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--work", type=Path, default=Path("/tmp/t2v-few-step"))
     parser.add_argument("--tiny", action="store_true", help="built-in model on the CPU: a smoke run")
     parser.add_argument("--cap-gib", type=float, default=8.0)
-    parser.add_argument("--phases", default=",".join(PHASES), help="comma list of clips,lora")
+    parser.add_argument("--phases", default=",".join(PHASES), help=f"comma list of {','.join(PHASES)}")
     parser.add_argument("--resolutions", help="WxHxF list (default 1280x704x121,832x480x81)")
     parser.add_argument("--repeats", type=int, help="runs per clip, the last reported (default 2)")
-    parser.add_argument("--jobs", type=int, help="jobs per LoRA night (default 6)")
+    parser.add_argument("--jobs", type=int, help="jobs per DMD and LoRA night (default 6)")
     parser.add_argument("--lora-steps", type=int, help="steps per job of the LoRA nights (default 50)")
     parser.add_argument("--lora-size", help="WxHxF of the LoRA nights (default 832x480x81)")
     parser.add_argument("--lora-rank", type=int, help="rank of the random LoRA files (default 64)")
@@ -234,6 +239,26 @@ def clips_phase(args: argparse.Namespace) -> list[dict]:
     return records
 
 
+def dmd_night_phase(args: argparse.Namespace) -> list[dict]:
+    """A night of `--jobs` DMD clips per resolution on one fresh runner: its stages' spans, and each
+    clip's share of its wall time."""
+    rules = registry.resolve_model(args.model).rules
+    records = []
+    for res in args.resolutions.split(","):
+        plain = night_jobs(args.jobs, steps=3, **size(res))
+        jobs = [samplers.resolve(replace(job, **DMD), rules) for job in plain]
+        run = run_night(f"dmd-night-{res}", jobs, args)
+        free()
+        record = {"resolution": res, "jobs": len(jobs), "steps": jobs[0].steps} | clip_record(run)
+        share = record["per_clip_s"] = run["wall_s"] / max(run["clips"], 1)
+        if res in TARGETS_S:
+            within = not run["failed"] and share <= TARGETS_S[res]
+            record |= {"target_s": TARGETS_S[res], "within_target": within}
+        records.append(record)
+        log(f"DMD night {res}: {run['wall_s']:.2f} s for {run['clips']} clips, {share:.2f} s a clip")
+    return records
+
+
 def make_lora(ref: registry.ModelRef, folder: Path, *, rank: int, seed: int) -> Path:
     """A random rank-`rank` LoRA file of the model's transformer in diffusers' layout (what
     `WanPipeline.save_lora_weights` writes of peft's state dict), bf16; shapes from the transformer
@@ -349,11 +374,18 @@ def main(argv: list[str] | None = None) -> None:
     if "clips" in args.phases:
         results["clips"] = clips_phase(args)
         path.write_text(json.dumps(results, indent=1, default=str))
+    if "dmd-night" in args.phases:
+        results["dmd_nights"] = dmd_night_phase(args)
+        path.write_text(json.dumps(results, indent=1, default=str))
     if "lora" in args.phases:
         results |= lora_phase(args)
         path.write_text(json.dumps(results, indent=1, default=str))
     brief = {k: v for k, v in results.items() if k != "lora_night"}
     brief["clips"] = [{k: v for k, v in c.items() if k in CLIP_FIELDS} for c in results.get("clips", [])]
+    night_fields = (*CLIP_FIELDS, "jobs", "per_clip_s")
+    brief["dmd_nights"] = [
+        {k: v for k, v in n.items() if k in night_fields} for n in results.get("dmd_nights", [])
+    ]
     print(json.dumps(brief, indent=1, default=str))
 
 

@@ -157,7 +157,7 @@ def _few_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *args: str) -> di
     return json.loads((out / "few_step.json").read_text())
 
 
-def test_few_step_times_each_dmd_clip_by_stage_and_the_lora_night_against_the_plain_one(
+def test_few_step_times_each_dmd_clip_and_night_by_stage_and_the_lora_night_against_the_plain_one(
     tmp_path, monkeypatch
 ):
     from safetensors import safe_open
@@ -175,6 +175,13 @@ def test_few_step_times_each_dmd_clip_by_stage_and_the_lora_night_against_the_pl
         # The diffusion's steps and the decoder's passes, each inside its stage's compute
         assert {"diffuse", "decode"} <= set(clip["steps_s"])
         assert all(0 < clip["steps_s"][n] <= clip["compute_s"][n] for n in clip["steps_s"])
+    # A night of DMD clips: each job's own seed and prompt, every stage once per job, its share of the night.
+    assert [n["resolution"] for n in results["dmd_nights"]] == ["96x64x9", "64x32x5"]
+    for dmd in results["dmd_nights"]:
+        assert (dmd["jobs"], dmd["steps"], dmd["failed"]) == (2, 3, {})
+        assert dmd["per_clip_s"] == pytest.approx(dmd["total_s"] / 2)
+        assert sum(dmd[f"{s.name}_s"] for s in stages()) + dmd["other_s"] == pytest.approx(dmd["total_s"])
+        assert set(dmd["plans"]) == {s.name for s in stages()}
     night = results["lora_night"]
     without, styled = night["without"], night["with"]
     assert results["lora_night_ratio"] == pytest.approx(styled["wall_s"] / without["wall_s"])
@@ -189,7 +196,8 @@ def test_few_step_times_each_dmd_clip_by_stage_and_the_lora_night_against_the_pl
     assert len(keys) == 2 * len(night["layers"]) * 2  # tiny: two blocks, A and B per layer
     # One phase again: the other's figures are kept.
     again = _few_step(tmp_path, monkeypatch, "--phases", "lora")
-    assert again["clips"] == results["clips"] and again["lora_night_ratio"] != results["lora_night_ratio"]
+    assert again["clips"] == results["clips"] and again["dmd_nights"] == results["dmd_nights"]
+    assert again["lora_night_ratio"] != results["lora_night_ratio"]
 
 
 def test_the_first_compiled_job_s_excess_over_the_later_ones_is_counted_as_compile():
