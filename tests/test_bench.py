@@ -180,7 +180,7 @@ def test_few_step_times_each_dmd_clip_and_night_by_stage_and_the_lora_night_agai
     for dmd in results["dmd_nights"]:
         assert (dmd["jobs"], dmd["steps"], dmd["failed"]) == (2, 3, {})
         assert dmd["per_clip_s"] == pytest.approx(dmd["total_s"] / 2)
-        assert sum(dmd[f"{s.name}_s"] for s in stages()) + dmd["other_s"] == pytest.approx(dmd["total_s"])
+        assert all(0 < dmd[f"{s.name}_s"] <= dmd["total_s"] for s in stages()) and "other_s" not in dmd
         assert set(dmd["plans"]) == {s.name for s in stages()}
     night = results["lora_night"]
     without, styled = night["without"], night["with"]
