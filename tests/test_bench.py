@@ -175,7 +175,7 @@ def test_few_step_times_each_dmd_clip_and_night_by_stage_and_the_lora_night_agai
         # The diffusion's steps and the decoder's passes, each inside its stage's compute
         assert {"diffuse", "decode"} <= set(clip["steps_s"])
         assert all(0 < clip["steps_s"][n] <= clip["compute_s"][n] for n in clip["steps_s"])
-    # A night of DMD clips: each job's own seed and prompt, every stage once per job, its share of the night.
+    # A night of DMD clips: every stage ran for each of its jobs, and a clip's share of the night.
     assert [n["resolution"] for n in results["dmd_nights"]] == ["96x64x9", "64x32x5"]
     for dmd in results["dmd_nights"]:
         assert (dmd["jobs"], dmd["steps"], dmd["failed"]) == (2, 3, {})
